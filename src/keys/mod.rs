@@ -1,0 +1,264 @@
+//! The key hierarchy: root key (behind [`RootKey`]) → customer keys (stored
+//! root-wrapped in the catalog) → one data key per object (stored
+//! customer-key-wrapped in the catalog, never in the object).
+
+pub mod root_file;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use subtle::ConstantTimeEq;
+
+use crate::catalog::{Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState};
+use crate::crypto::secret::{CustomerKey, DataKey, SecretKey};
+use crate::crypto::wrap;
+use crate::model::{CustomerId, CustomerRef, ObjectId, now_ms};
+
+pub use root_file::FileRootKey;
+
+/// A holder of the root key. The local key file implements it today; a
+/// PKCS#11 token and cloud KMS implement it the same way: wrap and unwrap
+/// happen inside the provider and the root key never leaves it.
+#[async_trait]
+pub trait RootKey: Send + Sync + 'static {
+    /// Identifies the root key (and version) a customer key is wrapped under.
+    fn key_id(&self) -> &str;
+    async fn wrap(&self, key: &SecretKey, aad: &[u8]) -> Result<Vec<u8>, KeyError>;
+    async fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<SecretKey, KeyError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key material or its configuration is unusable; the message says
+    /// what to fix.
+    #[error("{0}")]
+    Config(String),
+    /// The service is sealed: the root key failed its known-answer check.
+    #[error("{0}")]
+    Sealed(String),
+    #[error("key provider unavailable: {0}")]
+    Unavailable(String),
+    #[error("decryption failed")]
+    DecryptionFailed,
+    #[error("customer is {}", .0.as_str())]
+    CustomerState(CustomerState),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+const ROOT_CHECK_META: &str = "root_check_v1";
+const ROOT_CHECK_AAD: &[u8] = b"recvault v1 root known-answer check";
+const ROOT_CHECK_VALUE: &[u8; 32] = b"recvault root known-answer check";
+
+/// Customer and data key operations over a root key and the catalog.
+pub struct KeyService {
+    root: Arc<dyn RootKey>,
+    catalog: Arc<dyn Catalog>,
+}
+
+impl KeyService {
+    /// Checks the root key against the known-answer value stored in the
+    /// catalog (storing one on first start). Until this succeeds the
+    /// service is sealed and serves nothing.
+    pub async fn unseal(root: Arc<dyn RootKey>, catalog: Arc<dyn Catalog>) -> Result<Self, KeyError> {
+        let stored = match catalog.meta_get(ROOT_CHECK_META).await? {
+            Some(v) => v,
+            None => {
+                let mut value = *ROOT_CHECK_VALUE;
+                let check = SecretKey::from_slice_zeroizing(&mut value).map_err(|_| KeyError::DecryptionFailed)?;
+                let wrapped = root.wrap(&check, ROOT_CHECK_AAD).await?;
+                catalog.meta_put_if_absent(ROOT_CHECK_META, &wrapped).await?
+            }
+        };
+        let ok = match root.unwrap(&stored, ROOT_CHECK_AAD).await {
+            Ok(value) => bool::from(value.expose().ct_eq(ROOT_CHECK_VALUE)),
+            Err(KeyError::DecryptionFailed) => false,
+            Err(other) => return Err(other),
+        };
+        if !ok {
+            return Err(KeyError::Sealed(format!(
+                "the root key ({}) does not match this data directory's catalog: the key file was replaced \
+                 or belongs to another installation; restore the original key file",
+                root.key_id()
+            )));
+        }
+        Ok(Self { root, catalog })
+    }
+
+    pub fn root_key_id(&self) -> &str {
+        self.root.key_id()
+    }
+
+    /// The customer's record and active key for storing new content,
+    /// creating both on the customer's first ingest. Refused unless the
+    /// customer is active.
+    pub async fn customer_for_ingest(&self, id: &CustomerId) -> Result<(CustomerRecord, CustomerKey), KeyError> {
+        let customer = match self.catalog.customer(id).await? {
+            Some(c) => c,
+            None => self.create_customer(id).await?,
+        };
+        if customer.state != CustomerState::Active {
+            return Err(KeyError::CustomerState(customer.state));
+        }
+        let key = self
+            .customer_key(&customer.customer_ref, &customer.customer_id, customer.active_version)
+            .await?;
+        Ok((customer, key))
+    }
+
+    async fn create_customer(&self, id: &CustomerId) -> Result<CustomerRecord, KeyError> {
+        let customer_ref = CustomerRef::new_random();
+        let version = 1;
+        let key = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
+        let wrapped = self
+            .root
+            .wrap(&key, &wrap::customer_key_aad(customer_ref.as_bytes(), id.as_str(), version))
+            .await?;
+        let canary_key = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
+        let canary = wrap::wrap_key(&key, &canary_key, &wrap::canary_aad(customer_ref.as_bytes(), version))
+            .map_err(|_| KeyError::DecryptionFailed)?;
+        let record = CustomerRecord {
+            customer_ref,
+            customer_id: id.clone(),
+            state: CustomerState::Active,
+            active_version: version,
+            canary,
+            created_at_ms: now_ms(),
+        };
+        let key_record = CustomerKeyRecord {
+            customer_ref,
+            version,
+            root_key_id: self.root.key_id().to_owned(),
+            wrapped_key: wrapped,
+        };
+        let stored = self.catalog.create_customer(&record, &key_record).await?;
+        if stored.customer_ref == customer_ref {
+            tracing::info!(%customer_ref, "customer key created");
+        }
+        Ok(stored)
+    }
+
+    /// Unwraps one version of a customer's key. A destroyed version is
+    /// reported as the customer being shredded, before any decryption.
+    pub async fn customer_key(
+        &self,
+        customer_ref: &CustomerRef,
+        customer_id: &CustomerId,
+        version: u32,
+    ) -> Result<CustomerKey, KeyError> {
+        let record = self
+            .catalog
+            .customer_key(customer_ref, version)
+            .await?
+            .ok_or(KeyError::CustomerState(CustomerState::Shredded))?;
+        let key = self
+            .root
+            .unwrap(
+                &record.wrapped_key,
+                &wrap::customer_key_aad(customer_ref.as_bytes(), customer_id.as_str(), version),
+            )
+            .await?;
+        Ok(CustomerKey::from_secret(key))
+    }
+
+    /// A fresh data key for a new object, and its wrapped form.
+    pub fn new_data_key(
+        customer_key: &CustomerKey,
+        customer_ref: &CustomerRef,
+        object_id: &ObjectId,
+        version: u32,
+    ) -> Result<(DataKey, Vec<u8>), KeyError> {
+        let dek = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
+        let wrapped = wrap::wrap_key(
+            customer_key.secret(),
+            &dek,
+            &wrap::data_key_aad(customer_ref.as_bytes(), object_id.as_bytes(), version),
+        )
+        .map_err(|_| KeyError::DecryptionFailed)?;
+        Ok((DataKey::from_secret(dek), wrapped))
+    }
+
+    /// Unwraps an object's data key; fails opaquely if it was not wrapped
+    /// for exactly this customer, object and key version.
+    pub fn unwrap_data_key(
+        customer_key: &CustomerKey,
+        customer_ref: &CustomerRef,
+        object_id: &ObjectId,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<DataKey, KeyError> {
+        wrap::unwrap_key(
+            customer_key.secret(),
+            wrapped,
+            &wrap::data_key_aad(customer_ref.as_bytes(), object_id.as_bytes(), version),
+        )
+        .map(DataKey::from_secret)
+        .map_err(|_| KeyError::DecryptionFailed)
+    }
+
+    /// Convenience: customer key then data key.
+    pub async fn data_key(
+        &self,
+        customer_ref: &CustomerRef,
+        customer_id: &CustomerId,
+        object_id: &ObjectId,
+        version: u32,
+        wrapped: &[u8],
+    ) -> Result<DataKey, KeyError> {
+        if wrapped.is_empty() {
+            return Err(KeyError::CustomerState(CustomerState::Shredded));
+        }
+        let ck = self.customer_key(customer_ref, customer_id, version).await?;
+        Self::unwrap_data_key(&ck, customer_ref, object_id, version, wrapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::sqlite::SqliteCatalog;
+
+    #[tokio::test]
+    async fn d4_wrong_root_key_stays_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::memory().unwrap());
+        let first = Arc::new(FileRootKey::open_or_create(&dir.path().join("a.key")).unwrap());
+        KeyService::unseal(first.clone(), catalog.clone()).await.unwrap();
+        KeyService::unseal(first, catalog.clone()).await.unwrap();
+        let other = Arc::new(FileRootKey::open_or_create(&dir.path().join("b.key")).unwrap());
+        let err = KeyService::unseal(other, catalog).await.err().expect("sealed");
+        assert!(matches!(err, KeyError::Sealed(_)));
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn customer_keys_are_created_once_and_data_keys_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::memory().unwrap());
+        let root = Arc::new(FileRootKey::open_or_create(&dir.path().join("root.key")).unwrap());
+        let keys = KeyService::unseal(root, catalog.clone()).await.unwrap();
+        let id = CustomerId::parse("crm:1").unwrap();
+        let (c1, k1) = keys.customer_for_ingest(&id).await.unwrap();
+        let (c2, k2) = keys.customer_for_ingest(&id).await.unwrap();
+        assert_eq!(c1, c2);
+        assert_eq!(k1.secret().expose(), k2.secret().expose());
+        let object = ObjectId::new_random();
+        let (dek, wrapped) = KeyService::new_data_key(&k1, &c1.customer_ref, &object, 1).unwrap();
+        let back = keys.data_key(&c1.customer_ref, &id, &object, 1, &wrapped).await.unwrap();
+        assert_eq!(back.secret().expose(), dek.secret().expose());
+        // F6: presented for another object, the wrapped key does not open.
+        assert!(matches!(
+            keys.data_key(&c1.customer_ref, &id, &ObjectId::new_random(), 1, &wrapped).await,
+            Err(KeyError::DecryptionFailed)
+        ));
+        catalog.shred_customer(&id, "test", 1).await.unwrap();
+        assert!(matches!(
+            keys.data_key(&c1.customer_ref, &id, &object, 1, &wrapped).await,
+            Err(KeyError::CustomerState(CustomerState::Shredded))
+        ));
+        assert!(matches!(
+            keys.customer_for_ingest(&id).await,
+            Err(KeyError::CustomerState(CustomerState::Shredded))
+        ));
+    }
+}

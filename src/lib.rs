@@ -1,0 +1,44 @@
+//! recvault: captures customer-support interactions (call recordings, chat
+//! transcripts, images), encrypts each item under per-customer envelope keys
+//! into object storage, serves them back by byte range, and makes a
+//! customer's content unrecoverable by destroying their keys.
+//!
+//! # Architecture
+//!
+//! Layers point inward; only `api` sees protobuf types:
+//!
+//! ```text
+//! api/        gRPC handlers: translate, call one use-case, map errors (api/status.rs)
+//! ingest/     streaming capture: durable encrypted spool, content checks, commit
+//! retrieve/   stat, list, segment-level range reads
+//! retention/  shredding (the full retention pipeline grows here)
+//! keys/       root key providers, customer keys, data keys
+//! catalog/    metadata + wrapped keys behind a trait (SQLite today)
+//! store/      ciphertext over Arc<dyn ObjectStore>, the one path builder
+//! crypto/     pure: segmented AES-256-GCM format, key wrapping, secret types
+//! ```
+//!
+//! # Threat model in brief
+//!
+//! Every object has its own random data key, wrapped by its customer's key,
+//! which is wrapped by the root key. Wrapped keys live only in the catalog,
+//! never beside the ciphertext, so a versioned or WORM object store holds
+//! nothing that must be destroyed. Shredding a customer deletes every
+//! version of the customer key and every wrapped data key of the customer
+//! (SQLite `secure_delete` plus a truncating WAL checkpoint scrub the
+//! database files); the ciphertext left anywhere — object-store versions,
+//! backups of the object store — is then undecryptable.
+//!
+//! Shredding does **not** reach: backups of the catalog taken before the
+//! shred together with the root key (restore either and the keys return —
+//! keep catalog backups on a retention shorter than your erasure promise, or
+//! re-apply the shred ledger on restore); plaintext a client already read;
+//! and process memory of a running server until the keys are dropped.
+
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod crypto;
+pub mod keys;
+pub mod model;
+pub mod store;

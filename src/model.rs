@@ -1,0 +1,316 @@
+//! Domain nouns shared by every layer: validated ids, content kinds and
+//! interaction metadata. Strings from callers become these types at the edge.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a value from a caller was refused. The message is for a person.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidInput(pub String);
+
+fn invalid(msg: impl Into<String>) -> InvalidInput {
+    InvalidInput(msg.into())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// A customer as named by the caller's CRM: 1–128 characters of
+/// `[A-Za-z0-9._:-]`. It is never used in a file or object path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        if s.is_empty() || s.len() > 128 || !s.chars().all(is_id_char) {
+            return Err(invalid(format!(
+                "customer_id must be 1-128 characters of [A-Za-z0-9._:-], got {} characters{}",
+                s.chars().count(),
+                if s.chars().all(is_id_char) { "" } else { " including a character outside that set" }
+            )));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CustomerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn parse_uuid(field: &str, s: &str) -> Result<uuid::Uuid, InvalidInput> {
+    let parsed = uuid::Uuid::try_parse(s).ok().filter(|u| {
+        // Only the canonical lowercase hyphenated form, so two spellings can
+        // never name two different uploads (G7).
+        u.hyphenated().to_string() == s
+    });
+    match parsed {
+        Some(u) if !u.is_nil() => Ok(u),
+        Some(_) => Err(invalid(format!("{field} must not be the nil UUID"))),
+        None => Err(invalid(format!(
+            "{field} must be a UUID in lowercase hyphenated form (e.g. 0b7c2f1e-8d4a-4f7e-9a51-3c2d1e0f9a8b), got {:?}",
+            s.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(uuid::Uuid);
+
+        impl $name {
+            pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+                parse_uuid($field, s).map(Self)
+            }
+
+            pub fn new_random() -> Self {
+                Self(uuid::Uuid::new_v4())
+            }
+
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(uuid::Uuid::from_bytes(bytes))
+            }
+
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// A committed (or to-be-committed) object; chosen by the server.
+    ObjectId,
+    "object_id"
+);
+uuid_id!(
+    /// An upload, chosen by the client: the idempotency and resume key.
+    UploadId,
+    "upload_id"
+);
+uuid_id!(
+    /// The internal id of a customer's key ring. It appears in object
+    /// headers instead of the CRM customer id.
+    CustomerRef,
+    "customer_ref"
+);
+
+/// What an object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContentKind {
+    CallRecording,
+    ChatTranscript,
+    Image,
+}
+
+impl ContentKind {
+    pub const ALL: [ContentKind; 3] = [Self::CallRecording, Self::ChatTranscript, Self::Image];
+
+    /// Stable code used in the object header and the catalog. Do not change.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::CallRecording => 1,
+            Self::ChatTranscript => 2,
+            Self::Image => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    /// The name used by the CLI and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CallRecording => "call-recording",
+            Self::ChatTranscript => "chat-transcript",
+            Self::Image => "image",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl fmt::Display for ContentKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Direction of an interaction, seen from the contact centre.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    #[default]
+    Unspecified,
+    Inbound,
+    Outbound,
+    Internal,
+}
+
+impl Direction {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::Inbound => 1,
+            Self::Outbound => 2,
+            Self::Internal => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::Inbound,
+            2 => Self::Outbound,
+            3 => Self::Internal,
+            _ => Self::Unspecified,
+        }
+    }
+}
+
+/// Limits on caller-supplied metadata (G8).
+pub const MAX_META_STRING: usize = 256;
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_KEY: usize = 64;
+
+/// The support interaction an object belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Interaction {
+    pub interaction_id: String,
+    pub channel: String,
+    pub agent_id: String,
+    pub queue: String,
+    pub direction: Direction,
+    /// Milliseconds since the Unix epoch, if known.
+    pub started_at_ms: Option<i64>,
+    pub tags: BTreeMap<String, String>,
+}
+
+fn check_meta(field: &str, value: &str) -> Result<(), InvalidInput> {
+    if value.len() > MAX_META_STRING {
+        return Err(invalid(format!("{field} is {} bytes; at most {MAX_META_STRING} allowed", value.len())));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!("{field} contains a control character")));
+    }
+    Ok(())
+}
+
+impl Interaction {
+    /// Checks every field against the metadata limits.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        check_meta("interaction.interaction_id", &self.interaction_id)?;
+        check_meta("interaction.channel", &self.channel)?;
+        check_meta("interaction.agent_id", &self.agent_id)?;
+        check_meta("interaction.queue", &self.queue)?;
+        if self.tags.len() > MAX_TAGS {
+            return Err(invalid(format!("{} tags given; at most {MAX_TAGS} allowed", self.tags.len())));
+        }
+        for (k, v) in &self.tags {
+            if k.is_empty() || k.len() > MAX_TAG_KEY || !k.chars().all(is_id_char) {
+                return Err(invalid(format!(
+                    "tag key {:?} must be 1-{MAX_TAG_KEY} characters of [A-Za-z0-9._:-]",
+                    k.chars().take(80).collect::<String>()
+                )));
+            }
+            check_meta(&format!("tag {k}"), v)?;
+        }
+        Ok(())
+    }
+}
+
+/// What is being stored: everything given when an upload opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSpec {
+    pub customer_id: CustomerId,
+    pub kind: ContentKind,
+    /// Normalised MIME type (lowercase essence, parameters kept).
+    pub content_type: String,
+    pub interaction: Interaction,
+}
+
+/// A committed object as the catalog knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRecord {
+    pub object_id: ObjectId,
+    pub upload_id: UploadId,
+    pub spec: ObjectSpec,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub created_at_ms: i64,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn g7_uuid_forms() {
+        let canonical = "0b7c2f1e-8d4a-4f7e-9a51-3c2d1e0f9a8b";
+        assert!(UploadId::parse(canonical).is_ok());
+        for bad in [
+            "0B7C2F1E-8D4A-4F7E-9A51-3C2D1E0F9A8B",
+            "0b7c2f1e8d4a4f7e9a513c2d1e0f9a8b",
+            "{0b7c2f1e-8d4a-4f7e-9a51-3c2d1e0f9a8b}",
+            "00000000-0000-0000-0000-000000000000",
+            "0b7c2f1e-8d4a-4f7e-9a51-3c2d1e0f9a8",
+            "",
+            "../../etc/passwd",
+        ] {
+            assert!(UploadId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn customer_ids() {
+        assert!(CustomerId::parse("crm:ACME-42_x.y").is_ok());
+        assert!(CustomerId::parse(&"a".repeat(128)).is_ok());
+        for bad in ["", "a/b", "../x", "a b", "ünï", &"a".repeat(129)] {
+            assert!(CustomerId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn g8_metadata_limits() {
+        let mut i = Interaction::default();
+        assert!(i.validate().is_ok());
+        i.agent_id = "x".repeat(257);
+        assert!(i.validate().is_err());
+        i.agent_id = "a\u{0}b".into();
+        assert!(i.validate().is_err());
+        i.agent_id.clear();
+        i.tags = (0..33).map(|n| (format!("k{n}"), String::new())).collect();
+        assert!(i.validate().is_err());
+        i.tags = [("../x".to_string(), "v".to_string())].into();
+        assert!(i.validate().is_err());
+    }
+}
