@@ -39,6 +39,8 @@
 
 pub mod catalog;
 pub mod crypto;
+pub mod error;
+pub mod ingest;
 pub mod keys;
 pub mod model;
 pub mod store;

@@ -1,0 +1,109 @@
+//! The one error type of the use-case layer (ingest, retrieve, retention).
+//! `api/status.rs` maps it to gRPC statuses in one place.
+
+use crate::catalog::{CatalogError, CustomerState};
+use crate::keys::KeyError;
+use crate::model::InvalidInput;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (malformed id, type mismatch, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request is well-formed but out of order for the current state;
+    /// the message names the state (e.g. the durable offset).
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A size cap or quota was hit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Another stream holds the upload; retry later.
+    #[error("{0}")]
+    Busy(String),
+    #[error("customer shredded")]
+    CustomerShredded,
+    #[error("customer is pending shred: content is locked until the shred completes or is cancelled")]
+    CustomerPendingShred,
+    /// Opaque integrity failure of stored data. Never says which check.
+    #[error("stored object failed its integrity check")]
+    Integrity,
+    #[error("storage is full")]
+    StorageFull,
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    Idle(String),
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or unexpected failure: logged in full, shown generically.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::Internal(e.to_string())
+    }
+
+    pub fn from_state(state: CustomerState) -> Self {
+        match state {
+            CustomerState::Shredded => Self::CustomerShredded,
+            CustomerState::PendingShred => Self::CustomerPendingShred,
+            CustomerState::Active => Self::Internal("customer unexpectedly active".into()),
+        }
+    }
+}
+
+impl From<InvalidInput> for Error {
+    fn from(e: InvalidInput) -> Self {
+        Self::Invalid(e.0)
+    }
+}
+
+impl From<CatalogError> for Error {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::NotFound => Self::NotFound("not found".into()),
+            CatalogError::CustomerState(s) => Self::from_state(s),
+            CatalogError::Backend(m) => Self::Internal(format!("catalog: {m}")),
+        }
+    }
+}
+
+impl From<KeyError> for Error {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::DecryptionFailed => Self::Integrity,
+            KeyError::CustomerState(s) => Self::from_state(s),
+            KeyError::Catalog(c) => c.into(),
+            KeyError::Unavailable(m) | KeyError::Sealed(m) | KeyError::Config(m) => Self::Unavailable(m),
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Full => Self::StorageFull,
+            // A committed object missing from storage is an integrity problem
+            // of the deployment, not a user error.
+            StoreError::NotFound => Self::Integrity,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::crypto::CryptoError> for Error {
+    fn from(e: crate::crypto::CryptoError) -> Self {
+        match e {
+            crate::crypto::CryptoError::DecryptionFailed => Self::Integrity,
+            crate::crypto::CryptoError::CounterExhausted => {
+                Self::TooLarge("object exceeds the format's limit of 2^32 segments".into())
+            }
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

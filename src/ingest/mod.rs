@@ -1,0 +1,3 @@
+//! Streaming capture: durable encrypted spool, content checks, commit.
+
+pub mod spool;

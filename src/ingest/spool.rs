@@ -1,0 +1,312 @@
+//! The durable spool of an upload in progress: an append-only journal of
+//! encrypted records, fsynced before any byte in it is acknowledged.
+//!
+//! Records are sealed under a spool key derived from the object's data key
+//! (distinct from the segment key) with fresh random nonces, so no plaintext
+//! reaches disk and a record can be rewritten after a crash without reusing
+//! a segment nonce. The object itself is sealed from the journal at commit,
+//! from bytes that are already durable and can never change.
+//!
+//! Layout (v1, do not change):
+//! ```text
+//! file   := "RVSPOOL1" object_id[16] record*
+//! record := start_offset u64 | plain_len u32 | nonce[12] | ciphertext[plain_len] | tag[16]
+//! aad    := "recvault v1 spool record" object_id start_offset plain_len
+//! ```
+//! A torn or corrupt tail (a crash mid-write) is cut off at recovery; the
+//! bytes before it are exactly the acknowledged ones.
+//!
+//! Everything here is blocking I/O: call it from `spawn_blocking`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use ring::aead::{Aad, LessSafeKey, Nonce};
+
+use crate::crypto::secret::random_bytes;
+use crate::model::ObjectId;
+
+const MAGIC: &[u8; 8] = b"RVSPOOL1";
+const FILE_HEADER_LEN: u64 = 8 + 16;
+const RECORD_HEADER_LEN: usize = 8 + 4 + 12;
+const TAG_LEN: usize = 16;
+/// Largest plaintext in one record; bigger flushes are split.
+pub const MAX_RECORD: usize = 1024 * 1024;
+const AAD_LABEL: &[u8] = b"recvault v1 spool record";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool file does not belong to this upload")]
+    Foreign,
+    #[error("spool encryption failed")]
+    Crypto,
+}
+
+impl SpoolError {
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io(e) if e.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
+/// Path of an upload's journal. Built from the server-chosen object id only.
+pub fn journal_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
+    spool_dir.join(format!("{object_id}.journal"))
+}
+
+fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> Vec<u8> {
+    let mut aad = AAD_LABEL.to_vec();
+    aad.extend_from_slice(object_id.as_bytes());
+    aad.extend_from_slice(&start.to_be_bytes());
+    aad.extend_from_slice(&len.to_be_bytes());
+    aad
+}
+
+/// An open journal, positioned at its end.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+    object_id: ObjectId,
+    /// End of the bytes written (durable once `sync` returns).
+    end: u64,
+}
+
+impl Journal {
+    /// Opens or creates the journal, replaying every intact record through
+    /// `sink` (plaintext, in order) and cutting off a torn tail.
+    pub fn open(
+        spool_dir: &Path,
+        object_id: ObjectId,
+        key: &LessSafeKey,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<Self, SpoolError> {
+        std::fs::create_dir_all(spool_dir)?;
+        let path = journal_path(spool_dir, &object_id);
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let len = file.metadata()?.len();
+        if len < FILE_HEADER_LEN {
+            // New (or torn before its header was complete): start afresh.
+            file.set_len(0)?;
+            file.write_all(MAGIC)?;
+            file.write_all(object_id.as_bytes())?;
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            return Ok(Self {
+                file,
+                path,
+                object_id,
+                end: 0,
+            });
+        }
+        let mut reader = BufReader::with_capacity(MAX_RECORD + 64, &mut file);
+        let mut header = [0u8; FILE_HEADER_LEN as usize];
+        reader.read_exact(&mut header)?;
+        if &header[..8] != MAGIC || header[8..] != object_id.as_bytes()[..] {
+            return Err(SpoolError::Foreign);
+        }
+        let mut valid_len = FILE_HEADER_LEN;
+        let mut end = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let mut rh = [0u8; RECORD_HEADER_LEN];
+            if read_full(&mut reader, &mut rh)? < RECORD_HEADER_LEN {
+                break;
+            }
+            let start = u64::from_be_bytes(rh[..8].try_into().expect("8 bytes"));
+            let plain_len = u32::from_be_bytes(rh[8..12].try_into().expect("4 bytes"));
+            if start != end || plain_len as usize > MAX_RECORD {
+                break;
+            }
+            buf.resize(plain_len as usize + TAG_LEN, 0);
+            if read_full(&mut reader, &mut buf)? < buf.len() {
+                break;
+            }
+            let nonce = Nonce::assume_unique_for_key(rh[12..].try_into().expect("12 bytes"));
+            let Ok(plain) = key.open_in_place(nonce, Aad::from(record_aad(&object_id, start, plain_len)), &mut buf)
+            else {
+                break;
+            };
+            sink(plain);
+            end += u64::from(plain_len);
+            valid_len += (RECORD_HEADER_LEN + plain_len as usize + TAG_LEN) as u64;
+        }
+        drop(reader);
+        if file.metadata()?.len() != valid_len {
+            tracing::warn!(%object_id, kept = end, "cut a torn record off an upload journal");
+            file.set_len(valid_len)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::Start(valid_len))?;
+        Ok(Self {
+            file,
+            path,
+            object_id,
+            end,
+        })
+    }
+
+    /// Bytes recorded so far.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Encrypts and appends `data` (which starts at `self.end()`); not yet
+    /// durable.
+    pub fn append(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
+        let mut out = Vec::with_capacity(data.len().min(MAX_RECORD) + RECORD_HEADER_LEN + TAG_LEN);
+        for piece in data.chunks(MAX_RECORD) {
+            let start = self.end;
+            let len = piece.len() as u32;
+            let nonce: [u8; 12] = random_bytes().map_err(|_| SpoolError::Crypto)?;
+            out.clear();
+            out.extend_from_slice(&start.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&nonce);
+            let body_at = out.len();
+            out.extend_from_slice(piece);
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(record_aad(&self.object_id, start, len)),
+                    &mut out[body_at..],
+                )
+                .map_err(|_| SpoolError::Crypto)?;
+            out.extend_from_slice(tag.as_ref());
+            self.file.write_all(&out)?;
+            self.end += u64::from(len);
+        }
+        Ok(())
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the journal back from the start, handing plaintext pieces to
+    /// `sink` in order (used to build the object at commit).
+    pub fn replay(
+        spool_dir: &Path,
+        object_id: ObjectId,
+        key: &LessSafeKey,
+        sink: impl FnMut(&[u8]),
+    ) -> Result<u64, SpoolError> {
+        Ok(Self::open(spool_dir, object_id, key, sink)?.end)
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Removes an upload's journal; absent is fine.
+pub fn remove(spool_dir: &Path, object_id: &ObjectId) -> std::io::Result<()> {
+    match std::fs::remove_file(journal_path(spool_dir, object_id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::DataKey;
+    use crate::crypto::format::derive_spool_key;
+
+    fn setup() -> (tempfile::TempDir, ObjectId, LessSafeKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ObjectId::new_random();
+        let key = derive_spool_key(&DataKey::generate().unwrap(), id.as_bytes()).unwrap();
+        (dir, id, key)
+    }
+
+    fn collect(dir: &Path, id: ObjectId, key: &LessSafeKey) -> Vec<u8> {
+        let mut all = Vec::new();
+        Journal::replay(dir, id, key, |p| all.extend_from_slice(p)).unwrap();
+        all
+    }
+
+    #[test]
+    fn append_sync_replay() {
+        let (dir, id, key) = setup();
+        let mut j = Journal::open(dir.path(), id, &key, |_| panic!("new journal is empty")).unwrap();
+        j.append(&key, b"hello ").unwrap();
+        j.append(&key, &vec![7u8; MAX_RECORD + 10]).unwrap();
+        j.sync().unwrap();
+        assert_eq!(j.end(), 6 + MAX_RECORD as u64 + 10);
+        let all = collect(dir.path(), id, &key);
+        assert_eq!(&all[..6], b"hello ");
+        assert_eq!(all.len(), 6 + MAX_RECORD + 10);
+    }
+
+    #[test]
+    fn a1_torn_tail_is_cut_and_appends_continue() {
+        let (dir, id, key) = setup();
+        let mut j = Journal::open(dir.path(), id, &key, |_| {}).unwrap();
+        j.append(&key, b"durable").unwrap();
+        j.sync().unwrap();
+        j.append(&key, b"torn away").unwrap();
+        let path = j.path().to_owned();
+        drop(j);
+        // Simulate a crash mid-write of the second record.
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
+        let mut j = Journal::open(dir.path(), id, &key, |_| {}).unwrap();
+        assert_eq!(j.end(), 7);
+        j.append(&key, b" more").unwrap();
+        j.sync().unwrap();
+        assert_eq!(collect(dir.path(), id, &key), b"durable more");
+    }
+
+    #[test]
+    fn corrupt_record_ends_the_durable_prefix() {
+        let (dir, id, key) = setup();
+        let mut j = Journal::open(dir.path(), id, &key, |_| {}).unwrap();
+        j.append(&key, b"first").unwrap();
+        j.append(&key, b"second").unwrap();
+        j.sync().unwrap();
+        let path = j.path().to_owned();
+        drop(j);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(collect(dir.path(), id, &key), b"first");
+    }
+
+    #[test]
+    fn no_plaintext_in_the_journal() {
+        let (dir, id, key) = setup();
+        let mut j = Journal::open(dir.path(), id, &key, |_| {}).unwrap();
+        let canary = b"CANARY-PLAINTEXT-4111111111111111";
+        j.append(&key, canary).unwrap();
+        j.sync().unwrap();
+        let bytes = std::fs::read(j.path()).unwrap();
+        assert!(!bytes.windows(canary.len()).any(|w| w == canary));
+    }
+
+    #[test]
+    fn a_journal_of_another_upload_is_refused() {
+        let (dir, id, key) = setup();
+        Journal::open(dir.path(), id, &key, |_| {}).unwrap();
+        let other = ObjectId::new_random();
+        std::fs::rename(journal_path(dir.path(), &id), journal_path(dir.path(), &other)).unwrap();
+        assert!(matches!(Journal::open(dir.path(), other, &key, |_| {}), Err(SpoolError::Foreign)));
+    }
+}
