@@ -3,10 +3,10 @@
 //! Returns the destroyed wrapped-key bytes, so a caller that can see the
 //! engine's files can check none of them survives there.
 
-use super::{Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, UploadRecord};
-use crate::model::{
-    ContentKind, CustomerId, CustomerRef, Interaction, ObjectId, ObjectRecord, ObjectSpec, UploadId,
+use super::{
+    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, UploadRecord,
 };
+use crate::model::{ContentKind, CustomerId, CustomerRef, Interaction, ObjectId, ObjectRecord, ObjectSpec, UploadId};
 
 fn spec(customer: &str, interaction: &str) -> ObjectSpec {
     ObjectSpec {
@@ -40,10 +40,7 @@ async fn new_customer(cat: &dyn Catalog, id: &str, marker: u8) -> CustomerRecord
     let stored = cat.create_customer(&customer, &key).await.unwrap();
     assert_eq!(stored, customer);
     // A racing second creation returns the first customer unchanged.
-    let racer = CustomerRecord {
-        customer_ref: CustomerRef::new_random(),
-        ..customer.clone()
-    };
+    let racer = CustomerRecord { customer_ref: CustomerRef::new_random(), ..customer.clone() };
     assert_eq!(cat.create_customer(&racer, &key).await.unwrap(), customer);
     customer
 }
@@ -72,10 +69,7 @@ async fn commit(cat: &dyn Catalog, customer: &CustomerRecord, interaction: &str,
     let stored = cat.commit_upload(&record).await.unwrap();
     assert_eq!(stored, record);
     // Idempotent: a retried commit returns the first object.
-    let retry = ObjectRecord {
-        created_at_ms: at + 1000,
-        ..record.clone()
-    };
+    let retry = ObjectRecord { created_at_ms: at + 1000, ..record.clone() };
     assert_eq!(cat.commit_upload(&retry).await.unwrap(), record);
     let u = cat.upload(&upload.upload_id).await.unwrap().unwrap();
     assert!(u.committed);
@@ -115,10 +109,7 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
         committed: false,
     };
     cat.create_upload(&open).await.unwrap();
-    let dup = UploadRecord {
-        object_id: ObjectId::new_random(),
-        ..open.clone()
-    };
+    let dup = UploadRecord { object_id: ObjectId::new_random(), ..open.clone() };
     assert_eq!(cat.create_upload(&dup).await.unwrap(), open);
     // Unfinished uploads are never listed.
     let all = cat.list_objects(&ListFilter::default(), None, 100).await.unwrap();
@@ -126,17 +117,11 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(ids, vec![a3.object_id, b1.object_id, a2.object_id, a1.object_id], "newest first");
 
     // Filters and pages.
-    let only_alice = ListFilter {
-        customer_id: Some(alice.customer_id.clone()),
-        ..Default::default()
-    };
+    let only_alice = ListFilter { customer_id: Some(alice.customer_id.clone()), ..Default::default() };
     let page1 = cat.list_objects(&only_alice, None, 2).await.unwrap();
     assert_eq!(page1.iter().map(|o| o.object_id).collect::<Vec<_>>(), vec![a3.object_id, a2.object_id]);
     let last = page1.last().unwrap();
-    let cursor = PageCursor {
-        created_at_ms: last.created_at_ms,
-        object_id: last.object_id,
-    };
+    let cursor = PageCursor { created_at_ms: last.created_at_ms, object_id: last.object_id };
     let page2 = cat.list_objects(&only_alice, Some(cursor), 2).await.unwrap();
     assert_eq!(page2.iter().map(|o| o.object_id).collect::<Vec<_>>(), vec![a1.object_id]);
     let by_interaction = ListFilter {
@@ -148,10 +133,7 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     };
     let found = cat.list_objects(&by_interaction, None, 10).await.unwrap();
     assert_eq!(found, vec![a3.clone()]);
-    let images = ListFilter {
-        kind: Some(ContentKind::Image),
-        ..Default::default()
-    };
+    let images = ListFilter { kind: Some(ContentKind::Image), ..Default::default() };
     assert!(cat.list_objects(&images, None, 10).await.unwrap().is_empty());
 
     let stored = cat.object(&a1.object_id).await.unwrap().unwrap();
@@ -161,11 +143,7 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(cat.object(&ObjectId::new_random()).await.unwrap(), None);
 
     // Discarding an upload forgets it; committed uploads cannot be discarded.
-    let gone = UploadRecord {
-        upload_id: UploadId::new_random(),
-        object_id: ObjectId::new_random(),
-        ..open.clone()
-    };
+    let gone = UploadRecord { upload_id: UploadId::new_random(), object_id: ObjectId::new_random(), ..open.clone() };
     cat.create_upload(&gone).await.unwrap();
     cat.discard_upload(&gone.upload_id).await.unwrap();
     assert_eq!(cat.upload(&gone.upload_id).await.unwrap(), None);
@@ -188,10 +166,7 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(tomb.record.sha256, [0; 32], "no content-derived data in a tombstone");
     assert!(tomb.record.spec.interaction.tags.is_empty());
     assert_eq!(cat.upload(&open.upload_id).await.unwrap(), None);
-    assert_eq!(
-        cat.customer(&alice.customer_id).await.unwrap().unwrap().state,
-        CustomerState::Shredded
-    );
+    assert_eq!(cat.customer(&alice.customer_id).await.unwrap().unwrap().state, CustomerState::Shredded);
     let remaining = cat.list_objects(&ListFilter::default(), None, 100).await.unwrap();
     assert_eq!(remaining, vec![b1.clone()]);
     assert!(matches!(
@@ -203,10 +178,7 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
         Err(CatalogError::NotFound)
     ));
     // A commit racing the shred loses.
-    let late = ObjectRecord {
-        upload_id: open.upload_id,
-        ..a1.clone()
-    };
+    let late = ObjectRecord { upload_id: open.upload_id, ..a1.clone() };
     assert!(cat.commit_upload(&late).await.is_err());
     assert_eq!(cat.object(&b1.object_id).await.unwrap().unwrap().wrapped_dek, vec![0xD1; 61]);
 

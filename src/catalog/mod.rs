@@ -33,9 +33,7 @@ impl CustomerState {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Active, Self::PendingShred, Self::Shredded]
-            .into_iter()
-            .find(|st| st.as_str() == s)
+        [Self::Active, Self::PendingShred, Self::Shredded].into_iter().find(|st| st.as_str() == s)
     }
 }
 
@@ -175,10 +173,5 @@ pub trait Catalog: Send + Sync + 'static {
     /// Destroys every key version of the customer, every wrapped data key of
     /// its objects and uploads, and the objects' metadata, leaving
     /// tombstones; then scrubs the freed storage where the engine allows.
-    async fn shred_customer(
-        &self,
-        id: &CustomerId,
-        reason: &str,
-        now_ms: i64,
-    ) -> Result<ShredReport, CatalogError>;
+    async fn shred_customer(&self, id: &CustomerId, reason: &str, now_ms: i64) -> Result<ShredReport, CatalogError>;
 }

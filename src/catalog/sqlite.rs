@@ -12,12 +12,11 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor,
-    ShredReport, StoredObject, UploadRecord,
+    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, ShredReport,
+    StoredObject, UploadRecord,
 };
 use crate::model::{
-    ContentKind, CustomerId, CustomerRef, Direction, Interaction, ObjectId, ObjectRecord, ObjectSpec,
-    UploadId,
+    ContentKind, CustomerId, CustomerRef, Direction, Interaction, ObjectId, ObjectRecord, ObjectSpec, UploadId,
 };
 
 const SCHEMA: &str = r#"
@@ -112,9 +111,7 @@ impl SqliteCatalog {
         )
         .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, CatalogError>
@@ -197,9 +194,7 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
                 queue: row.get::<_, Option<String>>("queue")?.unwrap_or_default(),
                 direction: Direction::from_code(row.get::<_, Option<u8>>("direction")?.unwrap_or(0)),
                 started_at_ms: row.get("started_at_ms")?,
-                tags: tags
-                    .map(|t| serde_json::from_str(&t).unwrap_or_default())
-                    .unwrap_or_default(),
+                tags: tags.map(|t| serde_json::from_str(&t).unwrap_or_default()).unwrap_or_default(),
             },
         },
         size: row.get::<_, Option<i64>>("size")?.unwrap_or(0) as u64,
@@ -213,9 +208,7 @@ impl Catalog for SqliteCatalog {
     async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
         let key = key.to_owned();
         self.run(move |c| {
-            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
-                .map_err(backend)
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(backend)
         })
         .await
     }
@@ -225,8 +218,7 @@ impl Catalog for SqliteCatalog {
         self.run(move |c| {
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])
                 .map_err(backend)?;
-            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .map_err(backend)
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).map_err(backend)
         })
         .await
     }
@@ -313,9 +305,7 @@ impl Catalog for SqliteCatalog {
     async fn upload(&self, id: &UploadId) -> Result<Option<UploadRecord>, CatalogError> {
         let id = id.to_string();
         self.run(move |c| {
-            c.query_row("SELECT * FROM uploads WHERE upload_id = ?1", [id], upload_from_row)
-                .optional()
-                .map_err(backend)
+            c.query_row("SELECT * FROM uploads WHERE upload_id = ?1", [id], upload_from_row).optional().map_err(backend)
         })
         .await
     }
@@ -353,8 +343,7 @@ impl Catalog for SqliteCatalog {
     async fn discard_upload(&self, id: &UploadId) -> Result<(), CatalogError> {
         let id = id.to_string();
         self.run(move |c| {
-            c.execute("DELETE FROM uploads WHERE upload_id = ?1 AND committed = 0", [id])
-                .map_err(backend)?;
+            c.execute("DELETE FROM uploads WHERE upload_id = ?1 AND committed = 0", [id]).map_err(backend)?;
             Ok(())
         })
         .await
@@ -383,12 +372,10 @@ impl Catalog for SqliteCatalog {
             if !upload.committed {
                 let i = &o.spec.interaction;
                 tx.execute(
-                    &format!(
-                        "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
+                    "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                          content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
                          started_at_ms, tags, key_version, wrapped_dek)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
-                    ),
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                     params![
                         upload.object_id.to_string(),
                         o.upload_id.to_string(),
@@ -496,28 +483,17 @@ impl Catalog for SqliteCatalog {
             if let Some(cur) = after {
                 args.push(cur.created_at_ms.into());
                 args.push(cur.object_id.to_string().into());
-                sql.push_str(&format!(
-                    " AND (o.created_at_ms, o.object_id) < (?{}, ?{})",
-                    args.len() - 1,
-                    args.len()
-                ));
+                sql.push_str(&format!(" AND (o.created_at_ms, o.object_id) < (?{}, ?{})", args.len() - 1, args.len()));
             }
             sql.push_str(&format!(" ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT {limit}"));
             let mut stmt = c.prepare(&sql).map_err(backend)?;
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(args), object_from_row)
-                .map_err(backend)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), object_from_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
         .await
     }
 
-    async fn shred_customer(
-        &self,
-        id: &CustomerId,
-        reason: &str,
-        now_ms: i64,
-    ) -> Result<ShredReport, CatalogError> {
+    async fn shred_customer(&self, id: &CustomerId, reason: &str, now_ms: i64) -> Result<ShredReport, CatalogError> {
         let (id, reason) = (id.as_str().to_owned(), reason.to_owned());
         self.run(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
@@ -537,15 +513,11 @@ impl Catalog for SqliteCatalog {
                     .map_err(backend)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(backend)?;
-                rows.iter()
-                    .map(|s| ObjectId::parse(s).map_err(backend))
-                    .collect()
+                rows.iter().map(|s| ObjectId::parse(s).map_err(backend)).collect()
             };
             let objects = ids("SELECT object_id FROM objects WHERE customer_ref = ?1 AND shredded = 0")?;
             let discarded = ids("SELECT object_id FROM uploads WHERE customer_ref = ?1 AND committed = 0")?;
-            let versions = tx
-                .execute("DELETE FROM customer_keys WHERE customer_ref = ?1", [&cref])
-                .map_err(backend)?;
+            let versions = tx.execute("DELETE FROM customer_keys WHERE customer_ref = ?1", [&cref]).map_err(backend)?;
             tx.execute(
                 "UPDATE objects SET shredded = 1, wrapped_dek = NULL, key_version = NULL, content_type = NULL,
                  size = NULL, sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL,
@@ -554,8 +526,7 @@ impl Catalog for SqliteCatalog {
                 [&cref],
             )
             .map_err(backend)?;
-            tx.execute("DELETE FROM uploads WHERE customer_ref = ?1", [&cref])
-                .map_err(backend)?;
+            tx.execute("DELETE FROM uploads WHERE customer_ref = ?1", [&cref]).map_err(backend)?;
             tx.execute(
                 "UPDATE customers SET state = 'shredded', canary = NULL, shredded_at_ms = ?2, shred_reason = ?3
                  WHERE customer_ref = ?1",
@@ -565,8 +536,7 @@ impl Catalog for SqliteCatalog {
             tx.commit().map_err(backend)?;
             // Move every page out of the WAL and truncate it, so no frame
             // holding a destroyed key survives in the -wal file.
-            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(backend)?;
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(backend)?;
             Ok(ShredReport {
                 customer_ref: customer.customer_ref,
                 key_versions_destroyed: versions as u32,

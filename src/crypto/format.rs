@@ -154,15 +154,10 @@ impl hkdf::KeyType for HkdfLen {
 
 fn hkdf_expand(prk: &hkdf::Prk, info: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
     let info = [info];
-    prk.expand(&info, HkdfLen(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .map_err(|_| CryptoError::DecryptionFailed)
+    prk.expand(&info, HkdfLen(out.len())).and_then(|okm| okm.fill(out)).map_err(|_| CryptoError::DecryptionFailed)
 }
 
-fn derive_segment_keys(
-    dek: &DataKey,
-    header_prefix: &[u8; HEADER_LEN],
-) -> Result<SegmentKeys, CryptoError> {
+fn derive_segment_keys(dek: &DataKey, header_prefix: &[u8; HEADER_LEN]) -> Result<SegmentKeys, CryptoError> {
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &header_prefix[..COMMITMENT_OFFSET]);
     let prk = salt.extract(dek.secret().expose());
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
@@ -170,10 +165,7 @@ fn derive_segment_keys(
     let mut commitment = [0u8; COMMITMENT_LEN];
     hkdf_expand(&prk, COMMITMENT_INFO, &mut commitment)?;
     let unbound = UnboundKey::new(&AES_256_GCM, &key[..]).map_err(|_| CryptoError::DecryptionFailed)?;
-    Ok(SegmentKeys {
-        aead: LessSafeKey::new(unbound),
-        commitment,
-    })
+    Ok(SegmentKeys { aead: LessSafeKey::new(unbound), commitment })
 }
 
 /// Derives the key that encrypts an upload's spool journal. It is distinct
@@ -211,11 +203,7 @@ impl SegmentSealer {
         let mut header = fields.encode_without_commitment();
         let keys = derive_segment_keys(dek, &header)?;
         header[COMMITMENT_OFFSET..].copy_from_slice(&keys.commitment);
-        Ok(Self {
-            keys,
-            header,
-            fields,
-        })
+        Ok(Self { keys, header, fields })
     }
 
     /// The complete header, commitment included.
@@ -236,11 +224,7 @@ impl SegmentSealer {
             return Err(CryptoError::CounterExhausted);
         }
         let size = self.fields.segment_size as usize;
-        let len_ok = if last {
-            buf.len() <= size && (!buf.is_empty() || index == 0)
-        } else {
-            buf.len() == size
-        };
+        let len_ok = if last { buf.len() <= size && (!buf.is_empty() || index == 0) } else { buf.len() == size };
         if !len_ok {
             return Err(CryptoError::InvalidSegment);
         }
@@ -272,11 +256,7 @@ impl SegmentOpener {
         if !bool::from(keys.commitment.ct_eq(&header[COMMITMENT_OFFSET..])) {
             return Err(CryptoError::DecryptionFailed);
         }
-        Ok(Self {
-            keys,
-            header,
-            fields,
-        })
+        Ok(Self { keys, header, fields })
     }
 
     pub fn fields(&self) -> &HeaderFields {
@@ -322,12 +302,7 @@ pub struct ObjectEncryptor {
 impl ObjectEncryptor {
     pub fn new(sealer: SegmentSealer) -> Self {
         let cap = sealer.segment_size() as usize + TAG_LEN;
-        Self {
-            sealer,
-            pending: Vec::with_capacity(cap),
-            next_index: 0,
-            header_emitted: false,
-        }
+        Self { sealer, pending: Vec::with_capacity(cap), next_index: 0, header_emitted: false }
     }
 
     fn emit_header(&mut self, out: &mut Vec<u8>) {
@@ -512,7 +487,11 @@ mod tests {
         let spool = derive_spool_key(&dek, &f.object_id).unwrap();
         let mut other = vec![0u8; 16];
         let tag = spool
-            .seal_in_place_separate_tag(segment_nonce(&f.nonce_prefix, 0, false), Aad::from(&sealer.header()[..]), &mut other)
+            .seal_in_place_separate_tag(
+                segment_nonce(&f.nonce_prefix, 0, false),
+                Aad::from(&sealer.header()[..]),
+                &mut other,
+            )
             .unwrap();
         other.extend_from_slice(tag.as_ref());
         assert_ne!(seg, other);

@@ -20,9 +20,7 @@ impl SecretKey {
     /// A fresh key from the operating system's CSPRNG.
     pub fn generate() -> Result<Self, CryptoError> {
         let mut key = Self([0u8; KEY_LEN]);
-        SystemRandom::new()
-            .fill(&mut key.0)
-            .map_err(|_| CryptoError::Random)?;
+        SystemRandom::new().fill(&mut key.0).map_err(|_| CryptoError::Random)?;
         Ok(key)
     }
 
@@ -91,9 +89,7 @@ key_newtype!(
 /// Fills a buffer with random bytes (nonces, prefixes).
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], CryptoError> {
     let mut out = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut out)
-        .map_err(|_| CryptoError::Random)?;
+    SystemRandom::new().fill(&mut out).map_err(|_| CryptoError::Random)?;
     Ok(out)
 }
 

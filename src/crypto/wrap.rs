@@ -22,9 +22,7 @@ const CUSTOMER_KEY_LABEL: &[u8] = b"recvault v1 customer key";
 const CANARY_LABEL: &[u8] = b"recvault v1 canary";
 
 fn aead(kek: &SecretKey) -> Result<LessSafeKey, CryptoError> {
-    UnboundKey::new(&AES_256_GCM, kek.expose())
-        .map(LessSafeKey::new)
-        .map_err(|_| CryptoError::DecryptionFailed)
+    UnboundKey::new(&AES_256_GCM, kek.expose()).map(LessSafeKey::new).map_err(|_| CryptoError::DecryptionFailed)
 }
 
 /// Wraps `key` under `kek` with `aad` bound.
@@ -100,7 +98,11 @@ mod tests {
         assert_eq!(unwrap_key(&kek, &wrapped, &aad).unwrap().expose(), key.expose());
 
         // F6: the same wrapped key presented for another object or customer fails.
-        for other in [data_key_aad(&[1; 16], &[3; 16], 1), data_key_aad(&[9; 16], &[2; 16], 1), data_key_aad(&[1; 16], &[2; 16], 2)] {
+        for other in [
+            data_key_aad(&[1; 16], &[3; 16], 1),
+            data_key_aad(&[9; 16], &[2; 16], 1),
+            data_key_aad(&[1; 16], &[2; 16], 2),
+        ] {
             assert_eq!(unwrap_key(&kek, &wrapped, &other).unwrap_err(), CryptoError::DecryptionFailed);
         }
         // F1: any bit flip of the wrapped key fails.

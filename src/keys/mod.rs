@@ -100,9 +100,7 @@ impl KeyService {
         if customer.state != CustomerState::Active {
             return Err(KeyError::CustomerState(customer.state));
         }
-        let key = self
-            .customer_key(&customer.customer_ref, &customer.customer_id, customer.active_version)
-            .await?;
+        let key = self.customer_key(&customer.customer_ref, &customer.customer_id, customer.active_version).await?;
         Ok((customer, key))
     }
 
@@ -110,10 +108,8 @@ impl KeyService {
         let customer_ref = CustomerRef::new_random();
         let version = 1;
         let key = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
-        let wrapped = self
-            .root
-            .wrap(&key, &wrap::customer_key_aad(customer_ref.as_bytes(), id.as_str(), version))
-            .await?;
+        let wrapped =
+            self.root.wrap(&key, &wrap::customer_key_aad(customer_ref.as_bytes(), id.as_str(), version)).await?;
         let canary_key = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
         let canary = wrap::wrap_key(&key, &canary_key, &wrap::canary_aad(customer_ref.as_bytes(), version))
             .map_err(|_| KeyError::DecryptionFailed)?;
@@ -256,9 +252,6 @@ mod tests {
             keys.data_key(&c1.customer_ref, &id, &object, 1, &wrapped).await,
             Err(KeyError::CustomerState(CustomerState::Shredded))
         ));
-        assert!(matches!(
-            keys.customer_for_ingest(&id).await,
-            Err(KeyError::CustomerState(CustomerState::Shredded))
-        ));
+        assert!(matches!(keys.customer_for_ingest(&id).await, Err(KeyError::CustomerState(CustomerState::Shredded))));
     }
 }

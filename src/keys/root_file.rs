@@ -49,15 +49,10 @@ impl FileRootKey {
         file.write_all(&contents).map_err(|e| file_error(path, e))?;
         file.sync_all().map_err(|e| file_error(path, e))?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| file_error(dir, e))?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file_error(dir, e))?;
         }
         tracing::info!(path = %path.display(), "created a new root key file");
-        Ok(Self {
-            key: RootKeyMaterial::from_secret(key),
-            key_id: format!("file:{}", hex::encode(id)),
-        })
+        Ok(Self { key: RootKeyMaterial::from_secret(key), key_id: format!("file:{}", hex::encode(id)) })
     }
 
     fn open(path: &Path) -> Result<Self, KeyError> {
@@ -83,10 +78,7 @@ impl FileRootKey {
         let id = hex::encode(&contents[8..24]);
         let key = SecretKey::from_slice_zeroizing(&mut contents[24..])
             .map_err(|_| KeyError::Config("root key file is corrupt".into()))?;
-        Ok(Self {
-            key: RootKeyMaterial::from_secret(key),
-            key_id: format!("file:{id}"),
-        })
+        Ok(Self { key: RootKeyMaterial::from_secret(key), key_id: format!("file:{id}") })
     }
 
     /// Where the key file lives by default inside a data directory.

@@ -79,13 +79,11 @@ impl Store {
     /// A local file-system store under `root`, fsyncing files and their
     /// directories so a committed object survives power loss.
     pub fn local(root: &std::path::Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root).map_err(|e| StoreError::Backend(object_store::Error::Generic {
-            store: "LocalFileSystem",
-            source: Box::new(e),
-        }))?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(root)?
-            .with_automatic_cleanup(true)
-            .with_fsync(true);
+        std::fs::create_dir_all(root).map_err(|e| {
+            StoreError::Backend(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
+        })?;
+        let fs =
+            object_store::local::LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true).with_fsync(true);
         Ok(Self::new(Arc::new(fs)))
     }
 
@@ -96,12 +94,7 @@ impl Store {
 
     /// Starts a write-once upload of object `id`.
     pub fn writer(&self, id: ObjectId) -> ObjectWriter {
-        ObjectWriter {
-            store: self.inner.clone(),
-            id,
-            buffer: Vec::new(),
-            multipart: None,
-        }
+        ObjectWriter { store: self.inner.clone(), id, buffer: Vec::new(), multipart: None }
     }
 
     /// Size of the stored object.
@@ -174,13 +167,8 @@ impl ObjectWriter {
         let final_path = object_path(&self.id);
         match self.multipart {
             None => {
-                let opts = PutOptions {
-                    mode: PutMode::Create,
-                    ..Default::default()
-                };
-                self.store
-                    .put_opts(&final_path, PutPayload::from(self.buffer), opts)
-                    .await?;
+                let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+                self.store.put_opts(&final_path, PutPayload::from(self.buffer), opts).await?;
             }
             Some(mp) => {
                 mp.finish().await?;
