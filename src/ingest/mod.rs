@@ -1,3 +1,926 @@
 //! Streaming capture: durable encrypted spool, content checks, commit.
+//!
+//! An upload is identified by the client's `upload_id`. Its bytes go to a
+//! journal of records sealed under a spool key (see [`spool`]); an ack is
+//! sent only after the journal is fsynced, so acknowledged bytes survive
+//! `kill -9`. Acks are group-committed: one fsync covers everything received
+//! in the last `commit_interval` (or `commit_bytes`), which bounds ack
+//! latency without an fsync per message. At finish the journal is replayed
+//! through the segment encryptor into the object store (write-once) and the
+//! catalog commit makes the object visible.
+//!
+//! Only one stream drives an upload at a time. A reopening stream takes the
+//! upload over from a stale one (a telephony platform reconnecting after a
+//! network drop must not wait for the old TCP connection to time out).
 
+pub mod sniff;
 pub mod spool;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use ring::aead::LessSafeKey;
+use ring::digest;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogError, UploadRecord};
+use crate::crypto::DataKey;
+use crate::crypto::format::{self, HeaderFields, ObjectEncryptor, SegmentSealer};
+use crate::error::Error;
+use crate::keys::KeyService;
+use crate::model::{ContentKind, CustomerRef, ObjectId, ObjectRecord, ObjectSpec, UploadId, now_ms};
+use crate::store::{Store, StoreError};
+use sniff::{ContentChecker, SniffLimits};
+use spool::Journal;
+
+/// Size caps per content kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SizeCaps {
+    pub call_recording: u64,
+    pub chat_transcript: u64,
+    pub image: u64,
+}
+
+impl Default for SizeCaps {
+    fn default() -> Self {
+        Self {
+            // Ten hours of 16-bit 48 kHz stereo WAV is ~7 GB.
+            call_recording: 16 << 30,
+            chat_transcript: 16 << 20,
+            image: 32 << 20,
+        }
+    }
+}
+
+impl SizeCaps {
+    pub fn for_kind(&self, kind: ContentKind) -> u64 {
+        match kind {
+            ContentKind::CallRecording => self.call_recording,
+            ContentKind::ChatTranscript => self.chat_transcript,
+            ContentKind::Image => self.image,
+        }
+    }
+}
+
+/// Tunables of the ingest path.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Where upload journals live (ciphertext only).
+    pub spool_dir: PathBuf,
+    /// Longest time received bytes wait for their fsync (and ack).
+    pub commit_interval: Duration,
+    /// Flush early once this many bytes are pending.
+    pub commit_bytes: usize,
+    /// A stream silent for this long is closed (its durable bytes are kept).
+    pub idle_timeout: Duration,
+    /// How long a reopening stream waits for a stale one to let go.
+    pub takeover_timeout: Duration,
+    pub caps: SizeCaps,
+    /// Largest body of the unary `Put`.
+    pub put_cap: u64,
+    pub sniff: SniffLimits,
+}
+
+impl IngestConfig {
+    pub fn new(spool_dir: PathBuf) -> Self {
+        Self {
+            spool_dir,
+            commit_interval: Duration::from_millis(100),
+            commit_bytes: 4 << 20,
+            idle_timeout: Duration::from_secs(120),
+            takeover_timeout: Duration::from_secs(5),
+            caps: SizeCaps::default(),
+            put_cap: 4 << 20,
+            sniff: SniffLimits::default(),
+        }
+    }
+}
+
+/// A client message of an ingest stream, already parsed.
+#[derive(Debug)]
+pub enum ClientMsg {
+    Open { upload_id: UploadId, spec: ObjectSpec },
+    Data { offset: u64, data: Bytes },
+    Finish { expected_sha256: Option<[u8; 32]>, expected_size: Option<u64> },
+}
+
+/// A server message of an ingest stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMsg {
+    /// The upload is open (or already committed); send from `durable_offset`.
+    Opened {
+        upload_id: UploadId,
+        object_id: ObjectId,
+        durable_offset: u64,
+        committed: Option<ObjectRecord>,
+    },
+    /// Every byte before `durable_offset` survives a crash.
+    Ack {
+        durable_offset: u64,
+    },
+    Committed(ObjectRecord),
+}
+
+struct Active {
+    customer_ref: CustomerRef,
+    cancel: CancellationToken,
+    /// Distinguishes this holder from a later one of the same upload.
+    generation: u64,
+}
+
+/// The ingest use-cases.
+pub struct Ingest {
+    cfg: IngestConfig,
+    catalog: Arc<dyn Catalog>,
+    keys: Arc<KeyService>,
+    store: Store,
+    active: Mutex<HashMap<UploadId, Active>>,
+    generation: std::sync::atomic::AtomicU64,
+    released: tokio::sync::Notify,
+}
+
+/// Holds an upload for one stream; releases it on drop.
+struct Lease {
+    ingest: Arc<Ingest>,
+    upload_id: UploadId,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut active = self.ingest.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.get(&self.upload_id).is_some_and(|a| a.generation == self.generation) {
+            active.remove(&self.upload_id);
+        }
+        drop(active);
+        self.ingest.released.notify_waiters();
+    }
+}
+
+/// An open upload being written by one stream.
+struct Session {
+    lease: Lease,
+    record: UploadRecord,
+    dek: DataKey,
+    spool_key: Arc<LessSafeKey>,
+    journal: Option<Journal>,
+    checker: ContentChecker,
+    cap: u64,
+    /// End of the bytes received (durable or pending).
+    received: u64,
+    /// End of the bytes known durable.
+    durable: u64,
+    pending: Vec<u8>,
+    /// The journal write + fsync under way, if any (it owns the journal).
+    in_flight: Option<JoinHandle<FlushResult>>,
+}
+
+type FlushResult = Result<(Journal, u64), spool::SpoolError>;
+
+impl Ingest {
+    pub fn new(cfg: IngestConfig, catalog: Arc<dyn Catalog>, keys: Arc<KeyService>, store: Store) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            catalog,
+            keys,
+            store,
+            active: Mutex::new(HashMap::new()),
+            generation: Default::default(),
+            released: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> &IngestConfig {
+        &self.cfg
+    }
+
+    /// Ends every stream writing content of `customer` (a shred is under
+    /// way); returns how many were stopped.
+    pub fn cancel_customer(&self, customer: &CustomerRef) -> usize {
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for a in active.values().filter(|a| a.customer_ref == *customer) {
+            a.cancel.cancel();
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes the upload for this stream, cancelling a stale holder and
+    /// waiting (bounded) for it to let go.
+    async fn lease(self: &Arc<Self>, upload_id: UploadId, customer_ref: CustomerRef) -> Result<Lease, Error> {
+        let deadline = tokio::time::Instant::now() + self.cfg.takeover_timeout;
+        loop {
+            let notified = self.released.notified();
+            {
+                let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+                match active.get(&upload_id) {
+                    Some(a) => a.cancel.cancel(),
+                    None => {
+                        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let cancel = CancellationToken::new();
+                        active.insert(upload_id, Active { customer_ref, cancel: cancel.clone(), generation });
+                        return Ok(Lease { ingest: self.clone(), upload_id, generation, cancel });
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::Busy(format!(
+                    "upload {upload_id} is being written by another stream that did not let go; retry shortly"
+                )));
+            }
+        }
+    }
+
+    fn check_spec(&self, spec: &mut ObjectSpec) -> Result<(), Error> {
+        spec.content_type = sniff::normalise_content_type(spec.kind, &spec.content_type)?;
+        spec.interaction.validate()?;
+        Ok(())
+    }
+
+    /// Opens (or resumes) an upload.
+    async fn open(self: &Arc<Self>, upload_id: UploadId, mut spec: ObjectSpec) -> Result<Opening, Error> {
+        self.check_spec(&mut spec)?;
+        if let Some(existing) = self.catalog.upload(&upload_id).await? {
+            same_upload(&existing, &spec)?;
+            if existing.committed {
+                return Ok(Opening::Committed(Box::new(self.committed_object(&existing).await?)));
+            }
+            let customer = self
+                .catalog
+                .customer(&spec.customer_id)
+                .await?
+                .ok_or_else(|| Error::Internal("upload of an unknown customer".into()))?;
+            if customer.state != crate::catalog::CustomerState::Active {
+                return Err(Error::from_state(customer.state));
+            }
+            let lease = self.lease(upload_id, existing.customer_ref).await?;
+            return self.resume(lease, existing).await.map(|s| Opening::Session(Box::new(s)));
+        }
+        let (customer, ck) = self.keys.customer_for_ingest(&spec.customer_id).await?;
+        let object_id = ObjectId::new_random();
+        let (_dek, wrapped) =
+            KeyService::new_data_key(&ck, &customer.customer_ref, &object_id, customer.active_version)?;
+        let fields = HeaderFields::new(
+            spec.kind.code(),
+            *object_id.as_bytes(),
+            *customer.customer_ref.as_bytes(),
+            customer.active_version,
+        )?;
+        let record = UploadRecord {
+            upload_id,
+            object_id,
+            customer_ref: customer.customer_ref,
+            spec: spec.clone(),
+            key_version: customer.active_version,
+            wrapped_dek: wrapped,
+            nonce_prefix: fields.nonce_prefix,
+            created_at_ms: now_ms(),
+            committed: false,
+        };
+        // A concurrent open of the same new upload id may have won: use
+        // whatever is stored.
+        let stored = self.catalog.create_upload(&record).await?;
+        same_upload(&stored, &spec)?;
+        if stored.committed {
+            return Ok(Opening::Committed(Box::new(self.committed_object(&stored).await?)));
+        }
+        let lease = self.lease(upload_id, stored.customer_ref).await?;
+        self.resume(lease, stored).await.map(|s| Opening::Session(Box::new(s)))
+    }
+
+    async fn committed_object(&self, upload: &UploadRecord) -> Result<ObjectRecord, Error> {
+        match self.catalog.object(&upload.object_id).await? {
+            Some(o) if o.customer_state == crate::catalog::CustomerState::Active => Ok(o.record),
+            Some(o) => Err(Error::from_state(o.customer_state)),
+            None => Err(Error::NotFound(format!("object {} of upload {} is gone", upload.object_id, upload.upload_id))),
+        }
+    }
+
+    async fn upload_dek(&self, upload: &UploadRecord) -> Result<DataKey, Error> {
+        Ok(self
+            .keys
+            .data_key(
+                &upload.customer_ref,
+                &upload.spec.customer_id,
+                &upload.object_id,
+                upload.key_version,
+                &upload.wrapped_dek,
+            )
+            .await?)
+    }
+
+    /// Opens the journal, replaying the durable bytes through a fresh
+    /// content checker.
+    async fn resume(self: &Arc<Self>, lease: Lease, record: UploadRecord) -> Result<Session, Error> {
+        let dek = self.upload_dek(&record).await?;
+        let spool_key = Arc::new(format::derive_spool_key(&dek, record.object_id.as_bytes())?);
+        let dir = self.cfg.spool_dir.clone();
+        let object_id = record.object_id;
+        let content_type = record.spec.content_type.clone();
+        let limits = self.cfg.sniff;
+        let key = spool_key.clone();
+        let (journal, checker, check) = tokio::task::spawn_blocking(move || {
+            let mut checker = ContentChecker::new(&content_type, limits);
+            let mut check = Ok(());
+            let journal = Journal::open(&dir, object_id, &key, |data| {
+                if check.is_ok() {
+                    check = checker.update(data);
+                }
+            });
+            (journal, checker, check)
+        })
+        .await
+        .map_err(Error::internal)?;
+        let journal = journal.map_err(spool_error)?;
+        // The bytes were checked when they arrived; a failure now means the
+        // rules changed in between. Refuse rather than commit unchecked data.
+        check?;
+        let end = journal.end();
+        Ok(Session {
+            lease,
+            cap: self.cfg.caps.for_kind(record.spec.kind),
+            record,
+            dek,
+            spool_key,
+            journal: Some(journal),
+            checker,
+            received: end,
+            durable: end,
+            pending: Vec::new(),
+            in_flight: None,
+        })
+    }
+
+    /// Forgets an upload whose content was refused: journal and catalog row.
+    async fn discard(&self, session: Session) {
+        let dir = self.cfg.spool_dir.clone();
+        let id = session.record.object_id;
+        drop(session.journal);
+        let removed = tokio::task::spawn_blocking(move || spool::remove(&dir, &id)).await;
+        if !matches!(removed, Ok(Ok(()))) {
+            tracing::warn!(object_id = %id, "could not remove the journal of a refused upload");
+        }
+        if let Err(e) = self.catalog.discard_upload(&session.record.upload_id).await {
+            tracing::warn!(upload_id = %session.record.upload_id, error = %e, "could not discard a refused upload");
+        }
+    }
+
+    /// Drives one ingest stream to its end. Every outcome, including the
+    /// final error, is sent on `out`.
+    pub async fn run_stream<S>(self: Arc<Self>, mut inbound: S, out: mpsc::Sender<Result<ServerMsg, Error>>)
+    where
+        S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
+    {
+        let result = self.drive(&mut inbound, &out).await;
+        if let Err(e) = result {
+            let _ = out.send(Err(e)).await;
+        }
+    }
+
+    async fn drive<S>(
+        self: &Arc<Self>,
+        inbound: &mut S,
+        out: &mpsc::Sender<Result<ServerMsg, Error>>,
+    ) -> Result<(), Error>
+    where
+        S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
+    {
+        let first = match tokio::time::timeout(self.cfg.idle_timeout, inbound.next()).await {
+            Err(_) => return Err(Error::Idle("no open message received; the stream was idle too long".into())),
+            Ok(None) => return Err(Error::Precondition("empty stream: send an open message first".into())),
+            Ok(Some(m)) => m?,
+        };
+        let ClientMsg::Open { upload_id, spec } = first else {
+            return Err(Error::Precondition(
+                "the first message of an ingest stream must open the upload (durable offset unknown until then)".into(),
+            ));
+        };
+        let mut session = match self.open(upload_id, spec).await? {
+            Opening::Committed(object) => {
+                let object = *object;
+                send(
+                    out,
+                    ServerMsg::Opened {
+                        upload_id,
+                        object_id: object.object_id,
+                        durable_offset: object.size,
+                        committed: Some(object.clone()),
+                    },
+                )
+                .await?;
+                // A finish for an already committed upload answers the same
+                // object again; anything else is a mistake.
+                return match inbound.next().await {
+                    None => Ok(()),
+                    Some(Ok(ClientMsg::Finish { .. })) => send(out, ServerMsg::Committed(object)).await,
+                    Some(Ok(_)) => Err(Error::Precondition(format!(
+                        "upload {upload_id} is already committed ({} bytes); no more data is accepted",
+                        object.size
+                    ))),
+                    Some(Err(e)) => Err(e),
+                };
+            }
+            Opening::Session(s) => *s,
+        };
+        send(
+            out,
+            ServerMsg::Opened {
+                upload_id,
+                object_id: session.record.object_id,
+                durable_offset: session.durable,
+                committed: None,
+            },
+        )
+        .await?;
+        let result = self.session_loop(&mut session, inbound, out).await;
+        // Whatever happened, no journal write may outlive the lease: a
+        // resuming stream must be the only writer.
+        if let Some(handle) = session.in_flight.take() {
+            let _ = handle.await;
+        }
+        match result {
+            Ok(Some(object)) => {
+                send(out, ServerMsg::Committed(object)).await?;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(Refusal::Keep(e)) => Err(e),
+            Err(Refusal::Discard(e)) => {
+                self.discard(session).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn session_loop<S>(
+        self: &Arc<Self>,
+        s: &mut Session,
+        inbound: &mut S,
+        out: &mpsc::Sender<Result<ServerMsg, Error>>,
+    ) -> Result<Option<ObjectRecord>, Refusal>
+    where
+        S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
+    {
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        let cancel = s.lease.cancel.clone();
+        loop {
+            let idle = tokio::time::sleep(self.cfg.idle_timeout);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    let state = self.catalog.customer(&s.record.spec.customer_id).await.ok().flatten().map(|c| c.state);
+                    return Err(match state {
+                        // Shredded under our feet: write nothing more, and
+                        // remove what the shred could not see yet.
+                        Some(st) if st != crate::catalog::CustomerState::Active => {
+                            if let Some(h) = s.in_flight.take() {
+                                let _ = h.await;
+                            }
+                            Refusal::Discard(Error::from_state(st))
+                        }
+                        _ => {
+                            self.settle(s).await.ok();
+                            Refusal::Keep(Error::Busy(format!(
+                                "upload {} was taken over by a newer stream", s.record.upload_id
+                            )))
+                        }
+                    });
+                }
+                done = wait_flush(&mut s.in_flight) => {
+                    let (journal, end) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
+                    s.journal = Some(journal);
+                    s.durable = end;
+                    send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
+                    if !s.pending.is_empty() && (s.pending.len() >= self.cfg.commit_bytes
+                        || flush_at.is_some_and(|t| t <= tokio::time::Instant::now())) {
+                        s.in_flight = Some(self.start_flush(s));
+                        flush_at = None;
+                    }
+                }
+                _ = sleep_until(flush_at), if s.in_flight.is_none() => {
+                    s.in_flight = Some(self.start_flush(s));
+                    flush_at = None;
+                }
+                msg = inbound.next() => {
+                    match msg {
+                        None => {
+                            // The client went away: keep what is durable, make
+                            // the rest durable too (it was never acked, but
+                            // keeping it costs nothing and helps a resume).
+                            self.settle(s).await.map_err(Refusal::Keep)?;
+                            return Ok(None);
+                        }
+                        Some(Err(e)) => {
+                            self.settle(s).await.ok();
+                            return Err(Refusal::Keep(e));
+                        }
+                        Some(Ok(ClientMsg::Open { .. })) => {
+                            self.settle(s).await.ok();
+                            return Err(Refusal::Keep(Error::Precondition(format!(
+                                "upload already open; durable offset is {}", s.durable
+                            ))));
+                        }
+                        Some(Ok(ClientMsg::Data { offset, data })) => {
+                            s.receive(offset, &data)?;
+                            if flush_at.is_none() {
+                                flush_at = Some(tokio::time::Instant::now() + self.cfg.commit_interval);
+                            }
+                            if s.in_flight.is_none() && s.pending.len() >= self.cfg.commit_bytes {
+                                s.in_flight = Some(self.start_flush(s));
+                                flush_at = None;
+                            }
+                        }
+                        Some(Ok(ClientMsg::Finish { expected_sha256, expected_size })) => {
+                            self.settle(s).await.map_err(Refusal::Keep)?;
+                            if s.durable > 0 {
+                                send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
+                            }
+                            return self.finish(s, expected_sha256, expected_size).await.map(Some);
+                        }
+                    }
+                }
+                _ = idle => {
+                    self.settle(s).await.ok();
+                    return Err(Refusal::Keep(Error::Idle(format!(
+                        "no message for {}; the upload is kept, resume from durable offset {}",
+                        humantime::format_duration(self.cfg.idle_timeout), s.durable
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn start_flush(&self, s: &mut Session) -> JoinHandle<FlushResult> {
+        let mut journal = s.journal.take().expect("no flush in flight");
+        let data = std::mem::take(&mut s.pending);
+        let key = s.spool_key.clone();
+        tokio::task::spawn_blocking(move || {
+            journal.append(&key, &data)?;
+            journal.sync()?;
+            let end = journal.end();
+            Ok((journal, end))
+        })
+    }
+
+    /// Waits for any flush in flight, then flushes what is pending.
+    async fn settle(&self, s: &mut Session) -> Result<(), Error> {
+        if s.in_flight.is_some() {
+            let (journal, end) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
+            s.journal = Some(journal);
+            s.durable = end;
+        }
+        if !s.pending.is_empty() {
+            let (journal, end) = self.start_flush(s).await.map_err(Error::internal)?.map_err(spool_error)?;
+            s.journal = Some(journal);
+            s.durable = end;
+        }
+        Ok(())
+    }
+
+    /// Verifies the finished upload, seals it from the journal into the
+    /// store and commits it to the catalog.
+    async fn finish(
+        &self,
+        s: &mut Session,
+        expected_sha256: Option<[u8; 32]>,
+        expected_size: Option<u64>,
+    ) -> Result<ObjectRecord, Refusal> {
+        if let Some(size) = expected_size
+            && size != s.durable
+        {
+            return Err(Refusal::Keep(Error::Precondition(format!(
+                "finish expected {size} bytes but the upload holds {}; send the rest from offset {} and finish again",
+                s.durable, s.durable
+            ))));
+        }
+        let checker =
+            std::mem::replace(&mut s.checker, ContentChecker::new("application/octet-stream", self.cfg.sniff));
+        checker.finish().map_err(|e| Refusal::Discard(e.into()))?;
+        let journal = s.journal.take();
+        drop(journal);
+        let (size, sha256) = self.assemble(&s.record, &s.dek, &s.spool_key).await.map_err(Refusal::Keep)?;
+        if size != s.durable {
+            return Err(Refusal::Keep(Error::Internal(format!(
+                "journal replay produced {size} bytes, expected {}",
+                s.durable
+            ))));
+        }
+        if let Some(expected) = expected_sha256
+            && !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &sha256[..]))
+        {
+            // The stored bytes are not what the client meant to send; they
+            // cannot be repaired by appending, so the upload is discarded.
+            let _ = self.store.delete(&s.record.object_id).await;
+            return Err(Refusal::Discard(Error::Invalid(format!(
+                "SHA-256 mismatch: the server received {} bytes hashing to {}, not {}; the upload was discarded, start again with a new upload id",
+                size,
+                hex::encode(sha256),
+                hex::encode(expected)
+            ))));
+        }
+        let record = ObjectRecord {
+            object_id: s.record.object_id,
+            upload_id: s.record.upload_id,
+            spec: s.record.spec.clone(),
+            size,
+            sha256,
+            created_at_ms: now_ms(),
+        };
+        let committed = match self.catalog.commit_upload(&record).await {
+            Ok(c) => c,
+            Err(e @ CatalogError::CustomerState(_)) => {
+                // A shred won the race: the object we just stored can never
+                // be read; do not leave it behind.
+                let _ = self.store.delete(&record.object_id).await;
+                return Err(Refusal::Discard(e.into()));
+            }
+            Err(e) => return Err(Refusal::Keep(e.into())),
+        };
+        let dir = self.cfg.spool_dir.clone();
+        let id = s.record.object_id;
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool::remove(&dir, &id)).await {
+            tracing::warn!(object_id = %id, error = %e, "committed, but the journal could not be removed");
+        }
+        tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        Ok(committed)
+    }
+
+    /// Seals the journal's plaintext into the object store. Idempotent: a
+    /// retried finish after a crash finds the (identical) object already
+    /// stored.
+    async fn assemble(
+        &self,
+        record: &UploadRecord,
+        dek: &DataKey,
+        spool_key: &Arc<LessSafeKey>,
+    ) -> Result<(u64, [u8; 32]), Error> {
+        let fields = HeaderFields {
+            content_kind: record.spec.kind.code(),
+            segment_size: format::DEFAULT_SEGMENT_SIZE,
+            object_id: *record.object_id.as_bytes(),
+            customer_ref: *record.customer_ref.as_bytes(),
+            key_version: record.key_version,
+            nonce_prefix: record.nonce_prefix,
+        };
+        let sealer = SegmentSealer::new(dek, fields)?;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
+        let dir = self.cfg.spool_dir.clone();
+        let object_id = record.object_id;
+        let key = spool_key.clone();
+        let producer = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32]), Error> {
+            let mut enc = ObjectEncryptor::new(sealer);
+            let mut hash = digest::Context::new(&digest::SHA256);
+            let mut out = Vec::with_capacity(BATCH + 2 * format::MAX_SEGMENT_SIZE as usize);
+            let mut failed = None;
+            let size = Journal::replay(&dir, object_id, &key, |data| {
+                if failed.is_some() {
+                    return;
+                }
+                hash.update(data);
+                if let Err(e) = enc.update(data, &mut out) {
+                    failed = Some(e);
+                    return;
+                }
+                if out.len() >= BATCH {
+                    let full = std::mem::replace(&mut out, Vec::with_capacity(BATCH + 2 * 65536));
+                    if tx.blocking_send(full).is_err() {
+                        failed = Some(crate::crypto::CryptoError::InvalidSegment);
+                    }
+                }
+            })
+            .map_err(spool_error)?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            enc.finish(&mut out)?;
+            tx.blocking_send(out).map_err(|_| Error::Internal("object writer stopped".into()))?;
+            let sha: [u8; 32] = hash.finish().as_ref().try_into().expect("SHA-256 is 32 bytes");
+            Ok((size, sha))
+        });
+        let mut writer = self.store.writer(object_id);
+        let mut write_result = Ok(());
+        while let Some(chunk) = rx.recv().await {
+            if write_result.is_ok() {
+                write_result = writer.write(&chunk).await;
+            }
+        }
+        let (size, sha) = producer.await.map_err(Error::internal)??;
+        if let Err(e) = write_result {
+            writer.abort().await;
+            return Err(e.into());
+        }
+        match writer.commit().await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => {
+                // A retried finish: same key, nonce prefix and journal make
+                // the same ciphertext, so a complete object is the same one.
+                let stored = self.store.size(&object_id).await?;
+                if stored != format::ciphertext_len(size, format::DEFAULT_SEGMENT_SIZE) {
+                    return Err(Error::Internal(format!("object {object_id} exists with a different size")));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok((size, sha))
+    }
+
+    /// Unary upload of a small item: checked, sealed in memory, stored and
+    /// committed in one call. Idempotent by `upload_id`.
+    pub async fn put(
+        self: &Arc<Self>,
+        upload_id: UploadId,
+        mut spec: ObjectSpec,
+        data: Bytes,
+        expected_sha256: Option<[u8; 32]>,
+    ) -> Result<ObjectRecord, Error> {
+        self.check_spec(&mut spec)?;
+        let cap = self.cfg.put_cap.min(self.cfg.caps.for_kind(spec.kind));
+        if data.len() as u64 > cap {
+            return Err(Error::TooLarge(format!(
+                "{} bytes exceed the Put limit of {cap} bytes for {}; use the streaming Ingest call",
+                data.len(),
+                spec.kind.name()
+            )));
+        }
+        let sha: [u8; 32] = digest::digest(&digest::SHA256, &data).as_ref().try_into().expect("SHA-256 is 32 bytes");
+        if let Some(expected) = expected_sha256
+            && !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &sha[..]))
+        {
+            return Err(Error::Invalid(format!(
+                "SHA-256 mismatch: received {} bytes hashing to {}, not {}",
+                data.len(),
+                hex::encode(sha),
+                hex::encode(expected)
+            )));
+        }
+        let mut checker = ContentChecker::new(&spec.content_type, self.cfg.sniff);
+        checker.update(&data)?;
+        checker.finish()?;
+        if let Some(existing) = self.catalog.upload(&upload_id).await? {
+            same_upload(&existing, &spec)?;
+            if existing.committed {
+                let object = self.committed_object(&existing).await?;
+                if object.sha256 != sha {
+                    return Err(Error::Precondition(format!(
+                        "upload id {upload_id} was already committed with different content (object {})",
+                        object.object_id
+                    )));
+                }
+                return Ok(object);
+            }
+        }
+        let (customer, ck) = self.keys.customer_for_ingest(&spec.customer_id).await?;
+        let object_id = ObjectId::new_random();
+        let (_dek, wrapped) =
+            KeyService::new_data_key(&ck, &customer.customer_ref, &object_id, customer.active_version)?;
+        let fields = HeaderFields::new(
+            spec.kind.code(),
+            *object_id.as_bytes(),
+            *customer.customer_ref.as_bytes(),
+            customer.active_version,
+        )?;
+        let record = UploadRecord {
+            upload_id,
+            object_id,
+            customer_ref: customer.customer_ref,
+            spec: spec.clone(),
+            key_version: customer.active_version,
+            wrapped_dek: wrapped,
+            nonce_prefix: fields.nonce_prefix,
+            created_at_ms: now_ms(),
+            committed: false,
+        };
+        let stored = self.catalog.create_upload(&record).await?;
+        same_upload(&stored, &spec)?;
+        if stored.committed {
+            return self.committed_object(&stored).await;
+        }
+        let _lease = self.lease(upload_id, stored.customer_ref).await?;
+        // Use the stored upload (a concurrent or crashed Put may have made it).
+        let dek = self.upload_dek(&stored).await?;
+        let fields = HeaderFields {
+            content_kind: stored.spec.kind.code(),
+            segment_size: format::DEFAULT_SEGMENT_SIZE,
+            object_id: *stored.object_id.as_bytes(),
+            customer_ref: *stored.customer_ref.as_bytes(),
+            key_version: stored.key_version,
+            nonce_prefix: stored.nonce_prefix,
+        };
+        let mut enc = ObjectEncryptor::new(SegmentSealer::new(&dek, fields)?);
+        let mut ciphertext =
+            Vec::with_capacity(format::ciphertext_len(data.len() as u64, format::DEFAULT_SEGMENT_SIZE) as usize);
+        enc.update(&data, &mut ciphertext)?;
+        enc.finish(&mut ciphertext)?;
+        let mut writer = self.store.writer(stored.object_id);
+        writer.write(&ciphertext).await?;
+        match writer.commit().await {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => {
+                if self.store.size(&stored.object_id).await? != ciphertext.len() as u64 {
+                    return Err(Error::Internal(format!("object {} exists with a different size", stored.object_id)));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let object = ObjectRecord {
+            object_id: stored.object_id,
+            upload_id,
+            spec,
+            size: data.len() as u64,
+            sha256: sha,
+            created_at_ms: now_ms(),
+        };
+        let committed = self.catalog.commit_upload(&object).await.map_err(|e| match e {
+            CatalogError::NotFound => Error::Precondition(format!("upload {upload_id} was discarded meanwhile")),
+            other => other.into(),
+        })?;
+        tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        Ok(committed)
+    }
+}
+
+/// Replay batch handed to the object writer.
+const BATCH: usize = 4 << 20;
+
+enum Opening {
+    Committed(Box<ObjectRecord>),
+    Session(Box<Session>),
+}
+
+/// Why a session ended early: keep the upload for a resume, or discard it
+/// (its content was refused and appending cannot fix it).
+enum Refusal {
+    Keep(Error),
+    Discard(Error),
+}
+
+impl Session {
+    fn receive(&mut self, offset: u64, data: &[u8]) -> Result<(), Refusal> {
+        if offset != self.received {
+            return Err(Refusal::Keep(Error::Precondition(format!(
+                "data at offset {offset} but the next expected offset is {} (durable offset {}); resume from the durable offset",
+                self.received, self.durable
+            ))));
+        }
+        let end = self.received + data.len() as u64;
+        if end > self.cap {
+            return Err(Refusal::Discard(Error::TooLarge(format!(
+                "{} exceeds the {} size cap of {} bytes; the upload was discarded",
+                end,
+                self.record.spec.kind.name(),
+                self.cap
+            ))));
+        }
+        self.checker.update(data).map_err(|e| Refusal::Discard(e.into()))?;
+        self.pending.extend_from_slice(data);
+        self.received = end;
+        Ok(())
+    }
+}
+
+async fn wait_flush(in_flight: &mut Option<JoinHandle<FlushResult>>) -> FlushResult {
+    match in_flight {
+        Some(handle) => {
+            let r = handle.await;
+            *in_flight = None;
+            r.unwrap_or_else(|e| Err(spool::SpoolError::Io(std::io::Error::other(e.to_string()))))
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(out: &mpsc::Sender<Result<ServerMsg, Error>>, msg: ServerMsg) -> Result<(), Error> {
+    out.send(Ok(msg)).await.map_err(|_| Error::Unavailable("the client went away".into()))
+}
+
+fn spool_error(e: spool::SpoolError) -> Error {
+    if e.is_disk_full() { Error::StorageFull } else { Error::Internal(e.to_string()) }
+}
+
+/// A reused upload id must describe the same object.
+fn same_upload(existing: &UploadRecord, spec: &ObjectSpec) -> Result<(), Error> {
+    let e = &existing.spec;
+    if e.customer_id != spec.customer_id || e.kind != spec.kind || e.content_type != spec.content_type {
+        return Err(Error::Precondition(format!(
+            "upload id {} is already used for a different object; pick a new upload id",
+            existing.upload_id
+        )));
+    }
+    Ok(())
+}

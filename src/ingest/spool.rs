@@ -95,12 +95,7 @@ impl Journal {
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
             }
-            return Ok(Self {
-                file,
-                path,
-                object_id,
-                end: 0,
-            });
+            return Ok(Self { file, path, object_id, end: 0 });
         }
         let mut reader = BufReader::with_capacity(MAX_RECORD + 64, &mut file);
         let mut header = [0u8; FILE_HEADER_LEN as usize];
@@ -141,12 +136,7 @@ impl Journal {
             file.sync_all()?;
         }
         file.seek(SeekFrom::Start(valid_len))?;
-        Ok(Self {
-            file,
-            path,
-            object_id,
-            end,
-        })
+        Ok(Self { file, path, object_id, end })
     }
 
     /// Bytes recorded so far.
