@@ -37,10 +37,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod catalog;
+pub mod cli;
+pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod model;
+pub mod retention;
+pub mod retrieve;
+pub mod server;
 pub mod store;

@@ -1,0 +1,152 @@
+//! Wires the service together on embedded defaults and serves gRPC.
+//!
+//! Start-up order is the security order: open the root key, unseal (the
+//! known-answer check) and only then bind the port, so a server with the
+//! wrong key file never answers a request.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{self, MAX_CHUNK, pb};
+use crate::catalog::Catalog;
+use crate::catalog::sqlite::SqliteCatalog;
+use crate::config::Config;
+use crate::ingest::{Ingest, IngestConfig};
+use crate::keys::KeyService;
+use crate::keys::root_file::FileRootKey;
+use crate::retention::Retention;
+use crate::retrieve::Retrieve;
+use crate::store::Store;
+
+/// HTTP/2 frames of 1 MiB nearly halve gRPC CPU per byte on bulk streams
+/// (shared/research/perf-limits.md).
+const MAX_FRAME: u32 = 1 << 20;
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// The service's parts, opened and unsealed.
+pub struct Parts {
+    pub ingest: Arc<Ingest>,
+    pub retrieve: Arc<Retrieve>,
+    pub retention: Arc<Retention>,
+    pub catalog: Arc<dyn Catalog>,
+    pub store: Store,
+}
+
+fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict data directory {} to its owner", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens storage, catalog and root key under the data directory and
+/// unseals. Fails with a message naming what to fix.
+pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
+    let data = &cfg.data_dir;
+    ensure_private_dir(data)?;
+    let root = FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let catalog: Arc<dyn Catalog> = Arc::new(
+        SqliteCatalog::open(&data.join("catalog.sqlite"))
+            .map_err(|e| anyhow::anyhow!("cannot open the catalog: {e}"))?,
+    );
+    let keys = Arc::new(
+        KeyService::unseal(Arc::new(root), catalog.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+    );
+    let store = Store::local(&data.join("objects")).map_err(|e| anyhow::anyhow!("cannot open object storage: {e}"))?;
+    let spool_dir = data.join("spool");
+    ensure_private_dir(&spool_dir)?;
+    let mut icfg = IngestConfig::new(spool_dir.clone());
+    icfg.commit_interval = cfg.ingest.commit_interval;
+    icfg.commit_bytes = cfg.ingest.commit_bytes;
+    icfg.idle_timeout = cfg.ingest.idle_timeout;
+    icfg.put_cap = cfg.ingest.put_cap;
+    icfg.caps = cfg.ingest.caps;
+    let ingest = Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone());
+    let retrieve = Arc::new(Retrieve::new(catalog.clone(), keys, store.clone()));
+    let retention = Arc::new(Retention::new(catalog.clone(), store.clone(), ingest.clone(), spool_dir));
+    Ok(Parts { ingest, retrieve, retention, catalog, store })
+}
+
+/// Binds the listener (after unsealing) and returns it with the parts.
+pub async fn bind(cfg: &Config) -> anyhow::Result<(Parts, TcpListener)> {
+    let parts = open(cfg).await?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another server running?)", cfg.listen))?;
+    Ok((parts, listener))
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes, then drains.
+pub async fn serve(
+    cfg: &Config,
+    parts: Parts,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    // Room for a full Put (or one data chunk) plus its metadata.
+    let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
+    let service =
+        pb::recvault_server::RecvaultServer::new(api::Service::new(parts.ingest, parts.retrieve, parts.retention))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+    health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
+    tonic::transport::Server::builder()
+        .max_frame_size(MAX_FRAME)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// The address a listener is actually bound to.
+pub fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    Ok(listener.local_addr()?)
+}
