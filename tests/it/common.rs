@@ -1,0 +1,352 @@
+//! Shared harness: a real server (in-process or as a child process) on a
+//! loopback port with its own data directory, and content generators.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use recvault::api::pb;
+use recvault::api::pb::recvault_client::RecvaultClient;
+use recvault::config::Config;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+pub type Client = RecvaultClient<Channel>;
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> Self {
+        let data = tempfile::tempdir().expect("tempdir");
+        Self::start_in(data, tune).await
+    }
+
+    pub async fn start_in(data: tempfile::TempDir, tune: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config {
+            data_dir: data.path().to_owned(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        tune(&mut cfg);
+        let (parts, listener) = recvault::server::bind(&cfg).await.expect("server starts");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            recvault::server::serve(&cfg, parts, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Self { addr, data, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+
+    /// Stops the server and hands back its data directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.data, dir)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let channel =
+        tonic::transport::Endpoint::from_shared(url.to_owned()).expect("url").connect().await.expect("connect");
+    RecvaultClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20)
+}
+
+/// A server as a child process (for kill -9 and CLI tests).
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ChildServer {
+    pub fn spawn(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recvault"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn recvault serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the serving line");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spec(customer: &str, kind: pb::ContentKind, content_type: &str) -> pb::ObjectSpec {
+    pb::ObjectSpec {
+        customer_id: customer.into(),
+        kind: kind as i32,
+        content_type: content_type.into(),
+        interaction: Some(pb::Interaction {
+            interaction_id: "call-1".into(),
+            channel: "voice".into(),
+            agent_id: "agent-7".into(),
+            queue: "billing".into(),
+            direction: pb::Direction::Inbound as i32,
+            started_at: None,
+            tags: [("site".to_owned(), "lisbon".to_owned())].into(),
+        }),
+    }
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A 16-bit mono 8 kHz PCM WAV of `samples` samples, deterministic.
+pub fn wav(samples: usize) -> Vec<u8> {
+    let data_len = (samples * 2) as u32;
+    let mut v = Vec::with_capacity(44 + samples * 2);
+    v.extend_from_slice(b"RIFF");
+    v.extend_from_slice(&(36 + data_len).to_le_bytes());
+    v.extend_from_slice(b"WAVEfmt ");
+    v.extend_from_slice(&16u32.to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    v.extend_from_slice(&1u16.to_le_bytes()); // mono
+    v.extend_from_slice(&8000u32.to_le_bytes());
+    v.extend_from_slice(&16000u32.to_le_bytes());
+    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&16u16.to_le_bytes());
+    v.extend_from_slice(b"data");
+    v.extend_from_slice(&data_len.to_le_bytes());
+    let mut x: u32 = 0x1234_5678;
+    for i in 0..samples {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let tone = ((i as f32 * 0.05).sin() * 8000.0) as i16;
+        let s = tone.wrapping_add((x & 0xff) as i16);
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    v
+}
+
+/// A minimal baseline JPEG header (SOI, SOF0 with the given size), enough
+/// for content sniffing, followed by filler.
+pub fn jpeg(width: u16, height: u16, filler: usize) -> Vec<u8> {
+    let mut v = vec![0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0, 1, 1, 0, 0, 1, 0, 1, 0, 0];
+    v.extend_from_slice(&[0xFF, 0xC0, 0x00, 0x11, 0x08]);
+    v.extend_from_slice(&height.to_be_bytes());
+    v.extend_from_slice(&width.to_be_bytes());
+    v.extend_from_slice(&[0x03, 0x01, 0x22, 0x00, 0x02, 0x11, 0x01, 0x03, 0x11, 0x01]);
+    v.extend((0..filler).map(|i| (i * 31 % 251) as u8));
+    v.extend_from_slice(&[0xFF, 0xD9]);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+}
+
+/// A hand-driven ingest stream.
+pub struct Stream {
+    pub tx: mpsc::Sender<pb::IngestRequest>,
+    pub rx: tonic::Streaming<pb::IngestResponse>,
+}
+
+impl Stream {
+    pub async fn start(client: &mut Client) -> Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let rx = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Self { tx, rx })
+    }
+
+    /// Opens and returns (object_id, durable_offset, committed).
+    pub async fn open(&mut self, upload_id: &str, spec: pb::ObjectSpec) -> Result<(String, u64, bool), tonic::Status> {
+        self.send(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
+            upload_id: upload_id.into(),
+            spec: Some(spec),
+        }))
+        .await;
+        match self.next().await? {
+            Some(pb::ingest_response::Msg::Opened(o)) => Ok((o.object_id, o.durable_offset, o.committed)),
+            other => panic!("expected opened, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, msg: pb::ingest_request::Msg) {
+        // The server may already have ended the stream; its status then
+        // arrives on `rx`.
+        let _ = self.tx.send(pb::IngestRequest { msg: Some(msg) }).await;
+    }
+
+    pub async fn data(&mut self, offset: u64, data: &[u8]) {
+        self.send(pb::ingest_request::Msg::Data(pb::ingest_request::Data {
+            offset,
+            data: Bytes::copy_from_slice(data),
+        }))
+        .await;
+    }
+
+    /// Sends `data` from `offset` in 256 KiB messages.
+    pub async fn data_chunks(&mut self, offset: u64, data: &[u8]) {
+        for (i, c) in data.chunks(256 << 10).enumerate() {
+            self.data(offset + (i * (256 << 10)) as u64, c).await;
+        }
+    }
+
+    pub async fn finish(&mut self, sha: Option<Vec<u8>>, size: u64) {
+        self.send(pb::ingest_request::Msg::Finish(pb::ingest_request::Finish {
+            expected_sha256: sha.map(Bytes::from).unwrap_or_default(),
+            expected_size: size,
+        }))
+        .await;
+    }
+
+    pub async fn next(&mut self) -> Result<Option<pb::ingest_response::Msg>, tonic::Status> {
+        Ok(self.rx.message().await?.and_then(|r| r.msg))
+    }
+
+    /// Reads until the committed object, skipping acks.
+    pub async fn committed(&mut self) -> Result<pb::ObjectInfo, tonic::Status> {
+        loop {
+            match self.next().await? {
+                Some(pb::ingest_response::Msg::Committed(info)) => return Ok(info),
+                Some(_) => continue,
+                None => panic!("stream ended without a commit"),
+            }
+        }
+    }
+
+    /// Reads acks until one covers `offset`.
+    pub async fn acked(&mut self, offset: u64) -> Result<u64, tonic::Status> {
+        loop {
+            match self.next().await? {
+                Some(pb::ingest_response::Msg::Ack(a)) if a.durable_offset >= offset => return Ok(a.durable_offset),
+                Some(_) => continue,
+                None => panic!("stream ended before offset {offset} was acked"),
+            }
+        }
+    }
+
+    /// The final status of a stream the server is expected to fail.
+    pub async fn error(&mut self) -> tonic::Status {
+        loop {
+            match self.next().await {
+                Err(s) => return s,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without an error"),
+            }
+        }
+    }
+}
+
+/// One-shot ingest of `data`; returns the committed object.
+pub async fn ingest(client: &mut Client, upload_id: &str, spec: pb::ObjectSpec, data: &[u8]) -> pb::ObjectInfo {
+    let mut s = Stream::start(client).await.expect("stream");
+    let (_, durable, _) = s.open(upload_id, spec).await.expect("open");
+    assert_eq!(durable, 0);
+    s.data_chunks(0, data).await;
+    s.finish(Some(sha256(data)), data.len() as u64).await;
+    s.committed().await.expect("commit")
+}
+
+/// Reads an object (or a range) back.
+pub async fn get(
+    client: &mut Client,
+    object_id: &str,
+    range: Option<(u64, Option<u64>)>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client
+        .get(pb::GetRequest {
+            object_id: object_id.into(),
+            range: range.map(|(start, end)| pb::ByteRange { start, end }),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    let mut expect_offset = range.map(|r| r.0).unwrap_or(0);
+    while let Some(m) = stream.message().await? {
+        if !m.data.is_empty() {
+            assert_eq!(m.offset, expect_offset, "chunks arrive in order with their offsets");
+        }
+        expect_offset += m.data.len() as u64;
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+/// Every regular file under `dir`.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Files under `dir` containing `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| std::fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
+        .collect()
+}

@@ -1,0 +1,555 @@
+//! The gRPC contract end to end against an in-process server on loopback.
+
+use recvault::api::pb;
+use tonic::Code;
+
+use crate::common::*;
+
+const REC: pb::ContentKind = pb::ContentKind::CallRecording;
+
+#[tokio::test]
+async fn streamed_wav_round_trips_and_ranges_match_slices() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    // Several segments plus a partial one.
+    let audio = wav(400_000);
+    let info = ingest(&mut c, &new_id(), spec("cust-1", REC, "audio/wav"), &audio).await;
+    assert_eq!(info.size, audio.len() as u64);
+    assert_eq!(info.sha256.to_vec(), sha256(&audio));
+    assert_eq!(info.content_type, "audio/wav");
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
+    let seg = 65536u64;
+    let n = audio.len() as u64;
+    for (start, end) in [
+        (0, Some(0)),
+        (0, Some(seg - 1)),
+        (seg - 1, Some(seg)),
+        (seg, Some(2 * seg - 1)),
+        (12345, Some(300_000)),
+        (n - 1, None),
+        (n - 10, Some(n + 1000)), // end clamped
+        (3 * seg + 7, None),
+    ] {
+        let got = get(&mut c, &info.object_id, Some((start, end))).await.unwrap();
+        let hi = end.map(|e| (e + 1).min(n)).unwrap_or(n);
+        assert_eq!(got, audio[start as usize..hi as usize], "range {start}-{end:?}");
+    }
+    let err = get(&mut c, &info.object_id, Some((n, None))).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let stat = c.stat(pb::StatRequest { object_id: info.object_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(stat, info);
+    assert_eq!(stat.interaction.unwrap().tags.get("site").map(String::as_str), Some("lisbon"));
+}
+
+#[tokio::test]
+async fn put_stores_small_items_idempotently() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let image = jpeg(640, 480, 5000);
+    let upload_id = new_id();
+    let req = pb::PutRequest {
+        upload_id: upload_id.clone(),
+        spec: Some(spec("cust-2", pb::ContentKind::Image, "image/jpg")),
+        data: image.clone().into(),
+        expected_sha256: sha256(&image).into(),
+    };
+    let first = c.put(req.clone()).await.unwrap().into_inner().object.unwrap();
+    assert_eq!(first.content_type, "image/jpeg", "aliases are canonicalised");
+    // B3: a retried Put returns the same object.
+    let again = c.put(req).await.unwrap().into_inner().object.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(get(&mut c, &first.object_id, None).await.unwrap(), image);
+    let transcript = "agent: hello\ncustomer: olá, my order is late\n".as_bytes();
+    let t = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(spec("cust-2", pb::ContentKind::ChatTranscript, "text/plain; charset=UTF-8")),
+            data: transcript.to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .object
+        .unwrap();
+    assert_eq!(get(&mut c, &t.object_id, None).await.unwrap(), transcript);
+}
+
+#[tokio::test]
+async fn b1_resume_after_a_dropped_stream_yields_the_one_shot_object() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(1_500_000);
+    let upload_id = new_id();
+    let cut = 1_234_567usize;
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, durable, _) = s.open(&upload_id, spec("cust-3", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, 0);
+    s.data_chunks(0, &audio[..cut]).await;
+    let acked = s.acked(cut as u64).await.unwrap();
+    assert_eq!(acked, cut as u64);
+    drop(s); // the network drops
+
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id2, durable, committed) = s.open(&upload_id, spec("cust-3", REC, "audio/wav")).await.unwrap();
+    assert_eq!((object_id2.as_str(), durable, committed), (object_id.as_str(), cut as u64, false));
+    // B2: a gap or an overlap is refused, naming the durable offset.
+    s.data(durable + 10, b"xx").await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains(&format!("durable offset {cut}")), "{}", err.message());
+
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&upload_id, spec("cust-3", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, cut as u64, "a refused message changes nothing");
+    s.data_chunks(durable, &audio[cut..]).await;
+    s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+    let info = s.committed().await.unwrap();
+    assert_eq!(info.object_id, object_id);
+    assert_eq!(info.sha256.to_vec(), sha256(&audio));
+    assert_eq!(get(&mut c, &object_id, None).await.unwrap(), audio);
+}
+
+#[tokio::test]
+async fn b3_finishing_twice_returns_the_same_object() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(10_000);
+    let upload_id = new_id();
+    let first = ingest(&mut c, &upload_id, spec("cust-4", REC, "audio/wav"), &audio).await;
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, durable, committed) = s.open(&upload_id, spec("cust-4", REC, "audio/wav")).await.unwrap();
+    assert_eq!((object_id.as_str(), durable, committed), (first.object_id.as_str(), audio.len() as u64, true));
+    s.finish(None, 0).await;
+    assert_eq!(s.committed().await.unwrap(), first);
+    // The same upload id for another object is refused.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.send(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
+        upload_id: upload_id.clone(),
+        spec: Some(spec("someone-else", REC, "audio/wav")),
+    }))
+    .await;
+    assert_eq!(s.error().await.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn b4_a_newer_stream_takes_an_upload_over() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(100_000);
+    let upload_id = new_id();
+    let mut old = Stream::start(&mut c).await.unwrap();
+    old.open(&upload_id, spec("cust-5", REC, "audio/wav")).await.unwrap();
+    old.data(0, &audio[..1000]).await;
+    old.acked(1000).await.unwrap();
+    let mut new = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = new.open(&upload_id, spec("cust-5", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, 1000);
+    assert_eq!(old.error().await.code(), Code::Aborted);
+    new.data_chunks(1000, &audio[1000..]).await;
+    new.finish(Some(sha256(&audio)), 0).await;
+    let info = new.committed().await.unwrap();
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
+}
+
+#[tokio::test]
+async fn g3_and_bad_sequences_are_refused_with_actionable_statuses() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    // Data before open.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.data(0, b"RIFF").await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("open"), "{}", err.message());
+    // Empty stream.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    drop(std::mem::replace(&mut s.tx, tokio::sync::mpsc::channel(1).0));
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("empty stream"), "{}", err.message());
+    // Finish with a wrong SHA-256: nothing committed.
+    let audio = wav(1000);
+    let upload_id = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, _, _) = s.open(&upload_id, spec("cust-6", REC, "audio/wav")).await.unwrap();
+    s.data(0, &audio).await;
+    s.finish(Some(vec![0u8; 32]), 0).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("SHA-256"), "{}", err.message());
+    let err = get(&mut c, &object_id, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // A wrong expected size keeps the upload for completion.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let upload_id = new_id();
+    s.open(&upload_id, spec("cust-6", REC, "audio/wav")).await.unwrap();
+    s.data(0, &audio[..500]).await;
+    s.finish(None, audio.len() as u64).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("offset 500"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn reading_an_unfinished_upload_is_not_found() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(50_000);
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, _, _) = s.open(&new_id(), spec("cust-7", REC, "audio/wav")).await.unwrap();
+    s.data(0, &audio).await;
+    s.acked(audio.len() as u64).await.unwrap();
+    for err in [
+        get(&mut c, &object_id, None).await.unwrap_err(),
+        c.stat(pb::StatRequest { object_id: object_id.clone() }).await.unwrap_err(),
+    ] {
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
+    let list =
+        c.list(pb::ListRequest { customer_id: "cust-7".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert!(list.objects.is_empty(), "nothing uncommitted is listed");
+}
+
+#[tokio::test]
+async fn g7_malformed_ids_and_metadata_are_invalid_arguments() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    for id in ["", "not-a-uuid", "00000000-0000-0000-0000-000000000000", "6F9619FF-8B86-D011-B42D-00C04FC964FF"] {
+        let err = c.stat(pb::StatRequest { object_id: id.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {err:?}");
+        assert!(err.message().starts_with("object_id"), "{}", err.message());
+    }
+    let err = c.stat(pb::StatRequest { object_id: new_id() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    for customer in ["", "../etc/passwd", "a b", &"x".repeat(129)] {
+        let err = c
+            .put(pb::PutRequest {
+                upload_id: new_id(),
+                spec: Some(spec(customer, pb::ContentKind::ChatTranscript, "text/plain")),
+                data: b"hi".to_vec().into(),
+                expected_sha256: Default::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{customer:?}");
+        assert!(err.message().starts_with("customer_id"), "{}", err.message());
+    }
+    // G8: control characters in metadata.
+    let mut sp = spec("cust-8", pb::ContentKind::ChatTranscript, "text/plain");
+    sp.interaction.as_mut().unwrap().agent_id = "bad\u{7}agent".into();
+    let err = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(sp),
+            data: b"hi".to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // An unknown customer has nothing to list.
+    let err = c.list(pb::ListRequest { customer_id: "nobody".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn g4_type_mismatch_is_refused_and_leaves_nothing() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let image = jpeg(100, 100, 100);
+    let upload_id = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&upload_id, spec("cust-9", REC, "audio/wav")).await.unwrap();
+    s.data(0, &image).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("audio/wav"), "{}", err.message());
+    // Nothing left: the same upload id starts from zero.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&upload_id, spec("cust-9", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, 0);
+    drop(s);
+    let err = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(spec("cust-9", pb::ContentKind::Image, "image/png")),
+            data: image.into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Unknown declared type.
+    let err = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(spec("cust-9", pb::ContentKind::Image, "application/x-msdownload")),
+            data: b"MZ".to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("image/png"), "lists what is accepted: {}", err.message());
+}
+
+#[tokio::test]
+async fn g1_g2_caps_answer_resource_exhausted() {
+    let server = TestServer::start_with(|cfg| {
+        cfg.ingest.caps.call_recording = 100_000;
+        cfg.ingest.put_cap = 64 << 10;
+    })
+    .await;
+    let mut c = server.client().await;
+    let audio = wav(100_000);
+    let upload_id = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, _, _) = s.open(&upload_id, spec("cust-10", REC, "audio/wav")).await.unwrap();
+    s.data_chunks(0, &audio).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("size cap"), "{}", err.message());
+    assert_eq!(get(&mut c, &object_id, None).await.unwrap_err().code(), Code::NotFound);
+    // Put over its cap.
+    let err = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(spec("cust-10", pb::ContentKind::ChatTranscript, "text/plain")),
+            data: vec![b'a'; 65 << 10].into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("Ingest"), "points at the streaming call: {}", err.message());
+    // A message over the transport limit.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&new_id(), spec("cust-10", REC, "audio/wav")).await.unwrap();
+    s.data(0, &vec![0u8; 2 << 20]).await;
+    assert_eq!(s.error().await.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn list_filters_and_pages_newest_first() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut sp = spec("cust-11", pb::ContentKind::ChatTranscript, "text/plain");
+        sp.interaction.as_mut().unwrap().interaction_id = format!("chat-{}", i % 2);
+        let o = c
+            .put(pb::PutRequest {
+                upload_id: new_id(),
+                spec: Some(sp),
+                data: format!("line {i}\n").into_bytes().into(),
+                expected_sha256: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .object
+            .unwrap();
+        ids.push(o.object_id);
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list(pb::ListRequest {
+                customer_id: "cust-11".into(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.objects.len() <= 3);
+        seen.extend(page.objects.into_iter().map(|o| o.object_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every object once, newest first");
+    let page =
+        c.list(pb::ListRequest { interaction_id: "chat-1".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(page.objects.len(), 3);
+    let err = c
+        .list(pb::ListRequest { customer_id: "cust-11".into(), page_token: "garbage".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(200_000);
+    let kept = ingest(&mut c, &new_id(), spec("cust-keep", REC, "audio/wav"), &audio).await;
+    let gone = ingest(&mut c, &new_id(), spec("cust-gone", REC, "audio/wav"), &audio).await;
+    // An upload in progress for the same customer.
+    let mut live = Stream::start(&mut c).await.unwrap();
+    let live_upload = new_id();
+    live.open(&live_upload, spec("cust-gone", REC, "audio/wav")).await.unwrap();
+    live.data(0, &audio[..5000]).await;
+    live.acked(5000).await.unwrap();
+
+    let r = c
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "cust-gone".into(),
+            reason: "erasure request #42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.key_versions_destroyed, r.objects_shredded, r.uploads_discarded), (1, 1, 1));
+    let err = live.error().await;
+    assert_eq!((err.code(), err.message()), (Code::FailedPrecondition, "customer shredded"));
+
+    let stat = c.stat(pb::StatRequest { object_id: gone.object_id.clone() }).await.unwrap_err();
+    let read = get(&mut c, &gone.object_id, None).await.unwrap_err();
+    let list = c.list(pb::ListRequest { customer_id: "cust-gone".into(), ..Default::default() }).await.unwrap_err();
+    let put = c
+        .put(pb::PutRequest {
+            upload_id: new_id(),
+            spec: Some(spec("cust-gone", pb::ContentKind::ChatTranscript, "text/plain")),
+            data: b"hi".to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.send(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
+        upload_id: live_upload.clone(),
+        spec: Some(spec("cust-gone", REC, "audio/wav")),
+    }))
+    .await;
+    let reopen = s.error().await;
+    let again = c
+        .shred_customer(pb::ShredCustomerRequest { customer_id: "cust-gone".into(), reason: "again".into() })
+        .await
+        .unwrap_err();
+    for err in [stat, read, list, put, reopen, again] {
+        assert_eq!((err.code(), err.message()), (Code::FailedPrecondition, "customer shredded"));
+    }
+    // The other customer is untouched.
+    assert_eq!(get(&mut c, &kept.object_id, None).await.unwrap(), audio);
+    // The ciphertext and journal are gone from disk too.
+    let leftovers: Vec<_> =
+        files_under(server.data.path()).into_iter().filter(|p| p.to_string_lossy().contains(&gone.object_id)).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let err = c
+        .shred_customer(pb::ShredCustomerRequest { customer_id: "never-seen".into(), reason: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn l3_no_plaintext_reaches_the_data_directory() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let marker = b"PLAINTEXT-CANARY-7f3a9c";
+    let mut text = Vec::new();
+    for i in 0..20_000 {
+        text.extend_from_slice(format!("line {i} ").as_bytes());
+        text.extend_from_slice(marker);
+        text.push(b'\n');
+    }
+    // Committed via streaming, via Put, and one upload left in progress.
+    let mut sp = spec("cust-12", pb::ContentKind::ChatTranscript, "text/plain");
+    sp.interaction.as_mut().unwrap().interaction_id = "chat-canary".into();
+    ingest(&mut c, &new_id(), sp.clone(), &text).await;
+    c.put(pb::PutRequest {
+        upload_id: new_id(),
+        spec: Some(sp.clone()),
+        data: text[..100_000].to_vec().into(),
+        expected_sha256: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&new_id(), sp).await.unwrap();
+    s.data(0, &text[..200_000]).await;
+    s.acked(200_000).await.unwrap();
+    let hits = files_containing(server.data.path(), marker);
+    assert!(hits.is_empty(), "plaintext found in {hits:?}");
+    assert!(files_under(&server.data.path().join("spool")).len() == 1, "the open upload has a journal");
+}
+
+#[tokio::test]
+async fn f1_f3_tampered_or_truncated_objects_fail_opaquely() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(100_000);
+    let a = ingest(&mut c, &new_id(), spec("cust-13", REC, "audio/wav"), &audio).await;
+    let b = ingest(&mut c, &new_id(), spec("cust-13", REC, "audio/wav"), &audio).await;
+    let path = |id: &str| server.data.path().join("objects/objects").join(&id[..2]).join(id);
+    let pa = path(&a.object_id);
+    let original = std::fs::read(&pa).unwrap();
+    let mut messages = Vec::new();
+    // F1: a flipped bit in the body, the header and the commitment.
+    for at in [original.len() - 5, 20, 70] {
+        let mut t = original.clone();
+        t[at] ^= 1;
+        std::fs::write(&pa, &t).unwrap();
+        let err = get(&mut c, &a.object_id, None).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "flip at {at}");
+        messages.push(err.message().to_owned());
+    }
+    // F3/F4: truncated, extended.
+    for t in [original[..original.len() - 1].to_vec(), [original.clone(), vec![0; 16]].concat()] {
+        std::fs::write(&pa, &t).unwrap();
+        let err = get(&mut c, &a.object_id, Some((0, Some(10)))).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss);
+        messages.push(err.message().to_owned());
+    }
+    // F6: another object's ciphertext in its place.
+    std::fs::write(&pa, std::fs::read(path(&b.object_id)).unwrap()).unwrap();
+    let err = get(&mut c, &a.object_id, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss);
+    messages.push(err.message().to_owned());
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "one opaque message: {messages:?}");
+    std::fs::write(&pa, &original).unwrap();
+    assert_eq!(get(&mut c, &a.object_id, None).await.unwrap(), audio);
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "recvault.v1.Recvault".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test]
+async fn d4_a_wrong_root_key_refuses_to_start() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    ingest(&mut c, &new_id(), spec("cust-14", REC, "audio/wav"), &wav(1000)).await;
+    drop(c);
+    let data = server.stop().await;
+    let key = data.path().join("root.key");
+    std::fs::remove_file(&key).unwrap();
+    let cfg = recvault::config::Config {
+        data_dir: data.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let err = match recvault::server::bind(&cfg).await {
+        Ok(_) => panic!("started with a different root key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("does not match"), "{err}");
+}

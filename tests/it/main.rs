@@ -1,0 +1,5 @@
+//! One integration-test binary (one link, shared build) for every suite.
+
+mod common;
+mod grpc;
+mod process;

@@ -1,0 +1,144 @@
+//! The real binary as a child process: `kill -9` mid-upload, and the CLI.
+
+use std::process::{Command, Output};
+
+use recvault::api::pb;
+
+use crate::common::*;
+
+const REC: pb::ContentKind = pb::ContentKind::CallRecording;
+
+/// A1/B5: every acknowledged byte survives `kill -9`; the upload resumes
+/// from the durable offset on a restarted server and commits bit-exact.
+#[tokio::test]
+async fn a1_acked_bytes_survive_kill_9_and_resume_bit_exact() {
+    let data = tempfile::tempdir().unwrap();
+    let audio = wav(3_000_000); // ~6 MB
+    let upload_id = new_id();
+    let mut acked = 0;
+    let mut object_id = String::new();
+    // Kill the server twice, at different points of the stream.
+    for cut in [1_000_000usize, 4_500_000] {
+        let mut server = ChildServer::spawn(data.path());
+        let mut c = connect(&server.url()).await;
+        let mut s = Stream::start(&mut c).await.unwrap();
+        let (oid, durable, committed) = s.open(&upload_id, spec("crash-1", REC, "audio/wav")).await.unwrap();
+        assert!(!committed);
+        assert!(durable >= acked, "durable offset {durable} went behind an ack of {acked}");
+        if !object_id.is_empty() {
+            assert_eq!(oid, object_id);
+        }
+        object_id = oid;
+        s.data_chunks(durable, &audio[durable as usize..cut]).await;
+        acked = s.acked(cut as u64).await.unwrap();
+        // More bytes in flight, unacknowledged, when the server dies.
+        s.data_chunks(cut as u64, &audio[cut..cut + 300_000]).await;
+        server.kill9();
+    }
+    let server = ChildServer::spawn(data.path());
+    let mut c = connect(&server.url()).await;
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&upload_id, spec("crash-1", REC, "audio/wav")).await.unwrap();
+    assert!(durable >= acked);
+    s.data_chunks(durable, &audio[durable as usize..]).await;
+    s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+    let info = s.committed().await.unwrap();
+    assert_eq!(info.object_id, object_id);
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
+    assert!(files_under(&data.path().join("spool")).is_empty(), "the journal is removed at commit");
+}
+
+fn cli(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_recvault"))
+        .args(args)
+        .env("RECVAULT_SERVER", server)
+        .output()
+        .expect("run the CLI")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "CLI failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn fails(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure, got {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8(out.stderr).expect("utf-8 error");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err:?}");
+    err
+}
+
+#[tokio::test]
+async fn cli_put_get_range_stat_ls_shred() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(data.path());
+    let url = server.url();
+    let work = tempfile::tempdir().unwrap();
+    let audio = wav(2_000_000);
+    let wav_path = work.path().join("call.wav");
+    std::fs::write(&wav_path, &audio).unwrap();
+    let image = jpeg(1024, 768, 50_000);
+    let jpg_path = work.path().join("shot.jpg");
+    std::fs::write(&jpg_path, &image).unwrap();
+
+    let url2 = url.clone();
+    let wav_arg = wav_path.to_str().unwrap().to_owned();
+    let jpg_arg = jpg_path.to_str().unwrap().to_owned();
+    let (rec_id, img_id) = tokio::task::spawn_blocking(move || {
+        let rec = ok(cli(
+            &url2,
+            &[
+                "put",
+                &wav_arg,
+                "--customer",
+                "cli-1",
+                "--kind",
+                "call-recording",
+                "--interaction",
+                "call-9",
+                "--tag",
+                "lang=pt",
+            ],
+        ));
+        let img = ok(cli(&url2, &["put", &jpg_arg, "--customer", "cli-1", "--kind", "image"]));
+        (rec.trim().to_owned(), img.trim().to_owned())
+    })
+    .await
+    .unwrap();
+
+    let out = work.path().join("back.wav");
+    ok(cli(&url, &["get", &rec_id, "-o", out.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&out).unwrap(), audio);
+    let img_back = cli(&url, &["get", &img_id]);
+    assert_eq!(ok_bytes(img_back), image);
+    let range = ok_bytes(cli(&url, &["get", &rec_id, "--range", "100000-299999"]));
+    assert_eq!(range, audio[100_000..300_000]);
+
+    let stat = ok(cli(&url, &["stat", &rec_id]));
+    assert!(stat.contains("audio/wav") && stat.contains("lang=pt") && stat.contains("call-9"), "{stat}");
+    let ls = ok(cli(&url, &["ls", "--customer", "cli-1"]));
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+
+    let err = fails(cli(&url, &["get", "not-an-id"]));
+    assert!(err.contains("invalid argument"), "{err}");
+    let err = fails(cli(&url, &["put", wav_path.to_str().unwrap(), "--customer", "cli-1", "--kind", "image"]));
+    assert!(err.contains("--content-type"), "{err}");
+    let err = fails(cli(
+        &url,
+        &["put", wav_path.to_str().unwrap(), "--customer", "cli-1", "--kind", "image", "--content-type", "image/png"],
+    ));
+    assert!(err.contains("invalid argument") && err.contains("audio/wav"), "{err}");
+    let err = fails(cli("http://127.0.0.1:1", &["stat", &rec_id]));
+    assert!(err.contains("cannot reach"), "{err}");
+
+    let shred = ok(cli(&url, &["shred", "--customer", "cli-1", "--reason", "test erasure"]));
+    assert!(shred.contains("2 object(s)"), "{shred}");
+    let err = fails(cli(&url, &["get", &rec_id, "-o", out.with_extension("again").to_str().unwrap()]));
+    assert!(err.contains("customer shredded"), "{err}");
+    assert!(!out.with_extension("again").exists() && !work.path().join("back.again.partial").exists());
+}
+
+fn ok_bytes(out: Output) -> Vec<u8> {
+    assert!(out.status.success(), "CLI failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
