@@ -3,3 +3,4 @@
 mod common;
 mod grpc;
 mod process;
+mod vectors;
