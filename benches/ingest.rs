@@ -60,7 +60,7 @@ async fn main() {
     for i in 0..mib {
         let mut n = [0u8; 12];
         n[..8].copy_from_slice(&i.to_be_bytes());
-        std::hint::black_box(
+        let _tag = std::hint::black_box(
             key.seal_in_place_separate_tag(
                 ring::aead::Nonce::assume_unique_for_key(n),
                 ring::aead::Aad::empty(),
