@@ -520,6 +520,31 @@ async fn f1_f3_tampered_or_truncated_objects_fail_opaquely() {
     assert_eq!(get(&mut c, &a.object_id, None).await.unwrap(), audio);
 }
 
+/// Range reads touch only the covering segments: with segment 0 and the
+/// final segment corrupted, a range inside segments 1-2 still reads, while
+/// a range touching a corrupted segment fails.
+#[tokio::test]
+async fn range_reads_decrypt_only_the_covering_segments() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(200_000); // 400 044 bytes: 7 segments of 64 KiB
+    let o = ingest(&mut c, &new_id(), spec("cust-15", REC, "audio/wav"), &audio).await;
+    let path = server.data.path().join("objects/objects").join(&o.object_id[..2]).join(&o.object_id);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = 96;
+    bytes[header + 10] ^= 0xFF; // segment 0
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0xFF; // final segment
+    std::fs::write(&path, &bytes).unwrap();
+    let seg = 65536u64;
+    let got = get(&mut c, &o.object_id, Some((seg + 5, Some(3 * seg - 1)))).await.unwrap();
+    assert_eq!(got, audio[(seg + 5) as usize..(3 * seg) as usize]);
+    for range in [(0, Some(10)), (seg - 1, Some(seg)), (6 * seg, None)] {
+        let err = get(&mut c, &o.object_id, Some(range)).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "{range:?}");
+    }
+}
+
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let server = TestServer::start().await;
