@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 
 use crate::api::pb;
 use crate::api::pb::recvault_client::RecvaultClient;
-use crate::config::{Config, DEFAULT_LISTEN};
+use crate::config::Config;
 use crate::ingest::sniff;
 use crate::model::{ContentKind, Direction};
 
@@ -205,11 +205,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         cfg.listen = l;
     }
     let (parts, listener) = crate::server::bind(&cfg).await?;
-    let addr = crate::server::local_addr(&listener)?;
+    let addr = listener.local_addr()?;
     // One machine-readable line on stdout: scripts and tests wait for it.
     println!("recvault serving on {addr} (data in {})", cfg.data_dir.display());
     std::io::stdout().flush().ok();
-    if addr.to_string() != DEFAULT_LISTEN && !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening beyond loopback without TLS or authentication: anyone who reaches this port can read content");
     }
     crate::server::serve(&cfg, parts, listener, crate::server::shutdown_signal()).await

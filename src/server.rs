@@ -5,7 +5,6 @@
 //! wrong key file never answers a request.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -144,9 +143,4 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down: finishing requests in flight");
-}
-
-/// The address a listener is actually bound to.
-pub fn local_addr(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
-    Ok(listener.local_addr()?)
 }

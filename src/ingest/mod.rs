@@ -265,31 +265,7 @@ impl Ingest {
             let lease = self.lease(upload_id, existing.customer_ref).await?;
             return self.resume(lease, existing).await.map(|s| Opening::Session(Box::new(s)));
         }
-        let (customer, ck) = self.keys.customer_for_ingest(&spec.customer_id).await?;
-        let object_id = ObjectId::new_random();
-        let (_dek, wrapped) =
-            KeyService::new_data_key(&ck, &customer.customer_ref, &object_id, customer.active_version)?;
-        let fields = HeaderFields::new(
-            spec.kind.code(),
-            *object_id.as_bytes(),
-            *customer.customer_ref.as_bytes(),
-            customer.active_version,
-        )?;
-        let record = UploadRecord {
-            upload_id,
-            object_id,
-            customer_ref: customer.customer_ref,
-            spec: spec.clone(),
-            key_version: customer.active_version,
-            wrapped_dek: wrapped,
-            nonce_prefix: fields.nonce_prefix,
-            created_at_ms: now_ms(),
-            committed: false,
-        };
-        // A concurrent open of the same new upload id may have won: use
-        // whatever is stored.
-        let stored = self.catalog.create_upload(&record).await?;
-        same_upload(&stored, &spec)?;
+        let stored = self.create_upload(upload_id, &spec).await?;
         if stored.committed {
             return Ok(Opening::Committed(Box::new(self.committed_object(&stored).await?)));
         }
@@ -663,14 +639,7 @@ impl Ingest {
         dek: &DataKey,
         spool_key: &Arc<LessSafeKey>,
     ) -> Result<(u64, [u8; 32]), Error> {
-        let fields = HeaderFields {
-            content_kind: record.spec.kind.code(),
-            segment_size: format::DEFAULT_SEGMENT_SIZE,
-            object_id: *record.object_id.as_bytes(),
-            customer_ref: *record.customer_ref.as_bytes(),
-            key_version: record.key_version,
-            nonce_prefix: record.nonce_prefix,
-        };
+        let fields = header_fields(record);
         let sealer = SegmentSealer::new(dek, fields)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
         let dir = self.cfg.spool_dir.clone();
@@ -718,18 +687,7 @@ impl Ingest {
             writer.abort().await;
             return Err(e.into());
         }
-        match writer.commit().await {
-            Ok(()) => {}
-            Err(StoreError::AlreadyExists) => {
-                // A retried finish: same key, nonce prefix and journal make
-                // the same ciphertext, so a complete object is the same one.
-                let stored = self.store.size(&object_id).await?;
-                if stored != format::ciphertext_len(size, format::DEFAULT_SEGMENT_SIZE) {
-                    return Err(Error::Internal(format!("object {object_id} exists with a different size")));
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.commit_object(writer, size).await?;
         Ok((size, sha))
     }
 
@@ -765,10 +723,11 @@ impl Ingest {
         let mut checker = ContentChecker::new(&spec.content_type, self.cfg.sniff);
         checker.update(&data)?;
         checker.finish()?;
-        if let Some(existing) = self.catalog.upload(&upload_id).await? {
-            same_upload(&existing, &spec)?;
+        let existing = self.catalog.upload(&upload_id).await?;
+        if let Some(existing) = &existing {
+            same_upload(existing, &spec)?;
             if existing.committed {
-                let object = self.committed_object(&existing).await?;
+                let object = self.committed_object(existing).await?;
                 if object.sha256 != sha {
                     return Err(Error::Precondition(format!(
                         "upload id {upload_id} was already committed with different content (object {})",
@@ -778,6 +737,47 @@ impl Ingest {
                 return Ok(object);
             }
         }
+        let stored = match existing {
+            Some(upload) => upload,
+            None => self.create_upload(upload_id, &spec).await?,
+        };
+        if stored.committed {
+            return self.committed_object(&stored).await;
+        }
+        let _lease = self.lease(upload_id, stored.customer_ref).await?;
+        // Use the stored upload (a concurrent or crashed Put may have made it).
+        let dek = self.upload_dek(&stored).await?;
+        let fields = header_fields(&stored);
+        let mut enc = ObjectEncryptor::new(SegmentSealer::new(&dek, fields)?);
+        let mut ciphertext =
+            Vec::with_capacity(format::ciphertext_len(data.len() as u64, format::DEFAULT_SEGMENT_SIZE) as usize);
+        enc.update(&data, &mut ciphertext)?;
+        enc.finish(&mut ciphertext)?;
+        let mut writer = self.store.writer(stored.object_id);
+        writer.write(&ciphertext).await?;
+        self.commit_object(writer, data.len() as u64).await?;
+        let object = ObjectRecord {
+            object_id: stored.object_id,
+            upload_id,
+            spec,
+            size: data.len() as u64,
+            sha256: sha,
+            created_at_ms: now_ms(),
+        };
+        let committed = self.catalog.commit_upload(&object).await.map_err(|e| match e {
+            CatalogError::NotFound => Error::Precondition(format!("upload {upload_id} was discarded meanwhile")),
+            other => other.into(),
+        })?;
+        tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        Ok(committed)
+    }
+}
+
+impl Ingest {
+    /// Records a new upload: fresh object id, data key and nonce prefix.
+    /// A concurrent open of the same upload id may have won; whatever is
+    /// stored is returned (and must describe the same object).
+    async fn create_upload(&self, upload_id: UploadId, spec: &ObjectSpec) -> Result<UploadRecord, Error> {
         let (customer, ck) = self.keys.customer_for_ingest(&spec.customer_id).await?;
         let object_id = ObjectId::new_random();
         let (_dek, wrapped) =
@@ -800,51 +800,39 @@ impl Ingest {
             committed: false,
         };
         let stored = self.catalog.create_upload(&record).await?;
-        same_upload(&stored, &spec)?;
-        if stored.committed {
-            return self.committed_object(&stored).await;
-        }
-        let _lease = self.lease(upload_id, stored.customer_ref).await?;
-        // Use the stored upload (a concurrent or crashed Put may have made it).
-        let dek = self.upload_dek(&stored).await?;
-        let fields = HeaderFields {
-            content_kind: stored.spec.kind.code(),
-            segment_size: format::DEFAULT_SEGMENT_SIZE,
-            object_id: *stored.object_id.as_bytes(),
-            customer_ref: *stored.customer_ref.as_bytes(),
-            key_version: stored.key_version,
-            nonce_prefix: stored.nonce_prefix,
-        };
-        let mut enc = ObjectEncryptor::new(SegmentSealer::new(&dek, fields)?);
-        let mut ciphertext =
-            Vec::with_capacity(format::ciphertext_len(data.len() as u64, format::DEFAULT_SEGMENT_SIZE) as usize);
-        enc.update(&data, &mut ciphertext)?;
-        enc.finish(&mut ciphertext)?;
-        let mut writer = self.store.writer(stored.object_id);
-        writer.write(&ciphertext).await?;
+        same_upload(&stored, spec)?;
+        Ok(stored)
+    }
+
+    /// Makes a written object visible, write-once. A retry finding the
+    /// object already there accepts it when its length is right: the same
+    /// key, nonce prefix and plaintext always seal to the same ciphertext.
+    async fn commit_object(&self, writer: crate::store::ObjectWriter, plaintext_len: u64) -> Result<(), Error> {
+        let id = writer.id();
         match writer.commit().await {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             Err(StoreError::AlreadyExists) => {
-                if self.store.size(&stored.object_id).await? != ciphertext.len() as u64 {
-                    return Err(Error::Internal(format!("object {} exists with a different size", stored.object_id)));
+                if self.store.size(&id).await? == format::ciphertext_len(plaintext_len, format::DEFAULT_SEGMENT_SIZE) {
+                    Ok(())
+                } else {
+                    Err(Error::Internal(format!("object {id} exists with a different size")))
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         }
-        let object = ObjectRecord {
-            object_id: stored.object_id,
-            upload_id,
-            spec,
-            size: data.len() as u64,
-            sha256: sha,
-            created_at_ms: now_ms(),
-        };
-        let committed = self.catalog.commit_upload(&object).await.map_err(|e| match e {
-            CatalogError::NotFound => Error::Precondition(format!("upload {upload_id} was discarded meanwhile")),
-            other => other.into(),
-        })?;
-        tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
-        Ok(committed)
+    }
+}
+
+/// The header of an upload's object: every field comes from its record, so
+/// a retried commit seals the same bytes.
+fn header_fields(u: &UploadRecord) -> HeaderFields {
+    HeaderFields {
+        content_kind: u.spec.kind.code(),
+        segment_size: format::DEFAULT_SEGMENT_SIZE,
+        object_id: *u.object_id.as_bytes(),
+        customer_ref: *u.customer_ref.as_bytes(),
+        key_version: u.key_version,
+        nonce_prefix: u.nonce_prefix,
     }
 }
 

@@ -183,6 +183,11 @@ impl ObjectWriter {
         Ok(())
     }
 
+    /// The object being written.
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
     /// Gives up: removes any staged parts.
     pub async fn abort(self) {
         if let Some(mp) = self.multipart {

@@ -301,6 +301,17 @@ pub async fn ingest(client: &mut Client, upload_id: &str, spec: pb::ObjectSpec, 
     s.committed().await.expect("commit")
 }
 
+/// Unary Put of `data` under a fresh upload id, without an expected digest.
+pub async fn put(client: &mut Client, spec: pb::ObjectSpec, data: &[u8]) -> Result<pb::ObjectInfo, tonic::Status> {
+    let req = pb::PutRequest {
+        upload_id: new_id(),
+        spec: Some(spec),
+        data: Bytes::copy_from_slice(data),
+        expected_sha256: Bytes::new(),
+    };
+    Ok(client.put(req).await?.into_inner().object.expect("a Put answers its object"))
+}
+
 /// Reads an object (or a range) back.
 pub async fn get(
     client: &mut Client,

@@ -60,17 +60,8 @@ async fn put_stores_small_items_idempotently() {
     assert_eq!(first, again);
     assert_eq!(get(&mut c, &first.object_id, None).await.unwrap(), image);
     let transcript = "agent: hello\ncustomer: olá, my order is late\n".as_bytes();
-    let t = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(spec("cust-2", pb::ContentKind::ChatTranscript, "text/plain; charset=UTF-8")),
-            data: transcript.to_vec().into(),
-            expected_sha256: Default::default(),
-        })
+    let t = put(&mut c, spec("cust-2", pb::ContentKind::ChatTranscript, "text/plain; charset=UTF-8"), transcript)
         .await
-        .unwrap()
-        .into_inner()
-        .object
         .unwrap();
     assert_eq!(get(&mut c, &t.object_id, None).await.unwrap(), transcript);
 }
@@ -223,30 +214,14 @@ async fn g7_malformed_ids_and_metadata_are_invalid_arguments() {
     let err = c.stat(pb::StatRequest { object_id: new_id() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     for customer in ["", "../etc/passwd", "a b", &"x".repeat(129)] {
-        let err = c
-            .put(pb::PutRequest {
-                upload_id: new_id(),
-                spec: Some(spec(customer, pb::ContentKind::ChatTranscript, "text/plain")),
-                data: b"hi".to_vec().into(),
-                expected_sha256: Default::default(),
-            })
-            .await
-            .unwrap_err();
+        let err = put(&mut c, spec(customer, pb::ContentKind::ChatTranscript, "text/plain"), b"hi").await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{customer:?}");
         assert!(err.message().starts_with("customer_id"), "{}", err.message());
     }
     // G8: control characters in metadata.
     let mut sp = spec("cust-8", pb::ContentKind::ChatTranscript, "text/plain");
     sp.interaction.as_mut().unwrap().agent_id = "bad\u{7}agent".into();
-    let err = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(sp),
-            data: b"hi".to_vec().into(),
-            expected_sha256: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let err = put(&mut c, sp, b"hi").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // An unknown customer has nothing to list.
     let err = c.list(pb::ListRequest { customer_id: "nobody".into(), ..Default::default() }).await.unwrap_err();
@@ -270,26 +245,10 @@ async fn g4_type_mismatch_is_refused_and_leaves_nothing() {
     let (_, durable, _) = s.open(&upload_id, spec("cust-9", REC, "audio/wav")).await.unwrap();
     assert_eq!(durable, 0);
     drop(s);
-    let err = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(spec("cust-9", pb::ContentKind::Image, "image/png")),
-            data: image.into(),
-            expected_sha256: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let err = put(&mut c, spec("cust-9", pb::ContentKind::Image, "image/png"), &image).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // Unknown declared type.
-    let err = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(spec("cust-9", pb::ContentKind::Image, "application/x-msdownload")),
-            data: b"MZ".to_vec().into(),
-            expected_sha256: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let err = put(&mut c, spec("cust-9", pb::ContentKind::Image, "application/x-msdownload"), b"MZ").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("image/png"), "lists what is accepted: {}", err.message());
 }
@@ -312,13 +271,7 @@ async fn g1_g2_caps_answer_resource_exhausted() {
     assert!(err.message().contains("size cap"), "{}", err.message());
     assert_eq!(get(&mut c, &object_id, None).await.unwrap_err().code(), Code::NotFound);
     // Put over its cap.
-    let err = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(spec("cust-10", pb::ContentKind::ChatTranscript, "text/plain")),
-            data: vec![b'a'; 65 << 10].into(),
-            expected_sha256: Default::default(),
-        })
+    let err = put(&mut c, spec("cust-10", pb::ContentKind::ChatTranscript, "text/plain"), &vec![b'a'; 65 << 10])
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -338,18 +291,7 @@ async fn list_filters_and_pages_newest_first() {
     for i in 0..7 {
         let mut sp = spec("cust-11", pb::ContentKind::ChatTranscript, "text/plain");
         sp.interaction.as_mut().unwrap().interaction_id = format!("chat-{}", i % 2);
-        let o = c
-            .put(pb::PutRequest {
-                upload_id: new_id(),
-                spec: Some(sp),
-                data: format!("line {i}\n").into_bytes().into(),
-                expected_sha256: Default::default(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .object
-            .unwrap();
+        let o = put(&mut c, sp, &format!("line {i}\n").into_bytes()).await.unwrap();
         ids.push(o.object_id);
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
@@ -414,15 +356,8 @@ async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
     let stat = c.stat(pb::StatRequest { object_id: gone.object_id.clone() }).await.unwrap_err();
     let read = get(&mut c, &gone.object_id, None).await.unwrap_err();
     let list = c.list(pb::ListRequest { customer_id: "cust-gone".into(), ..Default::default() }).await.unwrap_err();
-    let put = c
-        .put(pb::PutRequest {
-            upload_id: new_id(),
-            spec: Some(spec("cust-gone", pb::ContentKind::ChatTranscript, "text/plain")),
-            data: b"hi".to_vec().into(),
-            expected_sha256: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let put_err =
+        put(&mut c, spec("cust-gone", pb::ContentKind::ChatTranscript, "text/plain"), b"hi").await.unwrap_err();
     let mut s = Stream::start(&mut c).await.unwrap();
     s.send(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
         upload_id: live_upload.clone(),
@@ -434,7 +369,7 @@ async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
         .shred_customer(pb::ShredCustomerRequest { customer_id: "cust-gone".into(), reason: "again".into() })
         .await
         .unwrap_err();
-    for err in [stat, read, list, put, reopen, again] {
+    for err in [stat, read, list, put_err, reopen, again] {
         assert_eq!((err.code(), err.message()), (Code::FailedPrecondition, "customer shredded"));
     }
     // The other customer is untouched.
@@ -465,14 +400,7 @@ async fn l3_no_plaintext_reaches_the_data_directory() {
     let mut sp = spec("cust-12", pb::ContentKind::ChatTranscript, "text/plain");
     sp.interaction.as_mut().unwrap().interaction_id = "chat-canary".into();
     ingest(&mut c, &new_id(), sp.clone(), &text).await;
-    c.put(pb::PutRequest {
-        upload_id: new_id(),
-        spec: Some(sp.clone()),
-        data: text[..100_000].to_vec().into(),
-        expected_sha256: Default::default(),
-    })
-    .await
-    .unwrap();
+    put(&mut c, sp.clone(), &text[..100_000]).await.unwrap();
     let mut s = Stream::start(&mut c).await.unwrap();
     s.open(&new_id(), sp).await.unwrap();
     s.data(0, &text[..200_000]).await;
@@ -556,6 +484,27 @@ async fn health_and_reflection_are_served() {
         .unwrap()
         .into_inner();
     assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // What `grpcurl -plaintext ADDR list` asks.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection did not list services");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n == "recvault.v1.Recvault"), "{names:?}");
 }
 
 #[tokio::test]
