@@ -68,6 +68,7 @@ impl From<CatalogError> for Error {
         match e {
             CatalogError::NotFound => Self::NotFound("not found".into()),
             CatalogError::CustomerState(s) => Self::from_state(s),
+            e @ (CatalogError::Held(_) | CatalogError::Conflict(_)) => Self::Precondition(e.to_string()),
             CatalogError::Backend(m) => Self::Internal(format!("catalog: {m}")),
         }
     }

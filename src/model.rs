@@ -107,6 +107,11 @@ uuid_id!(
     "upload_id"
 );
 uuid_id!(
+    /// A legal hold; chosen by the server.
+    HoldId,
+    "hold_id"
+);
+uuid_id!(
     /// The internal id of a customer's key ring. It appears in object
     /// headers instead of the CRM customer id.
     CustomerRef,
@@ -259,6 +264,149 @@ pub struct ObjectRecord {
     pub size: u64,
     pub sha256: [u8; 32],
     pub created_at_ms: i64,
+    /// Fixed at commit by the retention policies then in force.
+    pub retention: Retention,
+    /// The object this one was made from (a redacted transcript, a
+    /// thumbnail); always of the same customer, under the same key.
+    pub derived_from: Option<ObjectId>,
+}
+
+/// When an object expires, and which policy said so. `policy` is empty and
+/// `expires_at_ms` is `None` when no policy matched: the object is kept
+/// until its customer is shredded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub policy: String,
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A retention rule: objects of `kind` (and, when given, of this queue,
+/// channel or tag) are kept for `retain_secs` after commit. When several
+/// match an object, the longest wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    pub name: String,
+    pub kind: ContentKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// `(key, value)`: the object must carry this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<(String, String)>,
+    pub retain_secs: u64,
+}
+
+/// Longest retention a policy may set (100 years): beyond it, "keep until
+/// shred" is the honest setting (no policy).
+pub const MAX_RETAIN_SECS: u64 = 100 * 365 * 86_400;
+
+impl RetentionPolicy {
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        if self.name.is_empty() || self.name.len() > 64 || !self.name.chars().all(is_id_char) {
+            return Err(invalid("policy name must be 1-64 characters of [A-Za-z0-9._:-]"));
+        }
+        if self.retain_secs == 0 || self.retain_secs > MAX_RETAIN_SECS {
+            return Err(invalid(format!(
+                "policy {}: retention must be between 1 second and 100 years, got {} seconds",
+                self.name, self.retain_secs
+            )));
+        }
+        for (field, value) in [("queue", &self.queue), ("channel", &self.channel)] {
+            if let Some(v) = value {
+                if v.is_empty() {
+                    return Err(invalid(format!("policy {}: {field} is empty; omit it to match any", self.name)));
+                }
+                check_meta(&format!("policy {} {field}", self.name), v)?;
+            }
+        }
+        if let Some((k, v)) = &self.tag {
+            if k.is_empty() || k.len() > MAX_TAG_KEY || !k.chars().all(is_id_char) {
+                return Err(invalid(format!(
+                    "policy {}: tag key must be 1-{MAX_TAG_KEY} characters of [A-Za-z0-9._:-]",
+                    self.name
+                )));
+            }
+            check_meta(&format!("policy {} tag {k}", self.name), v)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this policy applies to an object of this spec.
+    pub fn matches(&self, spec: &ObjectSpec) -> bool {
+        let i = &spec.interaction;
+        self.kind == spec.kind
+            && self.queue.as_ref().is_none_or(|q| *q == i.queue)
+            && self.channel.as_ref().is_none_or(|c| *c == i.channel)
+            && self.tag.as_ref().is_none_or(|(k, v)| i.tags.get(k) == Some(v))
+    }
+
+    /// The retention of an object committed at `created_at_ms`: the longest
+    /// of the matching policies (ties broken by name, so the choice is
+    /// stable).
+    pub fn assign(policies: &[RetentionPolicy], spec: &ObjectSpec, created_at_ms: i64) -> Retention {
+        policies
+            .iter()
+            .filter(|p| p.matches(spec))
+            .max_by(|a, b| a.retain_secs.cmp(&b.retain_secs).then_with(|| b.name.cmp(&a.name)))
+            .map(|p| Retention {
+                policy: p.name.clone(),
+                expires_at_ms: Some(created_at_ms.saturating_add((p.retain_secs as i64).saturating_mul(1000))),
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A legal hold: while it is in force, nothing it covers expires and its
+/// customer cannot be shredded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub hold_id: HoldId,
+    pub customer_id: CustomerId,
+    /// `None`: the whole customer; otherwise one interaction of it.
+    pub interaction_id: Option<String>,
+    pub case_ref: String,
+    pub reason: String,
+    pub placed_by: String,
+    pub placed_at_ms: i64,
+    pub released_by: Option<String>,
+    pub released_at_ms: Option<i64>,
+}
+
+impl Hold {
+    pub fn is_active(&self) -> bool {
+        self.released_at_ms.is_none()
+    }
+
+    /// "hold <id> (case <ref>)" for messages.
+    pub fn describe(&self) -> String {
+        match &self.interaction_id {
+            Some(i) => format!("legal hold {} (case {}) on interaction {i}", self.hold_id, self.case_ref),
+            None => format!("legal hold {} (case {})", self.hold_id, self.case_ref),
+        }
+    }
+}
+
+/// Checks a free-text field given by a person (reason, case reference,
+/// requester name): required, bounded, no control characters.
+pub fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), InvalidInput> {
+    if value.trim().is_empty() {
+        return Err(invalid(format!("{field} is required")));
+    }
+    if value.chars().count() > max_chars {
+        return Err(invalid(format!("{field} is limited to {max_chars} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!("{field} contains a control character")));
+    }
+    Ok(())
+}
+
+/// A time in milliseconds since the Unix epoch, as RFC 3339 (UTC).
+pub fn format_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -294,6 +442,44 @@ mod tests {
         for bad in ["", "a/b", "../x", "a b", "ünï", &"a".repeat(129)] {
             assert!(CustomerId::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn longest_matching_policy_wins() {
+        let p = |name: &str, kind, days: u64| RetentionPolicy {
+            name: name.into(),
+            kind,
+            queue: None,
+            channel: None,
+            tag: None,
+            retain_secs: days * 86_400,
+        };
+        let mut vip = p("vip", ContentKind::CallRecording, 365);
+        vip.queue = Some("vip".into());
+        let mut disputed = p("disputed", ContentKind::CallRecording, 730);
+        disputed.tag = Some(("dispute".into(), "yes".into()));
+        let policies =
+            vec![p("calls", ContentKind::CallRecording, 90), p("images", ContentKind::Image, 30), vip, disputed];
+        let mut spec = ObjectSpec {
+            customer_id: CustomerId::parse("c").unwrap(),
+            kind: ContentKind::CallRecording,
+            content_type: "audio/wav".into(),
+            interaction: Interaction::default(),
+        };
+        let day = 86_400_000;
+        assert_eq!(
+            RetentionPolicy::assign(&policies, &spec, 0),
+            Retention { policy: "calls".into(), expires_at_ms: Some(90 * day) }
+        );
+        spec.interaction.queue = "vip".into();
+        assert_eq!(RetentionPolicy::assign(&policies, &spec, 0).policy, "vip");
+        spec.interaction.tags.insert("dispute".into(), "yes".into());
+        assert_eq!(RetentionPolicy::assign(&policies, &spec, 0).expires_at_ms, Some(730 * day));
+        spec.kind = ContentKind::ChatTranscript;
+        assert_eq!(RetentionPolicy::assign(&policies, &spec, 0), Retention::default());
+        assert!(p("", ContentKind::Image, 1).validate().is_err());
+        assert!(p("x", ContentKind::Image, 0).validate().is_err());
+        assert!(p("x", ContentKind::Image, 1).validate().is_ok());
     }
 
     #[test]

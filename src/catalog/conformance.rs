@@ -4,9 +4,13 @@
 //! engine's files can check none of them survives there.
 
 use super::{
-    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, UploadRecord,
+    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, ShredRequest,
+    StoredPolicy, UploadRecord,
 };
-use crate::model::{ContentKind, CustomerId, CustomerRef, Interaction, ObjectId, ObjectRecord, ObjectSpec, UploadId};
+use crate::model::{
+    ContentKind, CustomerId, CustomerRef, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec, Retention,
+    RetentionPolicy, UploadId,
+};
 
 fn spec(customer: &str, interaction: &str) -> ObjectSpec {
     ObjectSpec {
@@ -65,6 +69,8 @@ async fn commit(cat: &dyn Catalog, customer: &CustomerRecord, interaction: &str,
         size: 42,
         sha256: [dek; 32],
         created_at_ms: at,
+        retention: Retention { policy: "chats".into(), expires_at_ms: Some(at + 10_000) },
+        derived_from: None,
     };
     let stored = cat.commit_upload(&record).await.unwrap();
     assert_eq!(stored, record);
@@ -150,15 +156,131 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     cat.discard_upload(&a1.upload_id).await.unwrap();
     assert!(cat.upload(&a1.upload_id).await.unwrap().is_some());
 
-    // Shred alice: keys, data keys, metadata and open uploads go; bob stays.
-    let report = cat.shred_customer(&alice.customer_id, "erasure request", 500).await.unwrap();
-    assert_eq!(report.key_versions_destroyed, 1);
-    let mut shredded = report.objects.clone();
-    shredded.sort();
-    let mut expected = vec![a1.object_id, a2.object_id, a3.object_id];
-    expected.sort();
-    assert_eq!(shredded, expected);
-    assert_eq!(report.discarded_uploads, vec![open.object_id]);
+    // Policies: config-defined ones change only through the config.
+    let policy = |name: &str, days: u64| RetentionPolicy {
+        name: name.into(),
+        kind: ContentKind::ChatTranscript,
+        queue: None,
+        channel: None,
+        tag: Some(("lang".into(), "en".into())),
+        retain_secs: days * 86_400,
+    };
+    cat.put_policy(&StoredPolicy { policy: policy("chats", 30), from_config: true, updated_at_ms: 1 }).await.unwrap();
+    cat.put_policy(&StoredPolicy { policy: policy("extra", 60), from_config: false, updated_at_ms: 2 }).await.unwrap();
+    assert!(matches!(
+        cat.put_policy(&StoredPolicy { policy: policy("chats", 1), from_config: false, updated_at_ms: 3 }).await,
+        Err(CatalogError::Conflict(_))
+    ));
+    assert!(matches!(cat.delete_policy("chats", false).await, Err(CatalogError::Conflict(_))));
+    assert!(matches!(cat.delete_policy("nope", false).await, Err(CatalogError::NotFound)));
+    cat.delete_policy("extra", false).await.unwrap();
+    let policies = cat.policies().await.unwrap();
+    assert_eq!(policies.len(), 1);
+    assert_eq!(policies[0].policy, policy("chats", 30));
+    assert!(policies[0].from_config);
+
+    // Holds: on a customer, on an interaction; listing; release once.
+    let hold = |customer: &str, interaction: Option<&str>| Hold {
+        hold_id: HoldId::new_random(),
+        customer_id: CustomerId::parse(customer).unwrap(),
+        interaction_id: interaction.map(str::to_owned),
+        case_ref: "CASE-1".into(),
+        reason: "litigation".into(),
+        placed_by: "legal".into(),
+        placed_at_ms: 50,
+        released_by: None,
+        released_at_ms: None,
+    };
+    let on_call1 = cat.place_hold(&hold("crm:alice", Some("call-1"))).await.unwrap();
+    let on_bob = cat.place_hold(&hold("crm:bob", None)).await.unwrap();
+    assert_eq!(cat.holds(Some(&alice.customer_id), false).await.unwrap(), vec![on_call1.clone()]);
+    assert_eq!(cat.holds(None, false).await.unwrap().len(), 2);
+
+    // Expiry: a1 (held interaction) and b1 (held customer) stay; a2 goes.
+    assert_eq!(cat.count_expiring(10_050).await.unwrap(), super::ExpiryCount { due: 0, held: 0 });
+    let due = cat.count_expiring(10_250).await.unwrap();
+    assert_eq!(due, super::ExpiryCount { due: 3, held: 2 }, "a1, a2, b1 due; a1 and b1 held");
+    let expired = cat.expire_objects(10_250, 100).await.unwrap();
+    assert_eq!(expired.iter().map(|e| e.object_id).collect::<Vec<_>>(), vec![a2.object_id]);
+    assert!(cat.expire_objects(10_250, 100).await.unwrap().is_empty(), "expiry is idempotent");
+    let tomb = cat.object(&a2.object_id).await.unwrap().unwrap();
+    assert_eq!(tomb.expired_at_ms, Some(10_250));
+    assert!(tomb.wrapped_dek.is_empty());
+    assert_eq!(tomb.record.sha256, [0; 32], "no content-derived data in an expiry tombstone");
+    assert!(tomb.record.spec.interaction.tags.is_empty() && tomb.record.spec.interaction.interaction_id.is_empty());
+    let upload = cat.upload(&a2.upload_id).await.unwrap().unwrap();
+    assert!(upload.spec.interaction.tags.is_empty(), "the upload row is scrubbed too");
+    assert_eq!(cat.expired_objects(None, 10).await.unwrap(), vec![a2.object_id]);
+    assert!(cat.list_objects(&only_alice, None, 10).await.unwrap().iter().all(|o| o.object_id != a2.object_id));
+    // Re-fixing retention moves a3's expiry out.
+    cat.set_retention(&a3.object_id, &Retention { policy: "chats".into(), expires_at_ms: Some(99_999) }).await.unwrap();
+    assert_eq!(cat.object(&a3.object_id).await.unwrap().unwrap().record.retention.expires_at_ms, Some(99_999));
+    assert_eq!(cat.unfinished_uploads(i64::MAX).await.unwrap(), vec![open.clone()]);
+    assert!(cat.unfinished_uploads(400).await.unwrap().is_empty());
+
+    // Shred pipeline. Holds refuse the request, naming the hold.
+    let request = ShredRequest {
+        reason: "erasure request".into(),
+        requested_by: "alice-admin".into(),
+        requested_at_ms: 500,
+        destroy_after_ms: 500,
+        requires_approval: true,
+    };
+    match cat.request_shred(&alice.customer_id, &request).await {
+        Err(CatalogError::Held(holds)) => assert_eq!(holds, vec![on_call1.clone()]),
+        other => panic!("expected Held, got {other:?}"),
+    }
+    let released = cat.release_hold(&on_call1.hold_id, "legal", 450).await.unwrap();
+    assert_eq!(released.released_at_ms, Some(450));
+    assert!(matches!(cat.release_hold(&on_call1.hold_id, "legal", 451).await, Err(CatalogError::Conflict(_))));
+    assert!(matches!(cat.release_hold(&HoldId::new_random(), "legal", 451).await, Err(CatalogError::NotFound)));
+    assert_eq!(cat.holds(Some(&alice.customer_id), true).await.unwrap(), vec![released]);
+
+    // Request, cancel, request again.
+    let ticket = cat.request_shred(&alice.customer_id, &request).await.unwrap();
+    assert_eq!(ticket.state, CustomerState::PendingShred);
+    assert_eq!(cat.customer(&alice.customer_id).await.unwrap().unwrap().state, CustomerState::PendingShred);
+    assert_eq!(cat.object(&a1.object_id).await.unwrap().unwrap().customer_state, CustomerState::PendingShred);
+    assert!(cat.list_objects(&only_alice, None, 10).await.unwrap().is_empty(), "pending customers are not listed");
+    assert!(matches!(cat.commit_upload(&a1).await, Err(CatalogError::CustomerState(CustomerState::PendingShred))));
+    let again = ShredRequest { reason: "other".into(), ..request.clone() };
+    assert_eq!(cat.request_shred(&alice.customer_id, &again).await.unwrap(), ticket, "a repeat is idempotent");
+    assert_eq!(cat.cancel_shred(&alice.customer_id).await.unwrap().state, CustomerState::Active);
+    assert_eq!(cat.customer(&alice.customer_id).await.unwrap().unwrap().state, CustomerState::Active);
+    assert!(matches!(
+        cat.cancel_shred(&alice.customer_id).await,
+        Err(CatalogError::CustomerState(CustomerState::Active))
+    ));
+    cat.request_shred(&alice.customer_id, &request).await.unwrap();
+    assert_eq!(cat.pending_shreds().await.unwrap().len(), 1);
+
+    // Two-person rule.
+    assert!(matches!(cat.approve_shred(&alice.customer_id, "alice-admin", 510).await, Err(CatalogError::Conflict(_))));
+    let approved = cat.approve_shred(&alice.customer_id, "second-admin", 520).await.unwrap();
+    assert_eq!(approved.approved_by.as_deref(), Some("second-admin"));
+    assert_eq!(approved.approved_at_ms, Some(520));
+
+    // A hold placed during the grace window blocks the destroy step.
+    let late_hold = cat.place_hold(&hold("crm:alice", None)).await.unwrap();
+    assert!(matches!(cat.destroy_customer_keys(&alice.customer_id, 530).await, Err(CatalogError::Held(_))));
+    cat.release_hold(&late_hold.hold_id, "legal", 540).await.unwrap();
+
+    // Destroy: keys, data keys, metadata and open uploads go; bob stays.
+    assert!(matches!(cat.complete_shred(&alice.customer_id, "{}", 545).await, Err(CatalogError::Conflict(_))));
+    let destroyed = cat.destroy_customer_keys(&alice.customer_id, 550).await.unwrap();
+    let d = destroyed.destroyed.clone().expect("destroyed");
+    assert_eq!(d.key_versions, vec![1]);
+    assert_eq!(d.root_key_ids, vec!["test".to_string()]);
+    assert_eq!(d.objects, 2, "a1 and a3 (a2 had already expired)");
+    assert_eq!(d.uploads, 1);
+    let mut ids = [a1.object_id.to_string(), a3.object_id.to_string()];
+    ids.sort();
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{}\n{}\n", ids[0], ids[1]).as_bytes());
+    assert_eq!(d.objects_digest.as_slice(), digest.as_ref());
+    assert_eq!(cat.destroy_customer_keys(&alice.customer_id, 560).await.unwrap(), destroyed, "idempotent");
+    assert!(matches!(cat.cancel_shred(&alice.customer_id).await, Err(CatalogError::Conflict(_))));
+    assert!(matches!(cat.place_hold(&hold("crm:alice", None)).await, Err(CatalogError::Conflict(_))));
+    assert!(cat.customer_key_versions(&alice.customer_ref).await.unwrap().is_empty());
     assert_eq!(cat.customer_key(&alice.customer_ref, 1).await.unwrap(), None);
     let tomb = cat.object(&a1.object_id).await.unwrap().unwrap();
     assert_eq!(tomb.customer_state, CustomerState::Shredded);
@@ -166,21 +288,42 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(tomb.record.sha256, [0; 32], "no content-derived data in a tombstone");
     assert!(tomb.record.spec.interaction.tags.is_empty());
     assert_eq!(cat.upload(&open.upload_id).await.unwrap(), None);
-    assert_eq!(cat.customer(&alice.customer_id).await.unwrap().unwrap().state, CustomerState::Shredded);
+    assert_eq!(cat.customer(&alice.customer_id).await.unwrap().unwrap().state, CustomerState::PendingShred);
+    let mut tombs = cat.tombstoned_objects(&alice.customer_ref).await.unwrap();
+    tombs.sort();
+    let mut expected = vec![a1.object_id, a2.object_id, a3.object_id];
+    expected.sort();
+    assert_eq!(tombs, expected);
+
+    let done = cat.complete_shred(&alice.customer_id, "{\"signed\":true}", 570).await.unwrap();
+    assert_eq!(done.state, CustomerState::Shredded);
+    assert_eq!(done.certificate.as_deref(), Some("{\"signed\":true}"));
+    assert_eq!(cat.complete_shred(&alice.customer_id, "other", 580).await.unwrap(), done, "idempotent");
+    let customer = cat.customer(&alice.customer_id).await.unwrap().unwrap();
+    assert_eq!(customer.state, CustomerState::Shredded);
+    assert!(customer.canary.is_empty(), "the canary goes with the keys");
+    assert_eq!(cat.shred_ticket(&alice.customer_id).await.unwrap(), Some(done));
+    assert!(cat.pending_shreds().await.unwrap().is_empty());
     let remaining = cat.list_objects(&ListFilter::default(), None, 100).await.unwrap();
     assert_eq!(remaining, vec![b1.clone()]);
     assert!(matches!(
-        cat.shred_customer(&alice.customer_id, "again", 600).await,
+        cat.request_shred(&alice.customer_id, &request).await,
         Err(CatalogError::CustomerState(CustomerState::Shredded))
     ));
     assert!(matches!(
-        cat.shred_customer(&CustomerId::parse("nobody").unwrap(), "x", 600).await,
+        cat.place_hold(&hold("crm:alice", None)).await,
+        Err(CatalogError::CustomerState(CustomerState::Shredded))
+    ));
+    assert!(matches!(
+        cat.request_shred(&CustomerId::parse("nobody").unwrap(), &request).await,
         Err(CatalogError::NotFound)
     ));
+    assert_eq!(cat.shred_ticket(&bob.customer_id).await.unwrap(), None);
     // A commit racing the shred loses.
     let late = ObjectRecord { upload_id: open.upload_id, ..a1.clone() };
     assert!(cat.commit_upload(&late).await.is_err());
     assert_eq!(cat.object(&b1.object_id).await.unwrap().unwrap().wrapped_dek, vec![0xD1; 61]);
+    drop(on_bob);
 
     vec![vec![0xA1; 61], vec![0xA1 ^ 0x55; 61], vec![0xC1; 61], vec![0xC2; 61], vec![0xC3; 61], vec![0xE1; 61]]
 }

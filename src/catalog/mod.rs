@@ -11,7 +11,9 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::model::{CustomerId, CustomerRef, ObjectId, ObjectRecord, ObjectSpec, UploadId};
+use crate::model::{
+    CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, UploadId,
+};
 
 /// Lifecycle of a customer's keys, mirroring KMS key deletion states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,9 @@ pub struct StoredObject {
     pub record: ObjectRecord,
     pub customer_ref: CustomerRef,
     pub customer_state: CustomerState,
+    /// Set once the object expired: only its tombstone is left (id,
+    /// customer, kind, times), and `wrapped_dek` is empty.
+    pub expired_at_ms: Option<i64>,
     pub key_version: u32,
     pub wrapped_dek: Vec<u8>,
 }
@@ -103,16 +108,76 @@ pub struct PageCursor {
     pub object_id: ObjectId,
 }
 
-/// What a shred destroyed.
+/// A customer's shred, from request to certificate. Kept with the
+/// tombstone: it holds no key or content.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShredReport {
+pub struct ShredTicket {
+    pub customer_id: CustomerId,
     pub customer_ref: CustomerRef,
-    pub key_versions_destroyed: u32,
-    /// Objects whose wrapped data keys were destroyed (ciphertext to delete).
-    pub objects: Vec<ObjectId>,
-    /// Object ids of discarded unfinished uploads (spools to delete).
-    pub discarded_uploads: Vec<ObjectId>,
-    pub shredded_at_ms: i64,
+    pub state: CustomerState,
+    pub reason: String,
+    pub requested_by: String,
+    pub requested_at_ms: i64,
+    /// Keys are destroyed at or after this time (request + grace window).
+    pub destroy_after_ms: i64,
+    pub requires_approval: bool,
+    pub approved_by: Option<String>,
+    pub approved_at_ms: Option<i64>,
+    /// Set by the destroy step; from then on the shred cannot be cancelled.
+    pub destroyed: Option<Destroyed>,
+    /// The signed certificate, once the shred is verified and complete.
+    pub certificate: Option<String>,
+}
+
+/// What the destroy step erased, recorded in the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destroyed {
+    pub at_ms: i64,
+    pub key_versions: Vec<u32>,
+    /// Root key the destroyed customer key versions were wrapped under.
+    pub root_key_ids: Vec<String>,
+    /// Committed objects made unrecoverable by this shred.
+    pub objects: u64,
+    /// SHA-256 over their ids (sorted, canonical form, one per line).
+    pub objects_digest: [u8; 32],
+    /// Unfinished uploads whose data keys were destroyed.
+    pub uploads: u64,
+}
+
+/// A shred request, as the pipeline records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShredRequest {
+    pub reason: String,
+    pub requested_by: String,
+    pub requested_at_ms: i64,
+    pub destroy_after_ms: i64,
+    pub requires_approval: bool,
+}
+
+/// A retention policy as stored, with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    pub policy: RetentionPolicy,
+    /// Defined in the config file: re-asserted at every start and changed
+    /// only there.
+    pub from_config: bool,
+    pub updated_at_ms: i64,
+}
+
+/// An object the sweep crypto-erased (its tombstone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredObject {
+    pub object_id: ObjectId,
+    pub customer_id: CustomerId,
+    pub expired_at_ms: i64,
+}
+
+/// How many objects are due to expire at a time, and how many of those
+/// legal holds keep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiryCount {
+    pub due: u64,
+    pub held: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,8 +186,20 @@ pub enum CatalogError {
     NotFound,
     #[error("customer is {}", .0.as_str())]
     CustomerState(CustomerState),
+    /// Legal holds forbid the change; the message names them.
+    #[error("{}", held_message(.0))]
+    Held(Vec<Hold>),
+    /// The request conflicts with the stored state; the message says how.
+    #[error("{0}")]
+    Conflict(String),
     #[error("catalog failure: {0}")]
     Backend(String),
+}
+
+fn held_message(holds: &[Hold]) -> String {
+    let names: Vec<String> = holds.iter().take(5).map(Hold::describe).collect();
+    let more = if holds.len() > 5 { format!(" and {} more", holds.len() - 5) } else { String::new() };
+    format!("blocked by {}{more}; release the hold(s) first", names.join(", "))
 }
 
 #[async_trait]
@@ -170,8 +247,65 @@ pub trait Catalog: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ObjectRecord>, CatalogError>;
 
-    /// Destroys every key version of the customer, every wrapped data key of
-    /// its objects and uploads, and the objects' metadata, leaving
-    /// tombstones; then scrubs the freed storage where the engine allows.
-    async fn shred_customer(&self, id: &CustomerId, reason: &str, now_ms: i64) -> Result<ShredReport, CatalogError>;
+    /// Records a shred request and moves the customer to `PendingShred`.
+    /// Refused with `Held` while any hold covers the customer. A repeated
+    /// request of a pending customer returns the pending ticket unchanged.
+    async fn request_shred(&self, id: &CustomerId, request: &ShredRequest) -> Result<ShredTicket, CatalogError>;
+    /// Records the second person's approval (must differ from the
+    /// requester: `Conflict` otherwise).
+    async fn approve_shred(&self, id: &CustomerId, approver: &str, now_ms: i64) -> Result<ShredTicket, CatalogError>;
+    /// Restores a pending customer to `Active`; refused once keys are
+    /// destroyed.
+    async fn cancel_shred(&self, id: &CustomerId) -> Result<ShredTicket, CatalogError>;
+    async fn shred_ticket(&self, id: &CustomerId) -> Result<Option<ShredTicket>, CatalogError>;
+    /// Pending shreds, due or not (the pipeline decides).
+    async fn pending_shreds(&self) -> Result<Vec<ShredTicket>, CatalogError>;
+    /// The destroy step, in one transaction: deletes every key version of a
+    /// pending customer, every wrapped data key of its objects and uploads
+    /// and their metadata (leaving tombstones), and records what it erased.
+    /// The customer stays `PendingShred` (unreadable) until
+    /// `complete_shred`. Idempotent. Refused with `Held` if a hold appeared.
+    async fn destroy_customer_keys(&self, id: &CustomerId, now_ms: i64) -> Result<ShredTicket, CatalogError>;
+    /// Key versions of the customer still stored (empty after a destroy).
+    async fn customer_key_versions(&self, customer: &CustomerRef) -> Result<Vec<u32>, CatalogError>;
+    /// Final step: `Shredded`, the canary dropped, the certificate kept.
+    async fn complete_shred(
+        &self,
+        id: &CustomerId,
+        certificate: &str,
+        now_ms: i64,
+    ) -> Result<ShredTicket, CatalogError>;
+    /// Ids of the customer's objects whose ciphertext may still exist
+    /// (tombstones of a destroyed customer), for deletion.
+    async fn tombstoned_objects(&self, customer: &CustomerRef) -> Result<Vec<ObjectId>, CatalogError>;
+
+    async fn policies(&self) -> Result<Vec<StoredPolicy>, CatalogError>;
+    /// Inserts or replaces a policy. A config-defined policy can be
+    /// replaced only by another config write (`Conflict` otherwise).
+    async fn put_policy(&self, policy: &StoredPolicy) -> Result<(), CatalogError>;
+    /// Deletes a policy (`NotFound` if absent; `Conflict` if it comes from
+    /// the config file and `from_config` is false).
+    async fn delete_policy(&self, name: &str, from_config: bool) -> Result<(), CatalogError>;
+    /// Re-fixes the expiry of a live object (a `--reapply`).
+    async fn set_retention(&self, id: &ObjectId, retention: &crate::model::Retention) -> Result<(), CatalogError>;
+
+    /// Objects due to expire at `now_ms`, and those kept by holds.
+    async fn count_expiring(&self, now_ms: i64) -> Result<ExpiryCount, CatalogError>;
+    /// Crypto-erases up to `limit` due objects not under hold, of active
+    /// customers: destroys each wrapped data key and clears everything
+    /// content-derived, leaving a tombstone. The ciphertext is deleted by
+    /// the caller afterwards.
+    async fn expire_objects(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredObject>, CatalogError>;
+    /// Ids of expired objects (for re-trying ciphertext deletion).
+    async fn expired_objects(&self, after: Option<ObjectId>, limit: usize) -> Result<Vec<ObjectId>, CatalogError>;
+
+    async fn place_hold(&self, hold: &Hold) -> Result<Hold, CatalogError>;
+    async fn release_hold(&self, id: &HoldId, by: &str, now_ms: i64) -> Result<Hold, CatalogError>;
+    /// Holds, newest first; of one customer if given; active only unless
+    /// `include_released`.
+    async fn holds(&self, customer: Option<&CustomerId>, include_released: bool) -> Result<Vec<Hold>, CatalogError>;
+
+    /// Unfinished uploads created before `before_ms` (abandoned-upload
+    /// sweep) — or all of them with `i64::MAX`.
+    async fn unfinished_uploads(&self, before_ms: i64) -> Result<Vec<UploadRecord>, CatalogError>;
 }

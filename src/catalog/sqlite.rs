@@ -12,11 +12,12 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, ListFilter, PageCursor, ShredReport,
-    StoredObject, UploadRecord,
+    Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, Destroyed, ExpiredObject, ExpiryCount,
+    ListFilter, PageCursor, ShredRequest, ShredTicket, StoredObject, StoredPolicy, UploadRecord,
 };
 use crate::model::{
-    ContentKind, CustomerId, CustomerRef, Direction, Interaction, ObjectId, ObjectRecord, ObjectSpec, UploadId,
+    ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec,
+    Retention, RetentionPolicy, UploadId,
 };
 
 const SCHEMA: &str = r#"
@@ -34,6 +35,24 @@ CREATE TABLE IF NOT EXISTS customers (
     shredded_at_ms INTEGER,
     shred_reason   TEXT
 );
+CREATE TABLE IF NOT EXISTS retention_policies (
+    name          TEXT PRIMARY KEY,
+    body          TEXT NOT NULL,
+    from_config   INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS holds (
+    hold_id        TEXT PRIMARY KEY,
+    customer_id    TEXT NOT NULL,
+    interaction_id TEXT,
+    case_ref       TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    placed_by      TEXT NOT NULL,
+    placed_at_ms   INTEGER NOT NULL,
+    released_by    TEXT,
+    released_at_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS holds_by_customer ON holds(customer_id, placed_at_ms DESC);
 CREATE TABLE IF NOT EXISTS customer_keys (
     customer_ref BLOB NOT NULL REFERENCES customers(customer_ref),
     version      INTEGER NOT NULL,
@@ -79,6 +98,48 @@ CREATE INDEX IF NOT EXISTS objects_by_customer ON objects(customer_id, created_a
 CREATE INDEX IF NOT EXISTS objects_by_interaction ON objects(interaction_id, created_at_ms DESC, object_id DESC);
 "#;
 
+/// Columns added after the first schema: added to an existing catalog at
+/// open (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("customers", "shred_requested_by", "TEXT"),
+    ("customers", "shred_requested_at_ms", "INTEGER"),
+    ("customers", "shred_destroy_after_ms", "INTEGER"),
+    ("customers", "shred_requires_approval", "INTEGER NOT NULL DEFAULT 0"),
+    ("customers", "shred_approved_by", "TEXT"),
+    ("customers", "shred_approved_at_ms", "INTEGER"),
+    ("customers", "shred_destroyed_at_ms", "INTEGER"),
+    ("customers", "shred_key_versions", "TEXT"),
+    ("customers", "shred_root_key_ids", "TEXT"),
+    ("customers", "shred_objects", "INTEGER"),
+    ("customers", "shred_objects_digest", "BLOB"),
+    ("customers", "shred_uploads", "INTEGER"),
+    ("customers", "shred_certificate", "TEXT"),
+    // 0 live, 1 shredded with its customer, 2 expired
+    ("objects", "retention_policy", "TEXT"),
+    ("objects", "expires_at_ms", "INTEGER"),
+    ("objects", "expired_at_ms", "INTEGER"),
+    ("objects", "derived_from", "TEXT"),
+];
+
+const INDEXES_ON_ADDED: &str = "
+CREATE INDEX IF NOT EXISTS objects_by_expiry ON objects(expires_at_ms) WHERE shredded = 0;
+CREATE INDEX IF NOT EXISTS objects_by_customer_ref ON objects(customer_ref);
+";
+
+const LIVE: i64 = 0;
+const SHREDDED: i64 = 1;
+const EXPIRED: i64 = 2;
+
+/// Clears every content-derived column of an object (its tombstone keeps
+/// id, upload id, customer, kind and times).
+const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
+     sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
+     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL";
+
+/// Objects no active hold covers (`o` is the objects row).
+const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
+     AND h.customer_id = o.customer_id AND (h.interaction_id IS NULL OR h.interaction_id = o.interaction_id))";
+
 /// The SQLite catalog. One connection behind a mutex; every call runs on
 /// the blocking pool.
 #[derive(Clone)]
@@ -111,6 +172,20 @@ impl SqliteCatalog {
         )
         .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        for (table, column, decl) in ADDED_COLUMNS {
+            let exists: bool = conn
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                    [column],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(backend)?
+                > 0;
+            if !exists {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}")).map_err(backend)?;
+            }
+        }
+        conn.execute_batch(INDEXES_ON_ADDED).map_err(backend)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -174,7 +249,8 @@ fn upload_from_row(row: &Row<'_>) -> rusqlite::Result<UploadRecord> {
 
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \
-     o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek";
+     o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek, o.retention_policy, o.expires_at_ms, \
+     o.expired_at_ms, o.derived_from";
 
 fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
     let kind: u8 = row.get("kind")?;
@@ -200,7 +276,103 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
         size: row.get::<_, Option<i64>>("size")?.unwrap_or(0) as u64,
         sha256: sha.and_then(|s| s.try_into().ok()).unwrap_or([0; 32]),
         created_at_ms: row.get("created_at_ms")?,
+        retention: crate::model::Retention {
+            policy: row.get::<_, Option<String>>("retention_policy")?.unwrap_or_default(),
+            expires_at_ms: row.get("expires_at_ms")?,
+        },
+        derived_from: row
+            .get::<_, Option<String>>("derived_from")?
+            .map(|s| parse_col(&s, ObjectId::parse))
+            .transpose()?,
     })
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(value: Option<String>) -> rusqlite::Result<Option<T>> {
+    value
+        .map(|v| serde_json::from_str(&v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+        .transpose()
+}
+
+fn ticket_from_row(row: &Row<'_>) -> rusqlite::Result<Option<ShredTicket>> {
+    let Some(requested_at_ms) = row.get::<_, Option<i64>>("shred_requested_at_ms")? else {
+        return Ok(None);
+    };
+    let customer = customer_from_row(row)?;
+    let destroyed = match row.get::<_, Option<i64>>("shred_destroyed_at_ms")? {
+        None => None,
+        Some(at_ms) => Some(Destroyed {
+            at_ms,
+            key_versions: json_col(row.get("shred_key_versions")?)?.unwrap_or_default(),
+            root_key_ids: json_col(row.get("shred_root_key_ids")?)?.unwrap_or_default(),
+            objects: row.get::<_, Option<i64>>("shred_objects")?.unwrap_or(0) as u64,
+            objects_digest: row
+                .get::<_, Option<Vec<u8>>>("shred_objects_digest")?
+                .and_then(|d| d.try_into().ok())
+                .unwrap_or([0; 32]),
+            uploads: row.get::<_, Option<i64>>("shred_uploads")?.unwrap_or(0) as u64,
+        }),
+    };
+    Ok(Some(ShredTicket {
+        customer_id: customer.customer_id,
+        customer_ref: customer.customer_ref,
+        state: customer.state,
+        reason: row.get::<_, Option<String>>("shred_reason")?.unwrap_or_default(),
+        requested_by: row.get::<_, Option<String>>("shred_requested_by")?.unwrap_or_default(),
+        requested_at_ms,
+        destroy_after_ms: row.get::<_, Option<i64>>("shred_destroy_after_ms")?.unwrap_or(requested_at_ms),
+        requires_approval: row.get::<_, i64>("shred_requires_approval")? != 0,
+        approved_by: row.get("shred_approved_by")?,
+        approved_at_ms: row.get("shred_approved_at_ms")?,
+        destroyed,
+        certificate: row.get("shred_certificate")?,
+    }))
+}
+
+fn hold_from_row(row: &Row<'_>) -> rusqlite::Result<Hold> {
+    Ok(Hold {
+        hold_id: parse_col(&row.get::<_, String>("hold_id")?, HoldId::parse)?,
+        customer_id: parse_col(&row.get::<_, String>("customer_id")?, CustomerId::parse)?,
+        interaction_id: row.get("interaction_id")?,
+        case_ref: row.get("case_ref")?,
+        reason: row.get("reason")?,
+        placed_by: row.get("placed_by")?,
+        placed_at_ms: row.get("placed_at_ms")?,
+        released_by: row.get("released_by")?,
+        released_at_ms: row.get("released_at_ms")?,
+    })
+}
+
+/// The customer row of `id` inside a transaction.
+fn customer_in(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<CustomerRecord, CatalogError> {
+    tx.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], customer_from_row)
+        .optional()
+        .map_err(backend)?
+        .ok_or(CatalogError::NotFound)
+}
+
+fn ticket_in(conn: &Connection, id: &str) -> Result<ShredTicket, CatalogError> {
+    conn.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], ticket_from_row)
+        .optional()
+        .map_err(backend)?
+        .flatten()
+        .ok_or(CatalogError::NotFound)
+}
+
+/// Active holds that block shredding the customer (any hold on it or on
+/// one of its interactions).
+fn active_holds(conn: &Connection, customer_id: &str) -> Result<Vec<Hold>, CatalogError> {
+    let mut stmt = conn
+        .prepare("SELECT * FROM holds WHERE customer_id = ?1 AND released_at_ms IS NULL ORDER BY placed_at_ms")
+        .map_err(backend)?;
+    let rows = stmt.query_map([customer_id], hold_from_row).map_err(backend)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+}
+
+/// Moves every page out of the WAL and truncates it, so no frame holding a
+/// destroyed key survives in the `-wal` file (`secure_delete` has already
+/// zeroed the freed space in the pages themselves).
+fn scrub_wal(conn: &Connection) -> Result<(), CatalogError> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(backend)
 }
 
 #[async_trait]
@@ -374,8 +546,9 @@ impl Catalog for SqliteCatalog {
                 tx.execute(
                     "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                          content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
-                         started_at_ms, tags, key_version, wrapped_dek)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                         started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                                 ?19, ?20, ?21)",
                     params![
                         upload.object_id.to_string(),
                         o.upload_id.to_string(),
@@ -394,7 +567,10 @@ impl Catalog for SqliteCatalog {
                         i.started_at_ms,
                         serde_json::to_string(&i.tags).map_err(backend)?,
                         upload.key_version,
-                        upload.wrapped_dek
+                        upload.wrapped_dek,
+                        Some(o.retention.policy.as_str()).filter(|p| !p.is_empty()),
+                        o.retention.expires_at_ms,
+                        o.derived_from.map(|d| d.to_string())
                     ],
                 )
                 .map_err(backend)?;
@@ -428,7 +604,7 @@ impl Catalog for SqliteCatalog {
                 [id],
                 |r| {
                     let state: String = r.get("customer_state")?;
-                    let shredded = r.get::<_, i64>("shredded")? != 0;
+                    let shredded = r.get::<_, i64>("shredded")? == SHREDDED;
                     Ok(StoredObject {
                         record: object_from_row(r)?,
                         customer_ref: ref_from(r.get("customer_ref")?)?,
@@ -437,6 +613,7 @@ impl Catalog for SqliteCatalog {
                         } else {
                             CustomerState::parse(&state).unwrap_or(CustomerState::Shredded)
                         },
+                        expired_at_ms: r.get("expired_at_ms")?,
                         key_version: r.get::<_, Option<u32>>("key_version")?.unwrap_or(0),
                         wrapped_dek: r.get::<_, Option<Vec<u8>>>("wrapped_dek")?.unwrap_or_default(),
                     })
@@ -493,57 +670,500 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
-    async fn shred_customer(&self, id: &CustomerId, reason: &str, now_ms: i64) -> Result<ShredReport, CatalogError> {
-        let (id, reason) = (id.as_str().to_owned(), reason.to_owned());
+    async fn request_shred(&self, id: &CustomerId, request: &ShredRequest) -> Result<ShredTicket, CatalogError> {
+        let (id, r) = (id.as_str().to_owned(), request.clone());
         self.run(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
-            let customer = tx
-                .query_row("SELECT * FROM customers WHERE customer_id = ?1", [&id], customer_from_row)
+            let customer = customer_in(&tx, &id)?;
+            match customer.state {
+                CustomerState::Shredded => return Err(CatalogError::CustomerState(CustomerState::Shredded)),
+                CustomerState::PendingShred => return ticket_in(&tx, &id),
+                CustomerState::Active => {}
+            }
+            let holds = active_holds(&tx, &id)?;
+            if !holds.is_empty() {
+                return Err(CatalogError::Held(holds));
+            }
+            tx.execute(
+                "UPDATE customers SET state = 'pending_shred', shred_reason = ?2, shred_requested_by = ?3,
+                 shred_requested_at_ms = ?4, shred_destroy_after_ms = ?5, shred_requires_approval = ?6,
+                 shred_approved_by = NULL, shred_approved_at_ms = NULL
+                 WHERE customer_id = ?1",
+                params![id, r.reason, r.requested_by, r.requested_at_ms, r.destroy_after_ms, r.requires_approval],
+            )
+            .map_err(backend)?;
+            let ticket = ticket_in(&tx, &id)?;
+            tx.commit().map_err(backend)?;
+            Ok(ticket)
+        })
+        .await
+    }
+
+    async fn approve_shred(&self, id: &CustomerId, approver: &str, now_ms: i64) -> Result<ShredTicket, CatalogError> {
+        let (id, approver) = (id.as_str().to_owned(), approver.to_owned());
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let customer = customer_in(&tx, &id)?;
+            if customer.state != CustomerState::PendingShred {
+                return Err(CatalogError::CustomerState(customer.state));
+            }
+            let ticket = ticket_in(&tx, &id)?;
+            if ticket.requested_by == approver {
+                return Err(CatalogError::Conflict(format!(
+                    "the shred of {id} was requested by {approver}; a different person must approve it"
+                )));
+            }
+            if ticket.approved_by.is_none() {
+                tx.execute(
+                    "UPDATE customers SET shred_approved_by = ?2, shred_approved_at_ms = ?3 WHERE customer_id = ?1",
+                    params![id, approver, now_ms],
+                )
+                .map_err(backend)?;
+            }
+            let ticket = ticket_in(&tx, &id)?;
+            tx.commit().map_err(backend)?;
+            Ok(ticket)
+        })
+        .await
+    }
+
+    async fn cancel_shred(&self, id: &CustomerId) -> Result<ShredTicket, CatalogError> {
+        let id = id.as_str().to_owned();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let customer = customer_in(&tx, &id)?;
+            if customer.state != CustomerState::PendingShred {
+                return Err(CatalogError::CustomerState(customer.state));
+            }
+            let mut ticket = ticket_in(&tx, &id)?;
+            if ticket.destroyed.is_some() {
+                return Err(CatalogError::Conflict(format!(
+                    "the keys of {id} are already destroyed; the shred can no longer be cancelled"
+                )));
+            }
+            tx.execute("UPDATE customers SET state = 'active' WHERE customer_id = ?1", [&id]).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            ticket.state = CustomerState::Active;
+            Ok(ticket)
+        })
+        .await
+    }
+
+    async fn shred_ticket(&self, id: &CustomerId) -> Result<Option<ShredTicket>, CatalogError> {
+        let id = id.as_str().to_owned();
+        self.run(move |c| {
+            c.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], ticket_from_row)
                 .optional()
-                .map_err(backend)?
-                .ok_or(CatalogError::NotFound)?;
-            if customer.state == CustomerState::Shredded {
-                return Err(CatalogError::CustomerState(CustomerState::Shredded));
+                .map(Option::flatten)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn pending_shreds(&self) -> Result<Vec<ShredTicket>, CatalogError> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare("SELECT * FROM customers WHERE state = 'pending_shred' ORDER BY shred_destroy_after_ms")
+                .map_err(backend)?;
+            let rows = stmt.query_map([], ticket_from_row).map_err(backend)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>().map_err(backend)?.into_iter().flatten().collect())
+        })
+        .await
+    }
+
+    async fn destroy_customer_keys(&self, id: &CustomerId, now_ms: i64) -> Result<ShredTicket, CatalogError> {
+        let id = id.as_str().to_owned();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let customer = customer_in(&tx, &id)?;
+            if customer.state != CustomerState::PendingShred {
+                return Err(CatalogError::CustomerState(customer.state));
+            }
+            let ticket = ticket_in(&tx, &id)?;
+            if ticket.destroyed.is_some() {
+                return Ok(ticket);
+            }
+            let holds = active_holds(&tx, &id)?;
+            if !holds.is_empty() {
+                return Err(CatalogError::Held(holds));
             }
             let cref = customer.customer_ref.as_bytes().to_vec();
-            let ids = |sql: &str| -> Result<Vec<ObjectId>, CatalogError> {
+            let strings = |sql: &str| -> Result<Vec<String>, CatalogError> {
                 let mut stmt = tx.prepare(sql).map_err(backend)?;
-                let rows = stmt
-                    .query_map([&cref], |r| r.get::<_, String>(0))
-                    .map_err(backend)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(backend)?;
-                rows.iter().map(|s| ObjectId::parse(s).map_err(backend)).collect()
+                let rows = stmt.query_map([&cref], |r| r.get::<_, String>(0)).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)
             };
-            let objects = ids("SELECT object_id FROM objects WHERE customer_ref = ?1 AND shredded = 0")?;
-            let discarded = ids("SELECT object_id FROM uploads WHERE customer_ref = ?1 AND committed = 0")?;
-            let versions = tx.execute("DELETE FROM customer_keys WHERE customer_ref = ?1", [&cref]).map_err(backend)?;
+            let mut objects = strings("SELECT object_id FROM objects WHERE customer_ref = ?1 AND shredded = 0")?;
+            objects.sort();
+            let uploads = strings("SELECT upload_id FROM uploads WHERE customer_ref = ?1 AND committed = 0")?;
+            let mut versions: Vec<u32> = {
+                let mut stmt =
+                    tx.prepare("SELECT version FROM customer_keys WHERE customer_ref = ?1").map_err(backend)?;
+                let rows = stmt.query_map([&cref], |r| r.get::<_, u32>(0)).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            versions.sort_unstable();
+            let mut root_ids = strings("SELECT DISTINCT root_key_id FROM customer_keys WHERE customer_ref = ?1")?;
+            root_ids.sort();
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            for o in &objects {
+                digest.update(o.as_bytes());
+                digest.update(b"\n");
+            }
+            let digest = digest.finish();
+            tx.execute("DELETE FROM customer_keys WHERE customer_ref = ?1", [&cref]).map_err(backend)?;
             tx.execute(
-                "UPDATE objects SET shredded = 1, wrapped_dek = NULL, key_version = NULL, content_type = NULL,
-                 size = NULL, sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL,
-                 queue = NULL, direction = NULL, started_at_ms = NULL, tags = NULL
-                 WHERE customer_ref = ?1",
+                &format!("UPDATE objects SET shredded = {SHREDDED}, {SCRUB_OBJECT} WHERE customer_ref = ?1 AND shredded = {LIVE}"),
                 [&cref],
             )
             .map_err(backend)?;
+            // Expired tombstones hold nothing more to scrub; committed
+            // uploads keep their spec (metadata) until now.
             tx.execute("DELETE FROM uploads WHERE customer_ref = ?1", [&cref]).map_err(backend)?;
             tx.execute(
-                "UPDATE customers SET state = 'shredded', canary = NULL, shredded_at_ms = ?2, shred_reason = ?3
-                 WHERE customer_ref = ?1",
-                params![cref, now_ms, reason],
+                "UPDATE customers SET shred_destroyed_at_ms = ?2, shred_key_versions = ?3, shred_root_key_ids = ?4,
+                 shred_objects = ?5, shred_objects_digest = ?6, shred_uploads = ?7 WHERE customer_ref = ?1",
+                params![
+                    cref,
+                    now_ms,
+                    serde_json::to_string(&versions).map_err(backend)?,
+                    serde_json::to_string(&root_ids).map_err(backend)?,
+                    objects.len() as i64,
+                    digest.as_ref(),
+                    uploads.len() as i64
+                ],
+            )
+            .map_err(backend)?;
+            let ticket = ticket_in(&tx, &id)?;
+            tx.commit().map_err(backend)?;
+            scrub_wal(c)?;
+            Ok(ticket)
+        })
+        .await
+    }
+
+    async fn customer_key_versions(&self, customer: &CustomerRef) -> Result<Vec<u32>, CatalogError> {
+        let cref = customer.as_bytes().to_vec();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare("SELECT version FROM customer_keys WHERE customer_ref = ?1 ORDER BY version")
+                .map_err(backend)?;
+            let rows = stmt.query_map([cref], |r| r.get::<_, u32>(0)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn complete_shred(
+        &self,
+        id: &CustomerId,
+        certificate: &str,
+        now_ms: i64,
+    ) -> Result<ShredTicket, CatalogError> {
+        let (id, certificate) = (id.as_str().to_owned(), certificate.to_owned());
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let ticket = ticket_in(&tx, &id)?;
+            match (ticket.state, &ticket.destroyed) {
+                (CustomerState::Shredded, _) => return Ok(ticket),
+                (CustomerState::PendingShred, Some(_)) => {}
+                _ => {
+                    return Err(CatalogError::Conflict(format!(
+                        "the keys of {id} are not destroyed yet; the shred cannot complete"
+                    )));
+                }
+            }
+            tx.execute(
+                "UPDATE customers SET state = 'shredded', canary = NULL, shredded_at_ms = ?2, shred_certificate = ?3
+                 WHERE customer_id = ?1",
+                params![id, now_ms, certificate],
+            )
+            .map_err(backend)?;
+            let ticket = ticket_in(&tx, &id)?;
+            tx.commit().map_err(backend)?;
+            scrub_wal(c)?;
+            Ok(ticket)
+        })
+        .await
+    }
+
+    async fn tombstoned_objects(&self, customer: &CustomerRef) -> Result<Vec<ObjectId>, CatalogError> {
+        let cref = customer.as_bytes().to_vec();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT object_id FROM objects WHERE customer_ref = ?1 AND shredded != {LIVE}"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([cref], |r| r.get::<_, String>(0)).map_err(backend)?;
+            let ids = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+            ids.iter().map(|s| ObjectId::parse(s).map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn policies(&self) -> Result<Vec<StoredPolicy>, CatalogError> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare("SELECT body, from_config, updated_at_ms FROM retention_policies ORDER BY name")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let body: String = r.get(0)?;
+                    Ok(StoredPolicy {
+                        policy: serde_json::from_str::<RetentionPolicy>(&body)
+                            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+                        from_config: r.get::<_, i64>(1)? != 0,
+                        updated_at_ms: r.get(2)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_policy(&self, policy: &StoredPolicy) -> Result<(), CatalogError> {
+        let p = policy.clone();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let existing: Option<i64> = tx
+                .query_row("SELECT from_config FROM retention_policies WHERE name = ?1", [&p.policy.name], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            if existing == Some(1) && !p.from_config {
+                return Err(CatalogError::Conflict(format!(
+                    "retention policy {} is defined in the config file; change it there",
+                    p.policy.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO retention_policies (name, body, from_config, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET body = ?2, from_config = ?3, updated_at_ms = ?4",
+                params![
+                    p.policy.name,
+                    serde_json::to_string(&p.policy).map_err(backend)?,
+                    p.from_config,
+                    p.updated_at_ms
+                ],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_policy(&self, name: &str, from_config: bool) -> Result<(), CatalogError> {
+        let name = name.to_owned();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let existing: i64 = tx
+                .query_row("SELECT from_config FROM retention_policies WHERE name = ?1", [&name], |r| r.get(0))
+                .optional()
+                .map_err(backend)?
+                .ok_or(CatalogError::NotFound)?;
+            if existing == 1 && !from_config {
+                return Err(CatalogError::Conflict(format!(
+                    "retention policy {name} is defined in the config file; remove it there"
+                )));
+            }
+            tx.execute("DELETE FROM retention_policies WHERE name = ?1", [&name]).map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_retention(&self, id: &ObjectId, retention: &Retention) -> Result<(), CatalogError> {
+        let (id, r) = (id.to_string(), retention.clone());
+        self.run(move |c| {
+            c.execute(
+                &format!(
+                    "UPDATE objects SET retention_policy = ?2, expires_at_ms = ?3 WHERE object_id = ?1 AND shredded = {LIVE}"
+                ),
+                params![id, Some(r.policy.as_str()).filter(|p| !p.is_empty()), r.expires_at_ms],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn count_expiring(&self, now_ms: i64) -> Result<ExpiryCount, CatalogError> {
+        self.run(move |c| {
+            c.query_row(
+                &format!(
+                    "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {NOT_HELD} THEN 0 ELSE 1 END), 0)
+                     FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref
+                     WHERE o.shredded = {LIVE} AND c.state = 'active' AND o.expires_at_ms <= ?1"
+                ),
+                [now_ms],
+                |r| Ok(ExpiryCount { due: r.get::<_, i64>(0)? as u64, held: r.get::<_, i64>(1)? as u64 }),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn expire_objects(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredObject>, CatalogError> {
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let due: Vec<(String, String)> = {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "SELECT o.object_id, o.customer_id FROM objects o
+                         JOIN customers c ON c.customer_ref = o.customer_ref
+                         WHERE o.shredded = {LIVE} AND c.state = 'active' AND o.expires_at_ms <= ?1 AND {NOT_HELD}
+                         ORDER BY o.expires_at_ms LIMIT {limit}"
+                    ))
+                    .map_err(backend)?;
+                let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            let mut expired = Vec::with_capacity(due.len());
+            for (object_id, customer_id) in due {
+                let (customer_ref, kind): (Vec<u8>, u8) = tx
+                    .query_row("SELECT customer_ref, kind FROM objects WHERE object_id = ?1", [&object_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(backend)?;
+                tx.execute(
+                    &format!(
+                        "UPDATE objects SET shredded = {EXPIRED}, expired_at_ms = ?2, {SCRUB_OBJECT} WHERE object_id = ?1"
+                    ),
+                    params![object_id, now_ms],
+                )
+                .map_err(backend)?;
+                // The upload row keeps its spec (interaction metadata, tags)
+                // for idempotent retries; keep only what the tombstone keeps.
+                let scrubbed = ObjectSpec {
+                    customer_id: parse_col(&customer_id, CustomerId::parse).map_err(backend)?,
+                    kind: ContentKind::from_code(kind).unwrap_or(ContentKind::CallRecording),
+                    content_type: String::new(),
+                    interaction: Interaction::default(),
+                };
+                tx.execute(
+                    "UPDATE uploads SET spec = ?2 WHERE object_id = ?1 AND customer_ref = ?3",
+                    params![object_id, serde_json::to_string(&scrubbed).map_err(backend)?, customer_ref],
+                )
+                .map_err(backend)?;
+                expired.push(ExpiredObject {
+                    object_id: ObjectId::parse(&object_id).map_err(backend)?,
+                    customer_id: scrubbed.customer_id,
+                    expired_at_ms: now_ms,
+                });
+            }
+            tx.commit().map_err(backend)?;
+            if !expired.is_empty() {
+                scrub_wal(c)?;
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    async fn expired_objects(&self, after: Option<ObjectId>, limit: usize) -> Result<Vec<ObjectId>, CatalogError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT object_id FROM objects WHERE shredded = {EXPIRED} AND object_id > ?1
+                     ORDER BY object_id LIMIT {limit}"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([after], |r| r.get::<_, String>(0)).map_err(backend)?;
+            let ids = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+            ids.iter().map(|s| ObjectId::parse(s).map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn place_hold(&self, hold: &Hold) -> Result<Hold, CatalogError> {
+        let h = hold.clone();
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM customers WHERE customer_id = ?1", [h.customer_id.as_str()], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            if state.as_deref() == Some(CustomerState::Shredded.as_str()) {
+                return Err(CatalogError::CustomerState(CustomerState::Shredded));
+            }
+            if state.as_deref() == Some(CustomerState::PendingShred.as_str())
+                && ticket_in(&tx, h.customer_id.as_str())?.destroyed.is_some()
+            {
+                return Err(CatalogError::Conflict(format!(
+                    "the keys of {} are already destroyed; there is nothing left to hold",
+                    h.customer_id
+                )));
+            }
+            tx.execute(
+                "INSERT INTO holds (hold_id, customer_id, interaction_id, case_ref, reason, placed_by, placed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    h.hold_id.to_string(),
+                    h.customer_id.as_str(),
+                    h.interaction_id,
+                    h.case_ref,
+                    h.reason,
+                    h.placed_by,
+                    h.placed_at_ms
+                ],
             )
             .map_err(backend)?;
             tx.commit().map_err(backend)?;
-            // Move every page out of the WAL and truncate it, so no frame
-            // holding a destroyed key survives in the -wal file.
-            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(backend)?;
-            Ok(ShredReport {
-                customer_ref: customer.customer_ref,
-                key_versions_destroyed: versions as u32,
-                objects,
-                discarded_uploads: discarded,
-                shredded_at_ms: now_ms,
-            })
+            Ok(h)
+        })
+        .await
+    }
+
+    async fn release_hold(&self, id: &HoldId, by: &str, now_ms: i64) -> Result<Hold, CatalogError> {
+        let (id, by) = (id.to_string(), by.to_owned());
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let hold = tx
+                .query_row("SELECT * FROM holds WHERE hold_id = ?1", [&id], hold_from_row)
+                .optional()
+                .map_err(backend)?
+                .ok_or(CatalogError::NotFound)?;
+            if !hold.is_active() {
+                return Err(CatalogError::Conflict(format!(
+                    "{} was already released by {}",
+                    hold.describe(),
+                    hold.released_by.unwrap_or_default()
+                )));
+            }
+            tx.execute(
+                "UPDATE holds SET released_by = ?2, released_at_ms = ?3 WHERE hold_id = ?1",
+                params![id, by, now_ms],
+            )
+            .map_err(backend)?;
+            let hold = tx.query_row("SELECT * FROM holds WHERE hold_id = ?1", [&id], hold_from_row).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(hold)
+        })
+        .await
+    }
+
+    async fn holds(&self, customer: Option<&CustomerId>, include_released: bool) -> Result<Vec<Hold>, CatalogError> {
+        let customer = customer.map(|c| c.as_str().to_owned());
+        self.run(move |c| {
+            let mut sql = String::from("SELECT * FROM holds WHERE (?1 IS NULL OR customer_id = ?1)");
+            if !include_released {
+                sql.push_str(" AND released_at_ms IS NULL");
+            }
+            sql.push_str(" ORDER BY placed_at_ms DESC, hold_id");
+            let mut stmt = c.prepare(&sql).map_err(backend)?;
+            let rows = stmt.query_map([customer], hold_from_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn unfinished_uploads(&self, before_ms: i64) -> Result<Vec<UploadRecord>, CatalogError> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare("SELECT * FROM uploads WHERE committed = 0 AND created_at_ms < ?1 ORDER BY created_at_ms")
+                .map_err(backend)?;
+            let rows = stmt.query_map([before_ms], upload_from_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
         .await
     }

@@ -157,6 +157,25 @@ impl KeyService {
         Ok(CustomerKey::from_secret(key))
     }
 
+    /// Whether the customer's canary still unwraps: obtains the customer
+    /// key exactly as a read would and tries it. `false` once the keys are
+    /// destroyed (the shred's verification step); errors other than "no
+    /// such key" and "does not open" are passed on, so an unreachable key
+    /// provider never counts as a verified shred.
+    pub async fn canary_opens(&self, customer: &CustomerRecord) -> Result<bool, KeyError> {
+        if customer.canary.is_empty() {
+            return Ok(false);
+        }
+        let key = match self.customer_key(&customer.customer_ref, &customer.customer_id, customer.active_version).await
+        {
+            Ok(k) => k,
+            Err(KeyError::CustomerState(_) | KeyError::DecryptionFailed) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let aad = wrap::canary_aad(customer.customer_ref.as_bytes(), customer.active_version);
+        Ok(wrap::unwrap_key(key.secret(), &customer.canary, &aad).is_ok())
+    }
+
     /// A fresh data key for a new object, and its wrapped form.
     pub fn new_data_key(
         customer_key: &CustomerKey,
@@ -247,11 +266,24 @@ mod tests {
             keys.data_key(&c1.customer_ref, &id, &ObjectId::new_random(), 1, &wrapped).await,
             Err(KeyError::DecryptionFailed)
         ));
-        catalog.shred_customer(&id, "test", 1).await.unwrap();
+        assert!(keys.canary_opens(&c1).await.unwrap(), "a live customer's canary opens");
+        let request = crate::catalog::ShredRequest {
+            reason: "test".into(),
+            requested_by: "t".into(),
+            requested_at_ms: 1,
+            destroy_after_ms: 1,
+            requires_approval: false,
+        };
+        catalog.request_shred(&id, &request).await.unwrap();
+        catalog.destroy_customer_keys(&id, 2).await.unwrap();
+        assert!(!keys.canary_opens(&c1).await.unwrap(), "after the destroy step the canary no longer opens");
         assert!(matches!(
             keys.data_key(&c1.customer_ref, &id, &object, 1, &wrapped).await,
             Err(KeyError::CustomerState(CustomerState::Shredded))
         ));
-        assert!(matches!(keys.customer_for_ingest(&id).await, Err(KeyError::CustomerState(CustomerState::Shredded))));
+        assert!(matches!(
+            keys.customer_for_ingest(&id).await,
+            Err(KeyError::CustomerState(CustomerState::PendingShred))
+        ));
     }
 }
