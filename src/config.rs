@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ingest::SizeCaps;
+use crate::model::{ContentKind, RetentionPolicy};
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./recvault-data";
@@ -23,6 +24,102 @@ pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
     pub ingest: IngestSection,
+    pub retention: RetentionSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Time between retention sweeps (expiry, due shreds, garbage).
+    #[serde(with = "humantime_serde_compat")]
+    pub sweep_interval: Duration,
+    /// Grace window between a shred request and key destruction; "0s"
+    /// shreds at once.
+    #[serde(with = "humantime_serde_compat")]
+    pub shred_grace: Duration,
+    /// Two-person rule: a shred needs approval by someone other than the
+    /// requester.
+    pub shred_requires_approval: bool,
+    /// Unfinished uploads idle this long are discarded.
+    #[serde(with = "humantime_serde_compat")]
+    pub abandoned_upload_ttl: Duration,
+    /// Retention policies; the longest matching one wins. An object no
+    /// policy matches is kept until its customer is shredded.
+    #[serde(rename = "policy")]
+    pub policies: Vec<PolicyConfig>,
+}
+
+/// One `[[retention.policy]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub kind: ContentKind,
+    /// How long after commit, e.g. "90days".
+    #[serde(with = "humantime_serde_compat")]
+    pub retain: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// "key=value": only objects carrying this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+impl PolicyConfig {
+    pub fn to_policy(&self) -> anyhow::Result<RetentionPolicy> {
+        let tag = match &self.tag {
+            None => None,
+            Some(t) => {
+                let (k, v) = t.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("retention policy {}: tag must be written key=value, got {t:?}", self.name)
+                })?;
+                Some((k.to_owned(), v.to_owned()))
+            }
+        };
+        let policy = RetentionPolicy {
+            name: self.name.clone(),
+            kind: self.kind,
+            queue: self.queue.clone(),
+            channel: self.channel.clone(),
+            tag,
+            retain_secs: self.retain.as_secs(),
+        };
+        policy.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(policy)
+    }
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        let day = 86_400;
+        let policy = |name: &str, kind, days: u64| PolicyConfig {
+            name: name.into(),
+            kind,
+            retain: Duration::from_secs(days * day),
+            queue: None,
+            channel: None,
+            tag: None,
+        };
+        Self {
+            sweep_interval: Duration::from_secs(600),
+            shred_grace: Duration::from_secs(7 * day),
+            shred_requires_approval: false,
+            abandoned_upload_ttl: Duration::from_secs(7 * day),
+            policies: vec![
+                policy("call-recordings", ContentKind::CallRecording, 90),
+                policy("chat-transcripts", ContentKind::ChatTranscript, 365),
+                policy("images", ContentKind::Image, 30),
+            ],
+        }
+    }
+}
+
+impl RetentionSection {
+    pub fn policies(&self) -> anyhow::Result<Vec<RetentionPolicy>> {
+        self.policies.iter().map(PolicyConfig::to_policy).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +144,7 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             ingest: IngestSection::default(),
+            retention: RetentionSection::default(),
         }
     }
 }
@@ -92,6 +190,21 @@ impl Config {
             (1..=64 << 20).contains(&i.put_cap),
             "ingest.put_cap must be between 1 byte and 64 MiB (larger items use the streaming Ingest call)"
         );
+        let r = &self.retention;
+        anyhow::ensure!(r.sweep_interval >= Duration::from_secs(1), "retention.sweep_interval must be at least 1s");
+        anyhow::ensure!(
+            r.shred_grace <= Duration::from_secs(90 * 86_400),
+            "retention.shred_grace must be at most 90 days (0s shreds at once)"
+        );
+        anyhow::ensure!(
+            r.abandoned_upload_ttl >= Duration::from_secs(3600),
+            "retention.abandoned_upload_ttl must be at least 1h (a dropped call must have time to resume)"
+        );
+        let policies = r.policies()?;
+        let mut names = std::collections::HashSet::new();
+        for p in &policies {
+            anyhow::ensure!(names.insert(&p.name), "retention policy {} is defined twice", p.name);
+        }
         Ok(())
     }
 }
@@ -125,6 +238,29 @@ mod tests {
         let err = Config::from_toml("lisen = \"127.0.0.1:9000\"").unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
         assert!(Config::from_toml("[ingest]\ncommit_interval = \"0s\"").is_err());
+    }
+
+    #[test]
+    fn retention_policies_from_the_config() {
+        let cfg = Config::from_toml(
+            "[retention]\nshred_grace = \"0s\"\n[[retention.policy]]\nname = \"disputes\"\nkind = \"call-recording\"\n\
+             retain = \"2years\"\ntag = \"dispute=yes\"\nqueue = \"billing\"\n",
+        )
+        .unwrap();
+        let policies = cfg.retention.policies().unwrap();
+        assert_eq!(policies.len(), 1, "a [[retention.policy]] list replaces the defaults");
+        assert_eq!(policies[0].tag, Some(("dispute".into(), "yes".into())));
+        assert_eq!(policies[0].queue.as_deref(), Some("billing"));
+        assert!(cfg.retention.shred_grace.is_zero());
+        for bad in [
+            "[[retention.policy]]\nname = \"x\"\nkind = \"call-recording\"\nretain = \"1d\"\ntag = \"novalue\"",
+            "[[retention.policy]]\nname = \"x\"\nkind = \"video\"\nretain = \"1d\"",
+            "[[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"0s\"",
+            "[[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"1d\"\n\
+             [[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"2d\"",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

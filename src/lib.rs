@@ -11,7 +11,7 @@
 //! api/        gRPC handlers: translate, call one use-case, map errors (api/status.rs)
 //! ingest/     streaming capture: durable encrypted spool, content checks, commit
 //! retrieve/   stat, list, segment-level range reads
-//! retention/  shredding (the full retention pipeline grows here)
+//! retention/  policies, holds, expiry sweep, shred pipeline, certificates
 //! keys/       root key providers, customer keys, data keys
 //! catalog/    metadata + wrapped keys behind a trait (SQLite today)
 //! store/      ciphertext over Arc<dyn ObjectStore>, the one path builder
@@ -27,7 +27,10 @@
 //! version of the customer key and every wrapped data key of the customer
 //! (SQLite `secure_delete` plus a truncating WAL checkpoint scrub the
 //! database files); the ciphertext left anywhere — object-store versions,
-//! backups of the object store — is then undecryptable.
+//! backups of the object store — is then undecryptable. A shred first
+//! waits out a grace window (`PENDING_SHRED`, content refused, cancellable),
+//! then destroys, verifies that the customer's canary no longer opens, and
+//! signs a certificate (docs/STATES.md).
 //!
 //! Shredding does **not** reach: backups of the catalog taken before the
 //! shred together with the root key (restore either and the keys return —
@@ -40,6 +43,7 @@
 pub mod api;
 pub mod catalog;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
@@ -48,5 +52,6 @@ pub mod keys;
 pub mod model;
 pub mod retention;
 pub mod retrieve;
+pub mod revocation;
 pub mod server;
 pub mod store;

@@ -4,6 +4,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = recvault::cli::Cli::parse();
+    // Crash tests set failpoints through FAILPOINTS; absent from release
+    // builds (the `failpoints` feature is off).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let serving = matches!(cli.command, recvault::cli::Command::Serve(_));
     // Logs go to stderr; stdout carries results only.
     tracing_subscriber::fmt()

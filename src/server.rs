@@ -15,12 +15,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::{self, MAX_CHUNK, pb};
 use crate::catalog::Catalog;
 use crate::catalog::sqlite::SqliteCatalog;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::ingest::{Ingest, IngestConfig};
 use crate::keys::KeyService;
 use crate::keys::root_file::FileRootKey;
-use crate::retention::Retention;
+use crate::retention::certificate::SigningKey;
+use crate::retention::policy::Policies;
+use crate::retention::{Retention, RetentionConfig, RetentionDeps};
 use crate::retrieve::Retrieve;
+use crate::revocation::Revocations;
 use crate::store::Store;
 
 /// HTTP/2 frames of 1 MiB nearly halve gRPC CPU per byte on bulk streams
@@ -52,6 +56,12 @@ fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// Opens storage, catalog and root key under the data directory and
 /// unseals. Fails with a message naming what to fix.
 pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
+    open_with_clock(cfg, Arc::new(SystemClock)).await
+}
+
+/// [`open`] with a given clock (tests move time instead of sleeping).
+pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Parts> {
+    cfg.validate()?;
     let data = &cfg.data_dir;
     ensure_private_dir(data)?;
     let root = FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -64,6 +74,7 @@ pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
             .await
             .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
     );
+    let signer = SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::local(&data.join("objects")).map_err(|e| anyhow::anyhow!("cannot open object storage: {e}"))?;
     let spool_dir = data.join("spool");
     ensure_private_dir(&spool_dir)?;
@@ -73,15 +84,43 @@ pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
     icfg.idle_timeout = cfg.ingest.idle_timeout;
     icfg.put_cap = cfg.ingest.put_cap;
     icfg.caps = cfg.ingest.caps;
-    let ingest = Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone());
-    let retrieve = Arc::new(Retrieve::new(catalog.clone(), keys, store.clone()));
-    let retention = Arc::new(Retention::new(catalog.clone(), store.clone(), ingest.clone(), spool_dir));
+    let policies = Policies::new(Vec::new());
+    let revocations = Arc::new(Revocations::default());
+    let ingest = Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone());
+    let retrieve = Arc::new(Retrieve::new(catalog.clone(), keys.clone(), store.clone(), revocations.clone()));
+    let r = &cfg.retention;
+    let retention = Arc::new(Retention::new(
+        RetentionDeps {
+            catalog: catalog.clone(),
+            store: store.clone(),
+            ingest: ingest.clone(),
+            keys,
+            spool_dir,
+            policies,
+            clock,
+            revocations,
+            signer,
+        },
+        RetentionConfig {
+            shred_grace: r.shred_grace,
+            shred_requires_approval: r.shred_requires_approval,
+            abandoned_upload_ttl: r.abandoned_upload_ttl,
+        },
+    ));
+    retention
+        .sync_config_policies(&r.policies()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
     Ok(Parts { ingest, retrieve, retention, catalog, store })
 }
 
 /// Binds the listener (after unsealing) and returns it with the parts.
 pub async fn bind(cfg: &Config) -> anyhow::Result<(Parts, TcpListener)> {
-    let parts = open(cfg).await?;
+    bind_with_clock(cfg, Arc::new(SystemClock)).await
+}
+
+pub async fn bind_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Parts, TcpListener)> {
+    let parts = open_with_clock(cfg, clock).await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another server running?)", cfg.listen))?;
@@ -106,6 +145,7 @@ pub async fn serve(
         .build_v1alpha()?;
     // Room for a full Put (or one data chunk) plus its metadata.
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
+    let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
     let service =
         pb::recvault_server::RecvaultServer::new(api::Service::new(parts.ingest, parts.retrieve, parts.retention))
             .max_decoding_message_size(max_message)
@@ -122,7 +162,28 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    sweeper.abort();
+    let _ = sweeper.await;
     Ok(())
+}
+
+/// The in-server retention sweep: once at start (which also finishes any
+/// shred a crash interrupted, and deletes ciphertext an interrupted expiry
+/// left), then every `interval`.
+async fn run_sweeper(retention: Arc<Retention>, interval: std::time::Duration) {
+    match retention.vacuum_expired().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(leftovers = n, "expired ciphertext still not deletable"),
+        Err(e) => tracing::error!(error = %e, "expired-ciphertext vacuum failed"),
+    }
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = retention.sweep(false).await {
+            tracing::error!(error = %e, "retention sweep failed; retried at the next interval");
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

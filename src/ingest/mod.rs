@@ -29,12 +29,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, UploadRecord};
+use crate::catalog::{Catalog, CatalogError, CustomerState, UploadRecord};
+use crate::clock::Clock;
 use crate::crypto::DataKey;
 use crate::crypto::format::{self, HeaderFields, ObjectEncryptor, SegmentSealer};
 use crate::error::Error;
 use crate::keys::KeyService;
-use crate::model::{ContentKind, CustomerRef, ObjectId, ObjectRecord, ObjectSpec, UploadId, now_ms};
+use crate::model::{ContentKind, CustomerRef, ObjectId, ObjectRecord, ObjectSpec, Retention, UploadId};
+use crate::retention::policy::Policies;
 use crate::store::{Store, StoreError};
 use sniff::{ContentChecker, SniffLimits};
 use spool::Journal;
@@ -141,6 +143,8 @@ pub struct Ingest {
     catalog: Arc<dyn Catalog>,
     keys: Arc<KeyService>,
     store: Store,
+    policies: Arc<Policies>,
+    clock: Arc<dyn Clock>,
     active: Mutex<HashMap<UploadId, Active>>,
     generation: std::sync::atomic::AtomicU64,
     released: tokio::sync::Notify,
@@ -186,12 +190,21 @@ struct Session {
 type FlushResult = Result<(Journal, u64), spool::SpoolError>;
 
 impl Ingest {
-    pub fn new(cfg: IngestConfig, catalog: Arc<dyn Catalog>, keys: Arc<KeyService>, store: Store) -> Arc<Self> {
+    pub fn new(
+        cfg: IngestConfig,
+        catalog: Arc<dyn Catalog>,
+        keys: Arc<KeyService>,
+        store: Store,
+        policies: Arc<Policies>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             catalog,
             keys,
             store,
+            policies,
+            clock,
             active: Mutex::new(HashMap::new()),
             generation: Default::default(),
             released: tokio::sync::Notify::new(),
@@ -212,6 +225,11 @@ impl Ingest {
             n += 1;
         }
         n
+    }
+
+    /// Whether a stream is writing this upload now.
+    pub fn is_streaming(&self, upload_id: &UploadId) -> bool {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(upload_id)
     }
 
     /// Takes the upload for this stream, cancelling a stale holder and
@@ -250,16 +268,18 @@ impl Ingest {
     async fn open(self: &Arc<Self>, upload_id: UploadId, mut spec: ObjectSpec) -> Result<Opening, Error> {
         self.check_spec(&mut spec)?;
         if let Some(existing) = self.catalog.upload(&upload_id).await? {
-            same_upload(&existing, &spec)?;
             if existing.committed {
-                return Ok(Opening::Committed(Box::new(self.committed_object(&existing).await?)));
+                let object = self.committed_object(&existing).await?;
+                same_upload(&existing, &spec)?;
+                return Ok(Opening::Committed(Box::new(object)));
             }
+            same_upload(&existing, &spec)?;
             let customer = self
                 .catalog
                 .customer(&spec.customer_id)
                 .await?
                 .ok_or_else(|| Error::Internal("upload of an unknown customer".into()))?;
-            if customer.state != crate::catalog::CustomerState::Active {
+            if customer.state != CustomerState::Active {
                 return Err(Error::from_state(customer.state));
             }
             let lease = self.lease(upload_id, existing.customer_ref).await?;
@@ -275,8 +295,12 @@ impl Ingest {
 
     async fn committed_object(&self, upload: &UploadRecord) -> Result<ObjectRecord, Error> {
         match self.catalog.object(&upload.object_id).await? {
-            Some(o) if o.customer_state == crate::catalog::CustomerState::Active => Ok(o.record),
-            Some(o) => Err(Error::from_state(o.customer_state)),
+            Some(o) if o.customer_state != CustomerState::Active => Err(Error::from_state(o.customer_state)),
+            Some(o) if o.expired_at_ms.is_some() => Err(Error::NotFound(format!(
+                "upload {} was committed as object {}, which expired and was crypto-erased",
+                upload.upload_id, upload.object_id
+            ))),
+            Some(o) => Ok(o.record),
             None => Err(Error::NotFound(format!("object {} of upload {} is gone", upload.object_id, upload.upload_id))),
         }
     }
@@ -457,7 +481,7 @@ impl Ingest {
                     return Err(match state {
                         // Shredded under our feet: write nothing more, and
                         // remove what the shred could not see yet.
-                        Some(st) if st != crate::catalog::CustomerState::Active => {
+                        Some(st) if st != CustomerState::Active => {
                             if let Some(h) = s.in_flight.take() {
                                 let _ = h.await;
                             }
@@ -603,13 +627,16 @@ impl Ingest {
                 hex::encode(expected)
             ))));
         }
+        let created_at_ms = self.clock.now_ms();
         let record = ObjectRecord {
             object_id: s.record.object_id,
             upload_id: s.record.upload_id,
             spec: s.record.spec.clone(),
             size,
             sha256,
-            created_at_ms: now_ms(),
+            created_at_ms,
+            retention: self.policies.assign(&s.record.spec, created_at_ms),
+            derived_from: None,
         };
         let committed = match self.catalog.commit_upload(&record).await {
             Ok(c) => c,
@@ -696,9 +723,54 @@ impl Ingest {
     pub async fn put(
         self: &Arc<Self>,
         upload_id: UploadId,
+        spec: ObjectSpec,
+        data: Bytes,
+        expected_sha256: Option<[u8; 32]>,
+    ) -> Result<ObjectRecord, Error> {
+        self.put_object(upload_id, spec, data, expected_sha256, None).await
+    }
+
+    /// Stores an item derived from a committed object (a redacted
+    /// transcript, a thumbnail, an audio clip). The rule that makes one
+    /// shred cover derived items is enforced here: the customer, and so the
+    /// customer key, is taken from the source object and cannot be chosen;
+    /// the item inherits the source's interaction and retention (it never
+    /// outlives its source) and records where it came from.
+    pub async fn put_derived(
+        self: &Arc<Self>,
+        upload_id: UploadId,
+        source: &ObjectId,
+        kind: ContentKind,
+        content_type: &str,
+        data: Bytes,
+    ) -> Result<ObjectRecord, Error> {
+        let parent = self
+            .catalog
+            .object(source)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source object {source} not found")))?;
+        if parent.customer_state != CustomerState::Active {
+            return Err(Error::from_state(parent.customer_state));
+        }
+        if parent.expired_at_ms.is_some() {
+            return Err(Error::NotFound(format!("source object {source} expired")));
+        }
+        let spec = ObjectSpec {
+            customer_id: parent.record.spec.customer_id.clone(),
+            kind,
+            content_type: content_type.to_owned(),
+            interaction: parent.record.spec.interaction.clone(),
+        };
+        self.put_object(upload_id, spec, data, None, Some((*source, parent.record.retention))).await
+    }
+
+    async fn put_object(
+        self: &Arc<Self>,
+        upload_id: UploadId,
         mut spec: ObjectSpec,
         data: Bytes,
         expected_sha256: Option<[u8; 32]>,
+        derived: Option<(ObjectId, Retention)>,
     ) -> Result<ObjectRecord, Error> {
         self.check_spec(&mut spec)?;
         let cap = self.cfg.put_cap.min(self.cfg.caps.for_kind(spec.kind));
@@ -725,9 +797,9 @@ impl Ingest {
         checker.finish()?;
         let existing = self.catalog.upload(&upload_id).await?;
         if let Some(existing) = &existing {
-            same_upload(existing, &spec)?;
             if existing.committed {
                 let object = self.committed_object(existing).await?;
+                same_upload(existing, &spec)?;
                 if object.sha256 != sha {
                     return Err(Error::Precondition(format!(
                         "upload id {upload_id} was already committed with different content (object {})",
@@ -736,6 +808,7 @@ impl Ingest {
                 }
                 return Ok(object);
             }
+            same_upload(existing, &spec)?;
         }
         let stored = match existing {
             Some(upload) => upload,
@@ -756,13 +829,20 @@ impl Ingest {
         let mut writer = self.store.writer(stored.object_id);
         writer.write(&ciphertext).await?;
         self.commit_object(writer, data.len() as u64).await?;
+        let created_at_ms = self.clock.now_ms();
+        let (derived_from, retention) = match derived {
+            Some((source, retention)) => (Some(source), retention),
+            None => (None, self.policies.assign(&spec, created_at_ms)),
+        };
         let object = ObjectRecord {
             object_id: stored.object_id,
             upload_id,
             spec,
             size: data.len() as u64,
             sha256: sha,
-            created_at_ms: now_ms(),
+            created_at_ms,
+            retention,
+            derived_from,
         };
         let committed = self.catalog.commit_upload(&object).await.map_err(|e| match e {
             CatalogError::NotFound => Error::Precondition(format!("upload {upload_id} was discarded meanwhile")),
@@ -796,7 +876,7 @@ impl Ingest {
             key_version: customer.active_version,
             wrapped_dek: wrapped,
             nonce_prefix: fields.nonce_prefix,
-            created_at_ms: now_ms(),
+            created_at_ms: self.clock.now_ms(),
             committed: false,
         };
         let stored = self.catalog.create_upload(&record).await?;

@@ -17,6 +17,7 @@ use crate::crypto::format::{self, HEADER_LEN, SegmentOpener, TAG_LEN};
 use crate::error::Error;
 use crate::keys::KeyService;
 use crate::model::{ObjectId, ObjectRecord};
+use crate::revocation::Revocations;
 use crate::store::Store;
 
 /// Ciphertext fetched per store request while streaming a range.
@@ -43,21 +44,35 @@ pub struct Retrieve {
     catalog: Arc<dyn Catalog>,
     keys: Arc<KeyService>,
     store: Store,
+    revocations: Arc<Revocations>,
+}
+
+/// The object if its content may be read now: committed, not expired, its
+/// customer active. Decided before any key is touched.
+async fn readable(catalog: &dyn Catalog, id: &ObjectId) -> Result<StoredObject, Error> {
+    let stored = catalog
+        .object(id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("object {id} not found (unknown id, or an upload not yet finished)")))?;
+    if stored.customer_state != CustomerState::Active {
+        return Err(Error::from_state(stored.customer_state));
+    }
+    if let Some(at) = stored.expired_at_ms {
+        return Err(Error::NotFound(format!(
+            "object {id} expired: its retention ended and it was crypto-erased at {}",
+            crate::model::format_ms(at)
+        )));
+    }
+    Ok(stored)
 }
 
 impl Retrieve {
-    pub fn new(catalog: Arc<dyn Catalog>, keys: Arc<KeyService>, store: Store) -> Self {
-        Self { catalog, keys, store }
+    pub fn new(catalog: Arc<dyn Catalog>, keys: Arc<KeyService>, store: Store, revocations: Arc<Revocations>) -> Self {
+        Self { catalog, keys, store, revocations }
     }
 
     async fn readable(&self, id: &ObjectId) -> Result<StoredObject, Error> {
-        let stored = self.catalog.object(id).await?.ok_or_else(|| {
-            Error::NotFound(format!("object {id} not found (unknown id, or an upload not yet finished)"))
-        })?;
-        if stored.customer_state != CustomerState::Active {
-            return Err(Error::from_state(stored.customer_state));
-        }
-        Ok(stored)
+        readable(self.catalog.as_ref(), id).await
     }
 
     /// Metadata of a committed object.
@@ -98,6 +113,7 @@ impl Retrieve {
         id: &ObjectId,
         range: ByteRange,
     ) -> Result<(ObjectRecord, impl Stream<Item = Result<(u64, Bytes), Error>> + Send + 'static), Error> {
+        let epoch = self.revocations.epoch();
         let stored = self.readable(id).await?;
         let record = stored.record.clone();
         let size = record.size;
@@ -136,6 +152,9 @@ impl Retrieve {
         let seg = u64::from(f.segment_size);
         let reader = RangeReader {
             store: self.store.clone(),
+            catalog: self.catalog.clone(),
+            revocations: self.revocations.clone(),
+            epoch,
             id: *id,
             opener,
             seg,
@@ -160,6 +179,10 @@ impl Retrieve {
 
 struct RangeReader {
     store: Store,
+    catalog: Arc<dyn Catalog>,
+    revocations: Arc<Revocations>,
+    /// The revocation epoch the object was last seen readable in.
+    epoch: u64,
     id: ObjectId,
     opener: SegmentOpener,
     seg: u64,
@@ -187,20 +210,17 @@ impl RangeReader {
         } else {
             format::segment_offset(last + 1, self.seg as u32)
         };
-        let cipher = self.store.read_range(&self.id, from..to).await?;
-        if cipher.len() as u64 != to - from {
-            return Err(Error::Integrity);
-        }
-        let mut plain = Vec::with_capacity(((last - first + 1) * self.seg) as usize);
-        let mut buf = Vec::with_capacity(stride as usize);
-        for (i, piece) in cipher.chunks(stride as usize).enumerate() {
-            let index = first + i as u64;
-            buf.clear();
-            buf.extend_from_slice(piece);
-            self.opener.open_segment(index, index + 1 == self.segments, &mut buf)?;
-            plain.extend_from_slice(&buf);
-        }
+        let plain = match self.fetch_and_open(first, last, from..to).await {
+            Ok(plain) => plain,
+            Err(e) => {
+                // A shred or expiry deletes the ciphertext under a running
+                // read: report that, not a failed integrity check.
+                self.still_readable().await?;
+                return Err(e);
+            }
+        };
         self.next_segment = last + 1;
+        self.still_readable().await?;
         let batch_start = first * self.seg;
         let lo = (self.start.max(batch_start) - batch_start) as usize;
         let hi = ((self.end.min(batch_start + plain.len() as u64)).saturating_sub(batch_start) as usize).max(lo);
@@ -212,6 +232,38 @@ impl RangeReader {
             return Ok(None);
         }
         Ok(Some((offset, data)))
+    }
+}
+
+impl RangeReader {
+    async fn fetch_and_open(&self, first: u64, last: u64, range: std::ops::Range<u64>) -> Result<Vec<u8>, Error> {
+        let stride = self.seg + TAG_LEN as u64;
+        let expected = range.end - range.start;
+        let cipher = self.store.read_range(&self.id, range).await?;
+        if cipher.len() as u64 != expected {
+            return Err(Error::Integrity);
+        }
+        let mut plain = Vec::with_capacity(((last - first + 1) * self.seg) as usize);
+        let mut buf = Vec::with_capacity(stride as usize);
+        for (i, piece) in cipher.chunks(stride as usize).enumerate() {
+            let index = first + i as u64;
+            buf.clear();
+            buf.extend_from_slice(piece);
+            self.opener.open_segment(index, index + 1 == self.segments, &mut buf)?;
+            plain.extend_from_slice(&buf);
+        }
+        Ok(plain)
+    }
+
+    /// A shred or expiry that landed while this read was streaming stops
+    /// it before the next decrypted bytes leave (E2).
+    async fn still_readable(&mut self) -> Result<(), Error> {
+        let now = self.revocations.epoch();
+        if now != self.epoch {
+            readable(self.catalog.as_ref(), &self.id).await?;
+            self.epoch = now;
+        }
+        Ok(())
     }
 }
 
