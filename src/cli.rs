@@ -46,8 +46,17 @@ pub enum Command {
     Stat(StatArgs),
     /// List a customer's objects, newest first.
     Ls(LsArgs),
-    /// Destroy every key of a customer now, making all their content unrecoverable.
-    Shred(ShredArgs),
+    /// Crypto-shred a customer: request (then approve/cancel/status).
+    Shred(ShredCmd),
+    /// Legal holds: place, release, list.
+    #[command(subcommand)]
+    Hold(HoldCmd),
+    /// Retention policies and sweeps.
+    #[command(subcommand)]
+    Retention(RetentionCmd),
+    /// Shred certificates: fetch, and verify offline.
+    #[command(subcommand)]
+    Certificate(CertificateCmd),
 }
 
 #[derive(Debug, Args)]
@@ -139,15 +148,172 @@ pub struct LsArgs {
     pub server: ServerArg,
 }
 
+/// `recvault shred --customer C --reason R` requests a shred; the
+/// subcommands act on a pending one.
 #[derive(Debug, Args)]
-pub struct ShredArgs {
-    #[arg(long)]
-    pub customer: String,
-    /// Why (ticket, erasure request); kept with the tombstone.
-    #[arg(long)]
-    pub reason: String,
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ShredCmd {
+    #[command(subcommand)]
+    pub action: Option<ShredAction>,
+    #[arg(long, required = true)]
+    pub customer: Option<String>,
+    /// Why (ticket, erasure request); kept in the certificate.
+    #[arg(long, required = true)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub actor: ActorArg,
     #[command(flatten)]
     pub server: ServerArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShredAction {
+    /// Approve a pending shred (two-person rule: not the requester).
+    Approve(CustomerActorArgs),
+    /// Cancel a pending shred before its keys are destroyed.
+    Cancel(CustomerArgs),
+    /// Show a customer's shred state.
+    Status(CustomerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActorArg {
+    /// Who is acting (recorded; default: $USER).
+    #[arg(long = "by", env = "RECVAULT_ACTOR")]
+    pub by: Option<String>,
+}
+
+impl ActorArg {
+    fn name(&self) -> anyhow::Result<String> {
+        match self.by.clone().or_else(|| std::env::var("USER").ok()).filter(|s| !s.is_empty()) {
+            Some(n) => Ok(n),
+            None => bail!("say who is acting with --by NAME (or set RECVAULT_ACTOR)"),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CustomerArgs {
+    #[arg(long)]
+    pub customer: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Args)]
+pub struct CustomerActorArgs {
+    #[arg(long)]
+    pub customer: String,
+    #[command(flatten)]
+    pub actor: ActorArg,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCmd {
+    /// Place a legal hold on a customer (or one interaction of it).
+    Place {
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        interaction: Option<String>,
+        /// Case or ticket reference.
+        #[arg(long = "case")]
+        case_ref: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        actor: ActorArg,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Release a hold by id.
+    Release {
+        hold_id: String,
+        #[command(flatten)]
+        actor: ActorArg,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List holds in force (with --all, released ones too).
+    Ls {
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionCmd {
+    /// Run one retention sweep now and print its counts.
+    Run {
+        /// Only report what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the retention policies.
+    Policies {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Add or replace a policy (not one defined in the config file).
+    Set {
+        name: String,
+        #[arg(long, value_parser = parse_kind)]
+        kind: ContentKind,
+        /// How long after commit, e.g. 90days, 2years.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retain: std::time::Duration,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+        /// Only objects with this tag: key=value
+        #[arg(long, value_parser = parse_tag)]
+        tag: Option<(String, String)>,
+        /// Recompute the expiry of existing objects too.
+        #[arg(long)]
+        reapply: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Delete a policy (not one defined in the config file).
+    Rm {
+        name: String,
+        #[arg(long)]
+        reapply: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertificateCmd {
+    /// Fetch a shredded customer's signed certificate.
+    Get {
+        #[arg(long)]
+        customer: String,
+        /// Write to FILE instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Verify a certificate offline against the service's public key.
+    Verify {
+        file: PathBuf,
+        /// The service's signing.pub [default: DATA_DIR/signing.pub].
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        #[arg(long, env = "RECVAULT_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
 }
 
 fn parse_kind(s: &str) -> Result<ContentKind, String> {
@@ -190,6 +356,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat(a) => stat(a).await,
         Command::Ls(a) => ls(a).await,
         Command::Shred(a) => shred(a).await,
+        Command::Hold(c) => hold(c).await,
+        Command::Retention(c) => retention(c).await,
+        Command::Certificate(c) => certificate(c).await,
     }
 }
 
@@ -545,6 +714,12 @@ async fn stat(a: StatArgs) -> anyhow::Result<()> {
         ("size", info.size.to_string()),
         ("sha256", hex::encode(&info.sha256)),
         ("created_at", format_time(&info.created_at)),
+        (
+            "expires_at",
+            if info.expires_at.is_some() { format_time(&info.expires_at) } else { "never (no policy)".into() },
+        ),
+        ("retention", info.retention_policy.clone()),
+        ("derived_from", info.derived_from.clone()),
         ("upload_id", info.upload_id.clone()),
         ("interaction_id", i.interaction_id.clone()),
         ("channel", i.channel.clone()),
@@ -613,21 +788,260 @@ async fn ls(a: LsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shred(a: ShredArgs) -> anyhow::Result<()> {
-    let mut client = connect(&a.server).await?;
-    let r = client
-        .shred_customer(pb::ShredCustomerRequest { customer_id: a.customer.clone(), reason: a.reason.clone() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+async fn shred(a: ShredCmd) -> anyhow::Result<()> {
+    let status = match a.action {
+        None => {
+            let (Some(customer_id), Some(reason)) = (a.customer, a.reason) else {
+                bail!("say whom to shred and why: --customer ID --reason TEXT");
+            };
+            let requested_by = a.actor.name()?;
+            let mut client = connect(&a.server).await?;
+            client.shred_customer(pb::ShredCustomerRequest { customer_id, reason, requested_by }).await
+        }
+        Some(ShredAction::Approve(c)) => {
+            let approver = c.actor.name()?;
+            let mut client = connect(&c.server).await?;
+            client.approve_shred(pb::ApproveShredRequest { customer_id: c.customer, approver }).await
+        }
+        Some(ShredAction::Cancel(c)) => {
+            let mut client = connect(&c.server).await?;
+            client.cancel_shred(pb::CancelShredRequest { customer_id: c.customer }).await
+        }
+        Some(ShredAction::Status(c)) => {
+            let mut client = connect(&c.server).await?;
+            client.get_shred_status(pb::GetShredStatusRequest { customer_id: c.customer }).await
+        }
+    };
+    print_shred_status(&status.map_err(status_error)?.into_inner());
+    Ok(())
+}
+
+fn print_shred_status(r: &pb::ShredStatus) {
+    let state = pb::CustomerState::try_from(r.state).unwrap_or(pb::CustomerState::Unspecified);
+    match state {
+        pb::CustomerState::Shredded => println!(
+            "shredded customer {}: {} key version(s) destroyed, {} object(s) and {} unfinished upload(s) made \
+             unrecoverable at {}; certificate: recvault certificate get --customer {}",
+            r.customer_id,
+            r.key_versions_destroyed,
+            r.objects_shredded,
+            r.uploads_discarded,
+            format_time(&r.destroyed_at),
+            r.customer_id
+        ),
+        pb::CustomerState::PendingShred => {
+            println!(
+                "customer {} is pending shred (requested by {} at {}): content is locked; keys are destroyed after {}",
+                r.customer_id,
+                r.requested_by,
+                format_time(&r.requested_at),
+                format_time(&r.destroy_after)
+            );
+            if r.requires_approval && r.approved_by.is_empty() {
+                println!(
+                    "waiting for approval by someone other than {}: recvault shred approve --customer {}",
+                    r.requested_by, r.customer_id
+                );
+            }
+            for h in &r.blocking_holds {
+                println!("blocked by legal hold {} (case {}): {}", h.hold_id, h.case_ref, h.reason);
+            }
+            println!("to cancel: recvault shred cancel --customer {}", r.customer_id);
+        }
+        _ => {
+            println!("customer {} is active", r.customer_id);
+            for h in &r.blocking_holds {
+                println!("under legal hold {} (case {}): {}", h.hold_id, h.case_ref, h.reason);
+            }
+        }
+    }
+}
+
+fn print_hold(h: &pb::Hold) {
+    let scope = if h.interaction_id.is_empty() { String::new() } else { format!(" interaction {}", h.interaction_id) };
+    let released = if h.released_by.is_empty() {
+        String::new()
+    } else {
+        format!("  released by {} at {}", h.released_by, format_time(&h.released_at))
+    };
     println!(
-        "shredded customer {}: {} key version(s) destroyed, {} object(s) and {} unfinished upload(s) made unrecoverable at {}",
-        r.customer_id,
-        r.key_versions_destroyed,
-        r.objects_shredded,
-        r.uploads_discarded,
-        format_time(&r.shredded_at)
+        "{}  customer {}{}  case {}  placed by {} at {}  {}{}",
+        h.hold_id,
+        h.customer_id,
+        scope,
+        h.case_ref,
+        h.placed_by,
+        format_time(&h.placed_at),
+        h.reason,
+        released
     );
+}
+
+async fn hold(c: HoldCmd) -> anyhow::Result<()> {
+    match c {
+        HoldCmd::Place { customer, interaction, case_ref, reason, actor, server } => {
+            let placed_by = actor.name()?;
+            let h = connect(&server)
+                .await?
+                .place_hold(pb::PlaceHoldRequest {
+                    customer_id: customer,
+                    interaction_id: interaction.unwrap_or_default(),
+                    case_ref,
+                    reason,
+                    placed_by,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_hold(&h);
+        }
+        HoldCmd::Release { hold_id, actor, server } => {
+            let released_by = actor.name()?;
+            let h = connect(&server)
+                .await?
+                .release_hold(pb::ReleaseHoldRequest { hold_id, released_by })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_hold(&h);
+        }
+        HoldCmd::Ls { customer, all, server } => {
+            let r = connect(&server)
+                .await?
+                .list_holds(pb::ListHoldsRequest { customer_id: customer.unwrap_or_default(), include_released: all })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for h in &r.holds {
+                print_hold(h);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn retention(c: RetentionCmd) -> anyhow::Result<()> {
+    match c {
+        RetentionCmd::Run { dry_run, server } => {
+            let r = connect(&server)
+                .await?
+                .run_retention(pb::RunRetentionRequest { dry_run })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let (verb, shreds) = if dry_run { ("would expire", "would complete") } else { ("expired", "completed") };
+            println!("{verb} {} object(s); {} kept by legal holds", r.objects_expired, r.objects_held);
+            println!("shreds: {shreds} {}, {} still waiting", r.shreds_completed, r.shreds_waiting);
+            println!(
+                "garbage: {} abandoned upload(s), {} orphaned journal(s){}",
+                r.uploads_abandoned,
+                r.orphan_journals_removed,
+                if dry_run { " would be removed" } else { " removed" }
+            );
+            if r.leftovers > 0 {
+                println!("{} item(s) could not be deleted yet (already unreadable; retried next sweep)", r.leftovers);
+            }
+        }
+        RetentionCmd::Policies { server } => {
+            let r = connect(&server)
+                .await?
+                .list_retention_policies(pb::ListRetentionPoliciesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for p in &r.policies {
+                let mut criteria = Vec::new();
+                if !p.queue.is_empty() {
+                    criteria.push(format!("queue={}", p.queue));
+                }
+                if !p.channel.is_empty() {
+                    criteria.push(format!("channel={}", p.channel));
+                }
+                if !p.tag_key.is_empty() {
+                    criteria.push(format!("tag {}={}", p.tag_key, p.tag_value));
+                }
+                println!(
+                    "{:20} {:15} {:>12}  {}{}",
+                    p.name,
+                    kind_name(p.kind),
+                    humantime::format_duration(std::time::Duration::from_secs(p.retain_seconds)).to_string(),
+                    criteria.join(" "),
+                    if p.from_config { "  (config file)" } else { "" }
+                );
+            }
+        }
+        RetentionCmd::Set { name, kind, retain, queue, channel, tag, reapply, server } => {
+            let (tag_key, tag_value) = tag.unwrap_or_default();
+            let policy = pb::RetentionPolicy {
+                name: name.clone(),
+                kind: i32::from(kind.code()),
+                queue: queue.unwrap_or_default(),
+                channel: channel.unwrap_or_default(),
+                tag_key,
+                tag_value,
+                retain_seconds: retain.as_secs(),
+                from_config: false,
+            };
+            let r = connect(&server)
+                .await?
+                .set_retention_policy(pb::SetRetentionPolicyRequest { policy: Some(policy), reapply })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("policy {name} set; {} existing object(s) got a new expiry", r.objects_updated);
+        }
+        RetentionCmd::Rm { name, reapply, server } => {
+            let r = connect(&server)
+                .await?
+                .delete_retention_policy(pb::DeleteRetentionPolicyRequest { name: name.clone(), reapply })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("policy {name} deleted; {} existing object(s) got a new expiry", r.objects_updated);
+        }
+    }
+    Ok(())
+}
+
+async fn certificate(c: CertificateCmd) -> anyhow::Result<()> {
+    match c {
+        CertificateCmd::Get { customer, output, server } => {
+            let r = connect(&server)
+                .await?
+                .get_shred_certificate(pb::GetShredStatusRequest { customer_id: customer })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, format!("{}\n", r.certificate_json))
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("certificate written to {} (signed by {})", path.display(), r.signing_key_id);
+                }
+                None => println!("{}", r.certificate_json),
+            }
+        }
+        CertificateCmd::Verify { file, public_key, data_dir } => {
+            use crate::retention::certificate;
+            let key_path = public_key.unwrap_or_else(|| certificate::SigningKey::public_key_path(&data_dir));
+            let key_text = std::fs::read_to_string(&key_path).map_err(|e| {
+                anyhow::anyhow!("cannot read the public key {}: {e} (pass --public-key FILE)", key_path.display())
+            })?;
+            let key = certificate::parse_public_key(&key_text)?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let cert = certificate::verify(&text, &key).map_err(|e| anyhow::anyhow!("INVALID: {e}"))?;
+            println!(
+                "valid: customer {} shredded at {} ({} key version(s), {} object(s), canary check {}), signed by {}",
+                cert.customer_id,
+                cert.destroyed_at,
+                cert.key_versions_destroyed.len(),
+                cert.objects_unrecoverable,
+                cert.canary.result,
+                cert.signing_key_id
+            );
+        }
+    }
     Ok(())
 }
 

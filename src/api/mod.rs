@@ -14,13 +14,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::ListFilter;
+use crate::catalog::{CustomerState, ListFilter, StoredPolicy};
 use crate::error::Error;
 use crate::ingest::{ClientMsg, Ingest, ServerMsg};
 use crate::model::{
-    ContentKind, CustomerId, Direction, Interaction, InvalidInput, ObjectId, ObjectRecord, ObjectSpec, UploadId,
+    ContentKind, CustomerId, Direction, Hold, HoldId, Interaction, InvalidInput, ObjectId, ObjectRecord, ObjectSpec,
+    RetentionPolicy, UploadId,
 };
-use crate::retention::Retention;
+use crate::retention::{Retention, ShredStatus, SweepReport};
 use crate::retrieve::{ByteRange, Retrieve};
 use status::to_status;
 
@@ -141,6 +142,108 @@ pub fn object_info(o: &ObjectRecord) -> pb::ObjectInfo {
             tags: i.tags.clone().into_iter().collect(),
         }),
         upload_id: o.upload_id.to_string(),
+        expires_at: o.retention.expires_at_ms.map(ms_to_ts),
+        retention_policy: o.retention.policy.clone(),
+        derived_from: o.derived_from.map(|d| d.to_string()).unwrap_or_default(),
+    }
+}
+
+fn parse_customer(s: &str) -> Result<CustomerId, Error> {
+    CustomerId::parse(s).map_err(|e| field("customer_id", e))
+}
+
+fn state_code(s: CustomerState) -> i32 {
+    match s {
+        CustomerState::Active => pb::CustomerState::Active as i32,
+        CustomerState::PendingShred => pb::CustomerState::PendingShred as i32,
+        CustomerState::Shredded => pb::CustomerState::Shredded as i32,
+    }
+}
+
+fn hold_info(h: &Hold) -> pb::Hold {
+    pb::Hold {
+        hold_id: h.hold_id.to_string(),
+        customer_id: h.customer_id.to_string(),
+        interaction_id: h.interaction_id.clone().unwrap_or_default(),
+        case_ref: h.case_ref.clone(),
+        reason: h.reason.clone(),
+        placed_by: h.placed_by.clone(),
+        placed_at: Some(ms_to_ts(h.placed_at_ms)),
+        released_by: h.released_by.clone().unwrap_or_default(),
+        released_at: h.released_at_ms.map(ms_to_ts),
+    }
+}
+
+fn shred_status(s: ShredStatus) -> pb::ShredStatus {
+    let mut out = pb::ShredStatus {
+        customer_id: s.customer_id.to_string(),
+        state: state_code(s.state),
+        blocking_holds: s.blocking_holds.iter().map(hold_info).collect(),
+        ..Default::default()
+    };
+    if let Some(t) = s.ticket {
+        out.reason = t.reason;
+        out.requested_by = t.requested_by;
+        out.requested_at = Some(ms_to_ts(t.requested_at_ms));
+        out.destroy_after = Some(ms_to_ts(t.destroy_after_ms));
+        out.requires_approval = t.requires_approval;
+        out.approved_by = t.approved_by.unwrap_or_default();
+        out.approved_at = t.approved_at_ms.map(ms_to_ts);
+        if let Some(d) = t.destroyed {
+            out.destroyed_at = Some(ms_to_ts(d.at_ms));
+            out.key_versions_destroyed = d.key_versions.len() as u32;
+            out.objects_shredded = d.objects;
+            out.uploads_discarded = d.uploads;
+        }
+        out.certificate_json = t.certificate.unwrap_or_default();
+    }
+    out
+}
+
+fn policy_info(p: &StoredPolicy) -> pb::RetentionPolicy {
+    let (tag_key, tag_value) = p.policy.tag.clone().unwrap_or_default();
+    pb::RetentionPolicy {
+        name: p.policy.name.clone(),
+        kind: i32::from(p.policy.kind.code()),
+        queue: p.policy.queue.clone().unwrap_or_default(),
+        channel: p.policy.channel.clone().unwrap_or_default(),
+        tag_key,
+        tag_value,
+        retain_seconds: p.policy.retain_secs,
+        from_config: p.from_config,
+    }
+}
+
+fn parse_policy(p: Option<pb::RetentionPolicy>) -> Result<RetentionPolicy, Error> {
+    let p = p.ok_or_else(|| Error::Invalid("policy is required".into()))?;
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    let tag = match (some(p.tag_key), some(p.tag_value)) {
+        (None, None) => None,
+        (Some(k), Some(v)) => Some((k, v)),
+        _ => return Err(Error::Invalid("a tag criterion needs both tag_key and tag_value".into())),
+    };
+    let policy = RetentionPolicy {
+        name: p.name,
+        kind: parse_kind(p.kind, "policy.kind")?,
+        queue: some(p.queue),
+        channel: some(p.channel),
+        tag,
+        retain_secs: p.retain_seconds,
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
+fn sweep_report(r: SweepReport) -> pb::RetentionReport {
+    pb::RetentionReport {
+        dry_run: r.dry_run,
+        objects_expired: r.objects_expired,
+        objects_held: r.objects_held,
+        shreds_completed: r.shreds_completed,
+        shreds_waiting: r.shreds_waiting,
+        uploads_abandoned: r.uploads_abandoned,
+        orphan_journals_removed: r.orphan_journals_removed,
+        leftovers: r.leftovers,
     }
 }
 
@@ -241,19 +344,119 @@ impl pb::recvault_server::Recvault for Service {
     async fn shred_customer(
         &self,
         request: Request<pb::ShredCustomerRequest>,
-    ) -> Result<Response<pb::ShredCustomerResponse>, Status> {
+    ) -> Result<Response<pb::ShredStatus>, Status> {
         let req = request.into_inner();
         let run = async {
-            let id = CustomerId::parse(&req.customer_id).map_err(|e| field("customer_id", e))?;
-            self.retention.shred_customer(&id, &req.reason).await
+            let id = parse_customer(&req.customer_id)?;
+            self.retention.request_shred(&id, &req.reason, &req.requested_by).await
         };
-        let o = run.await.map_err(to_status)?;
-        Ok(Response::new(pb::ShredCustomerResponse {
-            customer_id: o.customer_id.as_str().to_owned(),
-            key_versions_destroyed: o.key_versions_destroyed,
-            objects_shredded: o.objects_shredded,
-            uploads_discarded: o.uploads_discarded,
-            shredded_at: Some(ms_to_ts(o.shredded_at_ms)),
+        Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
+    }
+
+    async fn approve_shred(
+        &self,
+        request: Request<pb::ApproveShredRequest>,
+    ) -> Result<Response<pb::ShredStatus>, Status> {
+        let req = request.into_inner();
+        let run = async { self.retention.approve_shred(&parse_customer(&req.customer_id)?, &req.approver).await };
+        Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
+    }
+
+    async fn cancel_shred(
+        &self,
+        request: Request<pb::CancelShredRequest>,
+    ) -> Result<Response<pb::ShredStatus>, Status> {
+        let run = async { self.retention.cancel_shred(&parse_customer(&request.get_ref().customer_id)?).await };
+        Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
+    }
+
+    async fn get_shred_status(
+        &self,
+        request: Request<pb::GetShredStatusRequest>,
+    ) -> Result<Response<pb::ShredStatus>, Status> {
+        let run = async { self.retention.shred_status(&parse_customer(&request.get_ref().customer_id)?).await };
+        Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
+    }
+
+    async fn get_shred_certificate(
+        &self,
+        request: Request<pb::GetShredStatusRequest>,
+    ) -> Result<Response<pb::ShredCertificate>, Status> {
+        let run = async {
+            let id = parse_customer(&request.get_ref().customer_id)?;
+            self.retention.certificate(&id).await.map(|c| (id, c))
+        };
+        let (id, certificate_json) = run.await.map_err(to_status)?;
+        Ok(Response::new(pb::ShredCertificate {
+            customer_id: id.to_string(),
+            certificate_json,
+            signing_key_id: self.retention.signing_key_id().to_owned(),
         }))
+    }
+
+    async fn place_hold(&self, request: Request<pb::PlaceHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            let id = parse_customer(&req.customer_id)?;
+            let interaction = (!req.interaction_id.is_empty()).then_some(req.interaction_id);
+            self.retention.place_hold(id, interaction, &req.case_ref, &req.reason, &req.placed_by).await
+        };
+        Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
+    }
+
+    async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            let id = HoldId::parse(&req.hold_id).map_err(|e| field("hold_id", e))?;
+            self.retention.release_hold(&id, &req.released_by).await
+        };
+        Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
+    }
+
+    async fn list_holds(
+        &self,
+        request: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let req = request.into_inner();
+        let run = async {
+            let customer = (!req.customer_id.is_empty()).then(|| parse_customer(&req.customer_id)).transpose()?;
+            self.retention.holds(customer.as_ref(), req.include_released).await
+        };
+        let holds = run.await.map_err(to_status)?;
+        Ok(Response::new(pb::ListHoldsResponse { holds: holds.iter().map(hold_info).collect() }))
+    }
+
+    async fn list_retention_policies(
+        &self,
+        _request: Request<pb::ListRetentionPoliciesRequest>,
+    ) -> Result<Response<pb::ListRetentionPoliciesResponse>, Status> {
+        let policies = self.retention.policies().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListRetentionPoliciesResponse { policies: policies.iter().map(policy_info).collect() }))
+    }
+
+    async fn set_retention_policy(
+        &self,
+        request: Request<pb::SetRetentionPolicyRequest>,
+    ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
+        let req = request.into_inner();
+        let run = async { self.retention.set_policy(parse_policy(req.policy)?, req.reapply).await };
+        Ok(Response::new(pb::RetentionPolicyChange { objects_updated: run.await.map_err(to_status)? }))
+    }
+
+    async fn delete_retention_policy(
+        &self,
+        request: Request<pb::DeleteRetentionPolicyRequest>,
+    ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
+        let req = request.into_inner();
+        let updated = self.retention.delete_policy(&req.name, req.reapply).await.map_err(to_status)?;
+        Ok(Response::new(pb::RetentionPolicyChange { objects_updated: updated }))
+    }
+
+    async fn run_retention(
+        &self,
+        request: Request<pb::RunRetentionRequest>,
+    ) -> Result<Response<pb::RetentionReport>, Status> {
+        let report = self.retention.sweep(request.get_ref().dry_run).await.map_err(to_status)?;
+        Ok(Response::new(sweep_report(report)))
     }
 }
