@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
 
-cargo build --locked --bin recvault
-cargo test --locked --all-targets
+# `failpoints` compiles the crash-test failure points into the test build
+# (they stay inert unless FAILPOINTS is set); release builds have none.
+# This one build also makes target/debug/recvault for the interop test: a
+# separate featureless `cargo build` would fight it for that path, and the
+# kill -9 tests would run a binary without the failpoints.
+cargo test --locked --all-targets --features failpoints
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop

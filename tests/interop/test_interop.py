@@ -215,8 +215,20 @@ def test_errors_carry_grpc_status_codes(server):
             data=b'{"messages": [{"from": "customer", "text": "hi"}]}',
         )
     )
-    stub.ShredCustomer(pb.ShredCustomerRequest(customer_id="py-cust-2", reason="interop test"))
+    # Default config: a 7-day grace window. The shred is pending, content
+    # locked; cancelling restores it.
+    status = stub.ShredCustomer(
+        pb.ShredCustomerRequest(customer_id="py-cust-2", reason="interop test", requested_by="pytest")
+    )
+    assert status.state == pb.PENDING_SHRED
+    assert status.destroy_after.seconds - status.requested_at.seconds == 7 * 86400
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Get(pb.GetRequest(object_id=put.object.object_id)))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert e.value.details() == "customer shredded"
+    assert "pending shred" in e.value.details()
+    assert stub.CancelShred(pb.CancelShredRequest(customer_id="py-cust-2")).state == pb.ACTIVE
+    back = b"".join(r.data for r in stub.Get(pb.GetRequest(object_id=put.object.object_id)))
+    assert back == b'{"messages": [{"from": "customer", "text": "hi"}]}'
+    info = stub.Stat(pb.StatRequest(object_id=put.object.object_id))
+    assert info.retention_policy == "chat-transcripts"
+    assert info.expires_at.seconds - info.created_at.seconds == 365 * 86400

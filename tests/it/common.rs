@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use bytes::Bytes;
 use recvault::api::pb;
 use recvault::api::pb::recvault_client::RecvaultClient;
+use recvault::clock::{Clock, ManualClock, SystemClock};
 use recvault::config::Config;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -35,13 +37,24 @@ impl TestServer {
     }
 
     pub async fn start_in(data: tempfile::TempDir, tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_full(data, Arc::new(SystemClock), tune).await
+    }
+
+    /// A server whose clock the test moves.
+    pub async fn start_with_clock(clock: Arc<ManualClock>, tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_full(tempfile::tempdir().expect("tempdir"), clock, tune).await
+    }
+
+    /// Tests shred at once (grace 0) unless they tune it back.
+    pub async fn start_full(data: tempfile::TempDir, clock: Arc<dyn Clock>, tune: impl FnOnce(&mut Config)) -> Self {
         let mut cfg = Config {
             data_dir: data.path().to_owned(),
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..Config::default()
         };
+        cfg.retention.shred_grace = std::time::Duration::ZERO;
         tune(&mut cfg);
-        let (parts, listener) = recvault::server::bind(&cfg).await.expect("server starts");
+        let (parts, listener) = recvault::server::bind_with_clock(&cfg, clock).await.expect("server starts");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -95,13 +108,34 @@ pub struct ChildServer {
     pub addr: SocketAddr,
 }
 
+/// Config of child servers: shreds complete at once.
+pub const CHILD_CONFIG: &str = "[retention]\nshred_grace = \"0s\"\n";
+
 impl ChildServer {
     pub fn spawn(data_dir: &Path) -> Self {
+        Self::spawn_with(data_dir, CHILD_CONFIG, &[], None)
+    }
+
+    /// With a config (written into the data directory), extra environment
+    /// and, optionally, the server's log (stderr) appended to a file.
+    pub fn spawn_with(data_dir: &Path, config: &str, envs: &[(&str, &str)], log: Option<&Path>) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let config_path = data_dir.join("test-config.toml");
+        std::fs::write(&config_path, config).expect("config");
+        let stderr = match log {
+            Some(path) => {
+                Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(path).expect("log file"))
+            }
+            None => Stdio::null(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_recvault"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path)
+            .arg("--data-dir")
             .arg(data_dir)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn recvault serve");
         let stdout = child.stdout.take().expect("stdout");

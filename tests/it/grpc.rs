@@ -345,13 +345,17 @@ async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
         .shred_customer(pb::ShredCustomerRequest {
             customer_id: "cust-gone".into(),
             reason: "erasure request #42".into(),
+            requested_by: "dpo".into(),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((r.key_versions_destroyed, r.objects_shredded, r.uploads_discarded), (1, 1, 1));
+    assert_eq!(r.state, pb::CustomerState::Shredded as i32, "grace 0: shredded before the call returns");
+    assert!(r.certificate_json.contains("\"objects_unrecoverable\": 1"), "{}", r.certificate_json);
+    // The live stream was stopped when the shred was requested.
     let err = live.error().await;
-    assert_eq!((err.code(), err.message()), (Code::FailedPrecondition, "customer shredded"));
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 
     let stat = c.stat(pb::StatRequest { object_id: gone.object_id.clone() }).await.unwrap_err();
     let read = get(&mut c, &gone.object_id, None).await.unwrap_err();
@@ -366,7 +370,11 @@ async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
     .await;
     let reopen = s.error().await;
     let again = c
-        .shred_customer(pb::ShredCustomerRequest { customer_id: "cust-gone".into(), reason: "again".into() })
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "cust-gone".into(),
+            reason: "again".into(),
+            requested_by: "dpo".into(),
+        })
         .await
         .unwrap_err();
     for err in [stat, read, list, put_err, reopen, again] {
@@ -379,7 +387,11 @@ async fn e1_shred_makes_every_read_fail_and_stops_uploads() {
         files_under(server.data.path()).into_iter().filter(|p| p.to_string_lossy().contains(&gone.object_id)).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let err = c
-        .shred_customer(pb::ShredCustomerRequest { customer_id: "never-seen".into(), reason: "x".into() })
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "never-seen".into(),
+            reason: "x".into(),
+            requested_by: "dpo".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);

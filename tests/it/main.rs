@@ -3,4 +3,5 @@
 mod common;
 mod grpc;
 mod process;
+mod retention;
 mod vectors;

@@ -131,8 +131,41 @@ async fn cli_put_get_range_stat_ls_shred() {
     let err = fails(cli("http://127.0.0.1:1", &["stat", &rec_id]));
     assert!(err.contains("cannot reach"), "{err}");
 
-    let shred = ok(cli(&url, &["shred", "--customer", "cli-1", "--reason", "test erasure"]));
+    // Legal hold and retention commands.
+    let stat_out = ok(cli(&url, &["stat", &rec_id]));
+    assert!(stat_out.contains("call-recordings"), "{stat_out}");
+    let policies = ok(cli(&url, &["retention", "policies"]));
+    assert!(policies.contains("images") && policies.contains("(config file)"), "{policies}");
+    let placed = ok(cli(
+        &url,
+        &["hold", "place", "--customer", "cli-1", "--case", "CASE-9", "--reason", "lawsuit", "--by", "legal"],
+    ));
+    let hold_id = placed.split_whitespace().next().unwrap().to_owned();
+    assert!(ok(cli(&url, &["hold", "ls", "--customer", "cli-1"])).contains("CASE-9"));
+    let err = fails(cli(&url, &["shred", "--customer", "cli-1", "--reason", "test erasure", "--by", "dpo"]));
+    assert!(err.contains("legal hold") && err.contains("CASE-9"), "{err}");
+    ok(cli(&url, &["hold", "release", &hold_id, "--by", "legal"]));
+    let dry = ok(cli(&url, &["retention", "run", "--dry-run"]));
+    assert!(dry.contains("would expire 0 object(s)"), "{dry}");
+
+    let shred = ok(cli(&url, &["shred", "--customer", "cli-1", "--reason", "test erasure", "--by", "dpo"]));
     assert!(shred.contains("2 object(s)"), "{shred}");
+    // The certificate, checked offline against the server's public key.
+    let cert_path = work.path().join("cert.json");
+    ok(cli(&url, &["certificate", "get", "--customer", "cli-1", "-o", cert_path.to_str().unwrap()]));
+    let data_arg = data.path().to_str().unwrap();
+    let valid =
+        ok(cli("http://127.0.0.1:1", &["certificate", "verify", cert_path.to_str().unwrap(), "--data-dir", data_arg]));
+    assert!(valid.starts_with("valid: customer cli-1") && valid.contains("2 object(s)"), "{valid}");
+    let tampered = std::fs::read_to_string(&cert_path)
+        .unwrap()
+        .replace("\"objects_unrecoverable\": 2", "\"objects_unrecoverable\": 1");
+    std::fs::write(&cert_path, tampered).unwrap();
+    let err = fails(cli(
+        "http://127.0.0.1:1",
+        &["certificate", "verify", cert_path.to_str().unwrap(), "--data-dir", data_arg],
+    ));
+    assert!(err.contains("INVALID"), "{err}");
     let err = fails(cli(&url, &["get", &rec_id, "-o", out.with_extension("again").to_str().unwrap()]));
     assert!(err.contains("customer shredded"), "{err}");
     assert!(!out.with_extension("again").exists() && !work.path().join("back.again.partial").exists());
