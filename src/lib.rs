@@ -12,6 +12,7 @@
 //! ingest/     streaming capture: durable encrypted spool, content checks, commit
 //! retrieve/   stat, list, segment-level range reads
 //! retention/  policies, holds, expiry sweep, shred pipeline, certificates
+//! audit/      hash-chained audit trail (fail-closed for reads and shreds)
 //! keys/       root key providers, customer keys, data keys
 //! catalog/    metadata + wrapped keys behind a trait (SQLite today)
 //! store/      ciphertext over Arc<dyn ObjectStore>, the one path builder
@@ -41,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod catalog;
 pub mod cli;
 pub mod clock;

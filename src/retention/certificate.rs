@@ -207,6 +207,12 @@ impl SigningKey {
         format!("{PUB_PREFIX}{}\n", hex::encode(self.pair.public_key().as_ref()))
     }
 
+    /// Signs `message`, which must begin with its own domain string (the
+    /// audit trail's checkpoints use this; certificates use [`Self::sign`]).
+    pub fn sign_message(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
     /// Signs a certificate (its `signing_key_id` is set to this key's).
     pub fn sign(&self, mut certificate: ShredCertificate) -> SignedCertificate {
         certificate.signing_key_id = self.key_id.clone();
@@ -228,6 +234,11 @@ pub fn parse_public_key(text: &str) -> Result<Vec<u8>, CertificateError> {
             "the public key must be the contents of signing.pub (recvault-ed25519 <64 hex digits>)".into(),
         )),
     }
+}
+
+/// Checks an Ed25519 signature made by [`SigningKey::sign_message`].
+pub fn signature_valid(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    signature::UnparsedPublicKey::new(&signature::ED25519, public_key).verify(message, signature).is_ok()
 }
 
 /// Checks a certificate file's text against a public key, offline.

@@ -1,0 +1,803 @@
+//! The audit trail: one record per security-relevant event, hash-chained,
+//! with signed checkpoints, kept in its own SQLite file (`audit.sqlite`).
+//!
+//! Each record holds time, principal, action, target ids, purpose, result
+//! and request id, plus a small JSON `detail` of non-secret facts (counts,
+//! key versions, ranges). Never key bytes, content, transcript text or
+//! tags: callers pass ids and numbers only.
+//!
+//! Chain (v1, do not change): `hash = SHA-256(RECORD_DOMAIN ‖ prev_hash ‖
+//! seq ‖ at_ms ‖ fields)`, integers big-endian, each text field a presence
+//! byte and a length-prefixed UTF-8 string; the first record's `prev_hash`
+//! is 32 zero bytes. Every [`CHECKPOINT_EVERY`] records (and at start-up,
+//! after a shred completes and on request) the head is signed with the
+//! service's Ed25519 key, so rewriting the chain from some record on, or
+//! cutting its tail, is caught by [`verify`] as well as editing, deleting,
+//! inserting or reordering single records.
+//!
+//! Reads, shreds and expiry **fail closed**: their record is appended
+//! before the action, and when it cannot be written the request fails with
+//! `UNAVAILABLE`. Ingest keeps acking (the journal is durable and
+//! encrypted) but an upload only commits once its record is written.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ring::digest;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::model::CustomerId;
+use crate::retention::certificate::{SigningKey, signature_valid};
+
+const RECORD_DOMAIN: &[u8] = b"recvault audit record v1\n";
+const CHECKPOINT_DOMAIN: &[u8] = b"recvault audit checkpoint v1\n";
+
+/// Records between signed checkpoints.
+pub const CHECKPOINT_EVERY: u64 = 64;
+
+/// How long an append waits for a locked audit store before failing.
+const BUSY_TIMEOUT_MS: u64 = 2000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    seq         INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    principal   TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    customer_id TEXT,
+    target      TEXT,
+    purpose     TEXT,
+    result      TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    prev_hash   BLOB NOT NULL,
+    hash        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_customer ON records (customer_id, seq);
+CREATE INDEX IF NOT EXISTS records_action ON records (action, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq       INTEGER PRIMARY KEY,
+    head      BLOB NOT NULL,
+    at_ms     INTEGER NOT NULL,
+    key_id    TEXT NOT NULL,
+    signature BLOB NOT NULL
+);
+";
+
+/// Who is acting, and under which request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub principal: String,
+    pub request_id: String,
+}
+
+impl Actor {
+    /// The service itself (sweeps, start-up recovery).
+    pub fn system(component: &str) -> Self {
+        Self { principal: format!("system:{component}"), request_id: uuid::Uuid::new_v4().to_string() }
+    }
+
+    /// A caller known only by its address (no authentication yet), with the
+    /// request id it sent (`x-request-id`) if that is usable, else a new one.
+    pub fn peer(addr: Option<std::net::SocketAddr>, request_id: Option<&str>) -> Self {
+        let principal = match addr {
+            Some(a) => format!("anonymous@{}", a.ip()),
+            None => "anonymous".to_owned(),
+        };
+        let request_id = request_id
+            .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Self { principal, request_id }
+    }
+}
+
+/// One event to record. Build with [`Event::new`] and the setters; pass
+/// ids and numbers only.
+#[derive(Debug, Clone)]
+pub struct Event {
+    action: &'static str,
+    customer_id: Option<String>,
+    target: Option<String>,
+    purpose: Option<String>,
+    result: String,
+    detail: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event {
+    pub fn new(action: &'static str) -> Self {
+        Self {
+            action,
+            customer_id: None,
+            target: None,
+            purpose: None,
+            result: "ok".to_owned(),
+            detail: serde_json::Map::new(),
+        }
+    }
+
+    pub fn customer(mut self, id: &CustomerId) -> Self {
+        self.customer_id = Some(id.to_string());
+        self
+    }
+
+    pub fn target(mut self, target: impl std::fmt::Display) -> Self {
+        self.target = Some(target.to_string());
+        self
+    }
+
+    pub fn purpose(mut self, purpose: &str) -> Self {
+        self.purpose = Some(purpose.to_owned());
+        self
+    }
+
+    /// The action was refused or failed; `why` is a short reason (an error
+    /// category or message naming ids, never content).
+    pub fn result(mut self, result: impl Into<String>) -> Self {
+        self.result = result.into();
+        self
+    }
+
+    pub fn detail(mut self, key: &str, value: impl Serialize) -> Self {
+        self.detail.insert(key.to_owned(), serde_json::to_value(value).unwrap_or(serde_json::Value::Null));
+        self
+    }
+}
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub principal: String,
+    pub action: String,
+    pub customer_id: Option<String>,
+    pub target: Option<String>,
+    pub purpose: Option<String>,
+    pub result: String,
+    pub request_id: String,
+    pub detail: String,
+    #[serde(serialize_with = "as_hex")]
+    pub prev_hash: [u8; 32],
+    #[serde(serialize_with = "as_hex")]
+    pub hash: [u8; 32],
+}
+
+fn as_hex<S: serde::Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(h))
+}
+
+/// The chain's head: the last record's sequence number and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl std::fmt::Display for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
+/// What to look for; `None` fields match everything. Newest first.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub customer_id: Option<String>,
+    /// An action, or a prefix ending in `.` (`shred.` matches every step).
+    pub action: Option<String>,
+    pub principal: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    /// Only records with a smaller sequence number (paging backwards).
+    pub before_seq: Option<u64>,
+    pub limit: usize,
+}
+
+fn put_text(buf: &mut Vec<u8>, field: Option<&str>) {
+    match field {
+        None => buf.push(0),
+        Some(t) => {
+            buf.push(1);
+            buf.extend_from_slice(&(t.len() as u64).to_be_bytes());
+            buf.extend_from_slice(t.as_bytes());
+        }
+    }
+}
+
+/// The v1 record hash (see the module documentation).
+pub fn record_hash(r: &Record) -> [u8; 32] {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(RECORD_DOMAIN);
+    buf.extend_from_slice(&r.prev_hash);
+    buf.extend_from_slice(&r.seq.to_be_bytes());
+    buf.extend_from_slice(&r.at_ms.to_be_bytes());
+    for field in [
+        Some(r.principal.as_str()),
+        Some(r.action.as_str()),
+        r.customer_id.as_deref(),
+        r.target.as_deref(),
+        r.purpose.as_deref(),
+        Some(r.result.as_str()),
+        Some(r.request_id.as_str()),
+        Some(r.detail.as_str()),
+    ] {
+        put_text(&mut buf, field);
+    }
+    let d = digest::digest(&digest::SHA256, &buf);
+    d.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+fn checkpoint_message(seq: u64, head: &[u8; 32], at_ms: i64, key_id: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + 48 + key_id.len());
+    m.extend_from_slice(CHECKPOINT_DOMAIN);
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(head);
+    m.extend_from_slice(&at_ms.to_be_bytes());
+    m.extend_from_slice(key_id.as_bytes());
+    m
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!(
+        "the audit trail cannot be written ({e}); reads, shreds, expiry and commits are refused until it can"
+    ))
+}
+
+struct Inner {
+    conn: Connection,
+    head: Head,
+    since_checkpoint: u64,
+}
+
+/// The audit trail of one service.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Mutex<Inner>>,
+    signer: Arc<SigningKey>,
+    clock: Arc<dyn Clock>,
+}
+
+const RECORD_COLUMNS: &str =
+    "seq, at_ms, principal, action, customer_id, target, purpose, result, request_id, detail, prev_hash, hash";
+
+fn hash_col(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<[u8; 32]> {
+    let v: Vec<u8> = r.get(i)?;
+    // A wrong length is tampering; verify reports it via the hash check.
+    let mut h = [0u8; 32];
+    if v.len() == 32 {
+        h.copy_from_slice(&v);
+    }
+    Ok(h)
+}
+
+fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        seq: r.get::<_, i64>(0)? as u64,
+        at_ms: r.get(1)?,
+        principal: r.get(2)?,
+        action: r.get(3)?,
+        customer_id: r.get(4)?,
+        target: r.get(5)?,
+        purpose: r.get(6)?,
+        result: r.get(7)?,
+        request_id: r.get(8)?,
+        detail: r.get(9)?,
+        prev_hash: hash_col(r, 10)?,
+        hash: hash_col(r, 11)?,
+    })
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the audit store and signs a checkpoint
+    /// over any records written since the last one.
+    pub fn open(path: &Path, signer: Arc<SigningKey>, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};"
+        ))
+        .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let head = conn
+            .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |r| {
+                Ok(Head { seq: r.get::<_, i64>(0)? as u64, hash: hash_col(r, 1)? })
+            })
+            .optional()
+            .map_err(unavailable)?
+            .unwrap_or(Head { seq: 0, hash: [0; 32] });
+        let checkpointed: u64 = conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM checkpoints", [], |r| r.get::<_, i64>(0))
+            .map_err(unavailable)? as u64;
+        let log = Self {
+            inner: Arc::new(Mutex::new(Inner { conn, head, since_checkpoint: head.seq.saturating_sub(checkpointed) })),
+            signer,
+            clock,
+        };
+        log.checkpoint_locked(&mut log.inner.lock().expect("audit lock"))?;
+        Ok(log)
+    }
+
+    /// Appends one record; its head once written. Fails with `UNAVAILABLE`
+    /// when the store cannot be written (the caller must then not act).
+    pub async fn append(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
+        let this = self.clone();
+        let actor = actor.clone();
+        tokio::task::spawn_blocking(move || this.append_blocking(&actor, event))
+            .await
+            .map_err(|e| Error::Internal(format!("audit append task: {e}")))?
+    }
+
+    fn append_blocking(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
+        let mut inner = self.inner.lock().expect("audit lock");
+        let mut record = Record {
+            seq: inner.head.seq + 1,
+            at_ms: self.clock.now_ms(),
+            principal: actor.principal.clone(),
+            action: event.action.to_owned(),
+            customer_id: event.customer_id,
+            target: event.target,
+            purpose: event.purpose,
+            result: event.result,
+            request_id: actor.request_id.clone(),
+            detail: serde_json::Value::Object(event.detail).to_string(),
+            prev_hash: inner.head.hash,
+            hash: [0; 32],
+        };
+        record.hash = record_hash(&record);
+        inner
+            .conn
+            .execute(
+                &format!(
+                    "INSERT INTO records ({RECORD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
+                params![
+                    record.seq as i64,
+                    record.at_ms,
+                    record.principal,
+                    record.action,
+                    record.customer_id,
+                    record.target,
+                    record.purpose,
+                    record.result,
+                    record.request_id,
+                    record.detail,
+                    &record.prev_hash[..],
+                    &record.hash[..],
+                ],
+            )
+            .map_err(|e| {
+                tracing::error!(action = record.action, error = %e, "audit record not written");
+                unavailable(e)
+            })?;
+        inner.head = Head { seq: record.seq, hash: record.hash };
+        inner.since_checkpoint += 1;
+        if inner.since_checkpoint >= CHECKPOINT_EVERY
+            && let Err(e) = self.checkpoint_locked(&mut inner)
+        {
+            // The record itself is durable; the next append retries.
+            tracing::warn!(error = %e, "audit checkpoint not written yet");
+        }
+        Ok(inner.head)
+    }
+
+    fn checkpoint_locked(&self, inner: &mut Inner) -> Result<(), Error> {
+        if inner.since_checkpoint == 0 {
+            return Ok(());
+        }
+        let at_ms = self.clock.now_ms();
+        let key_id = self.signer.key_id();
+        let sig = self.signer.sign_message(&checkpoint_message(inner.head.seq, &inner.head.hash, at_ms, key_id));
+        inner
+            .conn
+            .execute(
+                "INSERT OR REPLACE INTO checkpoints (seq, head, at_ms, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![inner.head.seq as i64, &inner.head.hash[..], at_ms, key_id, sig],
+            )
+            .map_err(unavailable)?;
+        inner.since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Signs a checkpoint at the current head now.
+    pub async fn checkpoint(&self) -> Result<Head, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut inner = this.inner.lock().expect("audit lock");
+            this.checkpoint_locked(&mut inner)?;
+            Ok(inner.head)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("audit checkpoint task: {e}")))?
+    }
+
+    pub fn head(&self) -> Head {
+        self.inner.lock().expect("audit lock").head
+    }
+
+    /// Whether a record of `action` for this customer with result `ok`
+    /// exists (steps recorded exactly once across crashes use this).
+    pub async fn recorded(&self, action: &'static str, customer: &CustomerId) -> Result<bool, Error> {
+        let this = self.clone();
+        let customer = customer.to_string();
+        tokio::task::spawn_blocking(move || {
+            let inner = this.inner.lock().expect("audit lock");
+            inner
+                .conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM records WHERE action = ?1 AND customer_id = ?2 AND result = 'ok')",
+                    params![action, customer],
+                    |r| r.get::<_, bool>(0),
+                )
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("audit query task: {e}")))?
+    }
+
+    /// Records matching `filter`, newest first.
+    pub async fn search(&self, filter: Filter) -> Result<Vec<Record>, Error> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = this.inner.lock().expect("audit lock");
+            search(&inner.conn, &filter).map_err(unavailable)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("audit query task: {e}")))?
+    }
+}
+
+fn search(conn: &Connection, f: &Filter) -> rusqlite::Result<Vec<Record>> {
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM records WHERE 1 = 1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    let mut arg = |sql: &mut String, clause: &str, v: rusqlite::types::Value| {
+        args.push(v);
+        sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(c) = &f.customer_id {
+        arg(&mut sql, " AND customer_id = ?", c.clone().into());
+    }
+    match f.action.as_deref() {
+        Some(a) if a.ends_with('.') => arg(&mut sql, " AND substr(action, 1, length(?)) = ?", a.to_owned().into()),
+        Some(a) => arg(&mut sql, " AND action = ?", a.to_owned().into()),
+        None => {}
+    }
+    if let Some(p) = &f.principal {
+        arg(&mut sql, " AND principal = ?", p.clone().into());
+    }
+    if let Some(t) = f.since_ms {
+        arg(&mut sql, " AND at_ms >= ?", t.into());
+    }
+    if let Some(t) = f.until_ms {
+        arg(&mut sql, " AND at_ms < ?", t.into());
+    }
+    if let Some(s) = f.before_seq {
+        arg(&mut sql, " AND seq < ?", (s as i64).into());
+    }
+    sql.push_str(&format!(" ORDER BY seq DESC LIMIT {}", f.limit.clamp(1, 10_000)));
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), read_record)?;
+    rows.collect()
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub head: Head,
+    pub checkpoints: u64,
+    /// Records after the last signed checkpoint (their removal could not
+    /// be detected).
+    pub unsigned_tail: u64,
+}
+
+/// Why the trail does not verify: the first broken place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Broken {
+    #[error("cannot read the audit store: {0}")]
+    Unreadable(String),
+    #[error("record {seq}: its contents were changed (hash mismatch)")]
+    Modified { seq: u64 },
+    #[error("record {seq} is missing: deleted (the next record present is {found})")]
+    Missing { seq: u64, found: u64 },
+    #[error(
+        "record {seq} does not follow record {prev}: a record was inserted, reordered, or record {prev} was replaced"
+    )]
+    Unlinked { seq: u64, prev: u64 },
+    #[error("checkpoint at record {seq}: signature invalid (forged, altered, or signed by another key)")]
+    BadCheckpoint { seq: u64 },
+    #[error("checkpoint at record {seq} does not match the chain: records up to {seq} were rewritten")]
+    Rewritten { seq: u64 },
+    #[error("records after {last} were removed: a signed checkpoint covers record {seq}")]
+    Truncated { last: u64, seq: u64 },
+}
+
+struct Checkpoint {
+    seq: u64,
+    head: [u8; 32],
+    at_ms: i64,
+    key_id: String,
+    signature: Vec<u8>,
+}
+
+/// Walks the whole chain of the audit store at `path` (opened read-only)
+/// and checks every signed checkpoint against `public_key`.
+pub fn verify(path: &Path, public_key: &[u8]) -> Result<Verified, Broken> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| Broken::Unreadable(format!("{}: {e}", path.display())))?;
+    verify_conn(&conn, public_key)
+}
+
+fn verify_conn(conn: &Connection, public_key: &[u8]) -> Result<Verified, Broken> {
+    let unreadable = |e: rusqlite::Error| Broken::Unreadable(e.to_string());
+    let mut checkpoints: Vec<Checkpoint> = {
+        let mut stmt = conn
+            .prepare("SELECT seq, head, at_ms, key_id, signature FROM checkpoints ORDER BY seq")
+            .map_err(unreadable)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Checkpoint {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    head: hash_col(r, 1)?,
+                    at_ms: r.get(2)?,
+                    key_id: r.get(3)?,
+                    signature: r.get(4)?,
+                })
+            })
+            .map_err(unreadable)?;
+        rows.collect::<Result<_, _>>().map_err(unreadable)?
+    };
+    for c in &checkpoints {
+        if !signature_valid(public_key, &checkpoint_message(c.seq, &c.head, c.at_ms, &c.key_id), &c.signature) {
+            return Err(Broken::BadCheckpoint { seq: c.seq });
+        }
+    }
+    checkpoints.reverse(); // pop() in ascending order
+    let mut stmt = conn.prepare(&format!("SELECT {RECORD_COLUMNS} FROM records ORDER BY seq")).map_err(unreadable)?;
+    let mut rows = stmt.query([]).map_err(unreadable)?;
+    let mut head = Head { seq: 0, hash: [0; 32] };
+    let mut verified_checkpoints = 0;
+    let mut last_checkpoint = 0;
+    while let Some(row) = rows.next().map_err(unreadable)? {
+        let r = read_record(row).map_err(unreadable)?;
+        let expected = head.seq + 1;
+        if r.seq > expected {
+            return Err(Broken::Missing { seq: expected, found: r.seq });
+        }
+        if r.prev_hash != head.hash {
+            return Err(Broken::Unlinked { seq: r.seq, prev: head.seq });
+        }
+        if record_hash(&r) != r.hash {
+            return Err(Broken::Modified { seq: r.seq });
+        }
+        head = Head { seq: r.seq, hash: r.hash };
+        while let Some(c) = checkpoints.last() {
+            if c.seq > head.seq {
+                break;
+            }
+            if c.seq == head.seq && c.head != head.hash {
+                return Err(Broken::Rewritten { seq: c.seq });
+            }
+            verified_checkpoints += 1;
+            last_checkpoint = c.seq;
+            checkpoints.pop();
+        }
+    }
+    if let Some(c) = checkpoints.last() {
+        return Err(Broken::Truncated { last: head.seq, seq: c.seq });
+    }
+    Ok(Verified {
+        records: head.seq,
+        head,
+        checkpoints: verified_checkpoints,
+        unsigned_tail: head.seq - last_checkpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        log: AuditLog,
+        public: Vec<u8>,
+    }
+
+    fn fixture(records: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Arc::new(SigningKey::open_or_create(&dir.path().join("signing.key")).unwrap());
+        let public = crate::retention::certificate::parse_public_key(
+            &std::fs::read_to_string(dir.path().join("signing.pub")).unwrap(),
+        )
+        .unwrap();
+        let path = dir.path().join("audit.sqlite");
+        let log = AuditLog::open(&path, signer, ManualClock::new()).unwrap();
+        let actor = Actor::system("test");
+        for i in 0..records {
+            let customer = CustomerId::parse(&format!("cust-{}", i % 3)).unwrap();
+            log.append_blocking(&actor, Event::new("object.read").customer(&customer).target(i).purpose("coaching"))
+                .unwrap();
+        }
+        Fixture { _dir: dir, path, log, public }
+    }
+
+    fn tamper(f: &Fixture, sql: &str) {
+        let c = Connection::open(&f.path).unwrap();
+        c.execute_batch(sql).unwrap();
+    }
+
+    #[test]
+    fn i2_an_intact_chain_verifies_with_its_checkpoints() {
+        let f = fixture(200);
+        let v = verify(&f.path, &f.public).unwrap();
+        assert_eq!(v.records, 200);
+        assert_eq!(v.head, f.log.head());
+        assert_eq!(v.checkpoints, 200 / CHECKPOINT_EVERY);
+        assert_eq!(v.unsigned_tail, 200 % CHECKPOINT_EVERY);
+    }
+
+    #[test]
+    fn i2_an_empty_trail_verifies() {
+        let f = fixture(0);
+        assert_eq!(verify(&f.path, &f.public).unwrap().records, 0);
+    }
+
+    #[test]
+    fn i2_editing_a_record_is_named() {
+        let f = fixture(100);
+        tamper(&f, "UPDATE records SET purpose = 'legal' WHERE seq = 37");
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Modified { seq: 37 }));
+    }
+
+    #[test]
+    fn i2_editing_and_rehashing_a_record_breaks_the_next_link() {
+        let f = fixture(100);
+        let c = Connection::open(&f.path).unwrap();
+        let mut r =
+            c.query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE seq = 37"), [], read_record).unwrap();
+        r.principal = "someone-else".into();
+        r.hash = record_hash(&r);
+        c.execute("UPDATE records SET principal = ?1, hash = ?2 WHERE seq = 37", params![r.principal, &r.hash[..]])
+            .unwrap();
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Unlinked { seq: 38, prev: 37 }));
+    }
+
+    #[test]
+    fn i2_deleting_a_record_is_named() {
+        let f = fixture(100);
+        tamper(&f, "DELETE FROM records WHERE seq = 50");
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Missing { seq: 50, found: 51 }));
+    }
+
+    #[test]
+    fn i2_swapping_two_records_is_named() {
+        let f = fixture(100);
+        tamper(
+            &f,
+            "UPDATE records SET seq = -1 WHERE seq = 20; UPDATE records SET seq = 20 WHERE seq = 21;
+             UPDATE records SET seq = 21 WHERE seq = -1;",
+        );
+        assert!(matches!(verify(&f.path, &f.public), Err(Broken::Unlinked { seq: 20, prev: 19 })));
+    }
+
+    #[test]
+    fn i2_inserting_a_record_is_named() {
+        let f = fixture(100);
+        // Make room at 31 by shifting the rest up, then insert a forged row.
+        tamper(
+            &f,
+            "UPDATE records SET seq = seq + 1000 WHERE seq > 30; UPDATE records SET seq = seq - 999 WHERE seq > 1000;",
+        );
+        let c = Connection::open(&f.path).unwrap();
+        let mut forged =
+            c.query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE seq = 30"), [], read_record).unwrap();
+        forged.prev_hash = forged.hash;
+        forged.seq = 31;
+        forged.hash = record_hash(&forged);
+        c.execute(
+            &format!(
+                "INSERT INTO records ({RECORD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
+            params![
+                31,
+                forged.at_ms,
+                forged.principal,
+                forged.action,
+                forged.customer_id,
+                forged.target,
+                forged.purpose,
+                forged.result,
+                forged.request_id,
+                forged.detail,
+                &forged.prev_hash[..],
+                &forged.hash[..]
+            ],
+        )
+        .unwrap();
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Unlinked { seq: 32, prev: 31 }));
+    }
+
+    #[test]
+    fn i2_rewriting_the_chain_or_cutting_its_tail_is_caught_by_checkpoints() {
+        // Rewrite every hash from record 10 on, consistently: only the
+        // signed checkpoint at 64 can tell.
+        let f = fixture(100);
+        let c = Connection::open(&f.path).unwrap();
+        let mut all: Vec<Record> = {
+            let mut stmt = c.prepare(&format!("SELECT {RECORD_COLUMNS} FROM records ORDER BY seq")).unwrap();
+            stmt.query_map([], read_record).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        all[9].result = "refused".into();
+        for i in 9..all.len() {
+            if i > 9 {
+                all[i].prev_hash = all[i - 1].hash;
+            }
+            all[i].hash = record_hash(&all[i]);
+            c.execute(
+                "UPDATE records SET result = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+                params![all[i].result, &all[i].prev_hash[..], &all[i].hash[..], all[i].seq as i64],
+            )
+            .unwrap();
+        }
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Rewritten { seq: 64 }));
+
+        let f = fixture(100);
+        tamper(&f, "DELETE FROM records WHERE seq > 40");
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::Truncated { last: 40, seq: 64 }));
+    }
+
+    #[test]
+    fn i2_a_checkpoint_signed_by_another_key_fails() {
+        let f = fixture(70);
+        tamper(&f, "UPDATE checkpoints SET at_ms = at_ms + 1");
+        assert_eq!(verify(&f.path, &f.public), Err(Broken::BadCheckpoint { seq: 64 }));
+        let other = fixture(0);
+        let f = fixture(70);
+        assert_eq!(verify(&f.path, &other.public), Err(Broken::BadCheckpoint { seq: 64 }));
+    }
+
+    #[test]
+    fn reopening_continues_the_chain_and_signs_the_tail() {
+        let f = fixture(10);
+        let head = f.log.head();
+        let dir = f.path.parent().unwrap();
+        let signer = Arc::new(SigningKey::open_or_create(&dir.join("signing.key")).unwrap());
+        drop(f.log);
+        let log = AuditLog::open(&f.path, signer, ManualClock::new()).unwrap();
+        assert_eq!(log.head(), head);
+        log.append_blocking(&Actor::system("test"), Event::new("hold.place")).unwrap();
+        let v = verify(&f.path, &f.public).unwrap();
+        assert_eq!((v.records, v.checkpoints, v.unsigned_tail), (11, 1, 1));
+    }
+
+    #[test]
+    fn search_filters_newest_first() {
+        let f = fixture(30);
+        let c1 = CustomerId::parse("cust-1").unwrap();
+        f.log.append_blocking(&Actor::system("x"), Event::new("shred.request").customer(&c1)).unwrap();
+        let conn = &f.log.inner.lock().unwrap().conn;
+        let got =
+            search(conn, &Filter { customer_id: Some("cust-1".into()), limit: 100, ..Default::default() }).unwrap();
+        assert_eq!(got.len(), 11);
+        assert!(got.windows(2).all(|w| w[0].seq > w[1].seq));
+        let got = search(conn, &Filter { action: Some("shred.".into()), limit: 100, ..Default::default() }).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].action, "shred.request");
+        let got = search(conn, &Filter { before_seq: Some(5), limit: 2, ..Default::default() }).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 3]);
+    }
+
+    #[test]
+    fn actor_request_ids_are_sanitised() {
+        let a = Actor::peer(Some("127.0.0.1:9".parse().unwrap()), Some("req-1"));
+        assert_eq!((a.principal.as_str(), a.request_id.as_str()), ("anonymous@127.0.0.1", "req-1"));
+        for bad in ["", "has space", "\u{1b}[31m", &"x".repeat(65)] {
+            assert_ne!(Actor::peer(None, Some(bad)).request_id, bad);
+        }
+    }
+}
