@@ -131,8 +131,11 @@ async fn main() {
     let durable = all_acked.unwrap_or(committed);
 
     let t = Instant::now();
-    let mut stream =
-        client.get(pb::GetRequest { object_id: info.object_id.clone(), range: None }).await.unwrap().into_inner();
+    let mut stream = client
+        .get(pb::GetRequest { object_id: info.object_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut read = 0u64;
     while let Some(m) = stream.message().await.unwrap() {
         read += m.data.len() as u64;

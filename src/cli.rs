@@ -57,6 +57,9 @@ pub enum Command {
     /// Shred certificates: fetch, and verify offline.
     #[command(subcommand)]
     Certificate(CertificateCmd),
+    /// The audit trail: recent records, search, and offline verification.
+    #[command(subcommand)]
+    Audit(AuditCmd),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +125,10 @@ pub struct GetArgs {
     /// Inclusive byte range START-END (END optional), as in HTTP.
     #[arg(long, value_parser = parse_range)]
     pub range: Option<(u64, Option<u64>)>,
+    /// Why you read it (recorded in the audit trail): coaching,
+    /// quality-review, legal or data-subject-request.
+    #[arg(long, value_parser = parse_purpose)]
+    pub purpose: Option<crate::model::Purpose>,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -316,6 +323,55 @@ pub enum CertificateCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// The newest records.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// Print JSON lines instead of columns.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Records matching filters, newest first.
+    Search {
+        #[arg(long)]
+        customer: Option<String>,
+        /// An action (object.read) or a prefix ending in a dot (shred.).
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        /// RFC 3339 time, e.g. 2026-11-01T00:00:00Z.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        since: Option<std::time::SystemTime>,
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        #[arg(short = 'n', long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Walk the whole hash chain and check every signed checkpoint,
+    /// offline; names the first broken record.
+    Verify {
+        /// The service's signing.pub [default: DATA_DIR/signing.pub].
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        #[arg(long, env = "RECVAULT_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+fn parse_purpose(s: &str) -> Result<crate::model::Purpose, String> {
+    crate::model::Purpose::from_name(s)
+        .ok_or_else(|| format!("unknown purpose {s:?}: use coaching, quality-review, legal or data-subject-request"))
+}
+
 fn parse_kind(s: &str) -> Result<ContentKind, String> {
     ContentKind::from_name(s).ok_or_else(|| format!("unknown kind {s:?}: use call-recording, chat-transcript or image"))
 }
@@ -359,6 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hold(c) => hold(c).await,
         Command::Retention(c) => retention(c).await,
         Command::Certificate(c) => certificate(c).await,
+        Command::Audit(c) => audit(c).await,
     }
 }
 
@@ -622,6 +679,13 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let req = pb::GetRequest {
         object_id: a.object_id.clone(),
         range: a.range.map(|(start, end)| pb::ByteRange { start, end }),
+        purpose: match a.purpose.unwrap_or_default() {
+            crate::model::Purpose::Unspecified => pb::Purpose::Unspecified,
+            crate::model::Purpose::Coaching => pb::Purpose::Coaching,
+            crate::model::Purpose::QualityReview => pb::Purpose::QualityReview,
+            crate::model::Purpose::Legal => pb::Purpose::Legal,
+            crate::model::Purpose::DataSubjectRequest => pb::Purpose::DataSubjectRequest,
+        } as i32,
     };
     let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
     let (mut out, tmp): (Box<dyn Write>, Option<PathBuf>) = match &a.output {
@@ -1039,6 +1103,104 @@ async fn certificate(c: CertificateCmd) -> anyhow::Result<()> {
                 cert.objects_unrecoverable,
                 cert.canary.result,
                 cert.signing_key_id
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_audit(records: &[pb::AuditRecord], json: bool) {
+    for r in records.iter().rev() {
+        let at = r.at.as_ref().map(|t| {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH
+                    + Duration::from_millis((t.seconds * 1000 + i64::from(t.nanos / 1_000_000)) as u64),
+            )
+            .to_string()
+        });
+        if json {
+            let v = serde_json::json!({
+                "seq": r.seq, "at": at, "principal": r.principal, "action": r.action,
+                "customer_id": r.customer_id, "target": r.target, "purpose": r.purpose,
+                "result": r.result, "request_id": r.request_id,
+                "detail": serde_json::from_str::<serde_json::Value>(&r.detail_json).unwrap_or_default(),
+                "hash": r.hash,
+            });
+            println!("{v}");
+        } else {
+            let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+            println!(
+                "{:>6}  {}  {:<16} {:<22} customer={} target={} purpose={} result={} request={} {}",
+                r.seq,
+                at.unwrap_or_default(),
+                r.action,
+                r.principal,
+                dash(&r.customer_id),
+                dash(&r.target),
+                dash(&r.purpose),
+                r.result,
+                r.request_id,
+                r.detail_json
+            );
+        }
+    }
+}
+
+async fn audit(c: AuditCmd) -> anyhow::Result<()> {
+    let ts = |t: std::time::SystemTime| {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    };
+    match c {
+        AuditCmd::Tail { lines, json, server } => {
+            let r = connect(&server)
+                .await?
+                .list_audit_records(pb::ListAuditRecordsRequest { page_size: lines, ..Default::default() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_audit(&r.records, json);
+        }
+        AuditCmd::Search { customer, action, principal, since, until, limit, json, server } => {
+            let mut client = connect(&server).await?;
+            let mut req = pb::ListAuditRecordsRequest {
+                customer_id: customer.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                principal: principal.unwrap_or_default(),
+                since: since.map(ts),
+                until: until.map(ts),
+                before_seq: 0,
+                page_size: limit.min(1000),
+            };
+            let mut all = Vec::new();
+            while all.len() < limit as usize {
+                let page = client.list_audit_records(req.clone()).await.map_err(status_error)?.into_inner();
+                let Some(last) = page.records.last() else { break };
+                req.before_seq = last.seq;
+                let full = page.records.len() as u32 == req.page_size;
+                all.extend(page.records);
+                if !full {
+                    break;
+                }
+            }
+            all.truncate(limit as usize);
+            print_audit(&all, json);
+        }
+        AuditCmd::Verify { public_key, data_dir } => {
+            use crate::retention::certificate;
+            let key_path = public_key.unwrap_or_else(|| certificate::SigningKey::public_key_path(&data_dir));
+            let key_text = std::fs::read_to_string(&key_path).map_err(|e| {
+                anyhow::anyhow!("cannot read the public key {}: {e} (pass --public-key FILE)", key_path.display())
+            })?;
+            let key = certificate::parse_public_key(&key_text)?;
+            let path = data_dir.join("audit.sqlite");
+            if !path.exists() {
+                anyhow::bail!("no audit trail at {} (pass --data-dir DIR)", path.display());
+            }
+            let v = crate::audit::verify(&path, &key).map_err(|e| anyhow::anyhow!("BROKEN: {e}"))?;
+            println!(
+                "intact: {} record(s), head {}, {} signed checkpoint(s); {} record(s) after the last checkpoint",
+                v.records, v.head, v.checkpoints, v.unsigned_tail
             );
         }
     }

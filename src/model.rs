@@ -163,6 +163,38 @@ impl fmt::Display for ContentKind {
     }
 }
 
+/// Why content is read: declared with every read and kept in the audit
+/// trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Purpose {
+    /// Not declared (accepted until roles are enforced; recorded as such).
+    #[default]
+    Unspecified,
+    Coaching,
+    QualityReview,
+    Legal,
+    DataSubjectRequest,
+}
+
+impl Purpose {
+    pub const ALL: [Purpose; 5] =
+        [Self::Unspecified, Self::Coaching, Self::QualityReview, Self::Legal, Self::DataSubjectRequest];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Coaching => "coaching",
+            Self::QualityReview => "quality-review",
+            Self::Legal => "legal",
+            Self::DataSubjectRequest => "data-subject-request",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
 /// Direction of an interaction, seen from the contact centre.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

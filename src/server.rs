@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{self, MAX_CHUNK, pb};
+use crate::audit::{Actor, AuditLog};
 use crate::catalog::Catalog;
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
@@ -40,6 +41,7 @@ pub struct Parts {
     pub retention: Arc<Retention>,
     pub catalog: Arc<dyn Catalog>,
     pub store: Store,
+    pub audit: AuditLog,
 }
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -74,7 +76,10 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
             .await
             .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
     );
-    let signer = SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signer =
+        Arc::new(SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let audit = AuditLog::open(&data.join("audit.sqlite"), signer.clone(), clock.clone())
+        .map_err(|e| anyhow::anyhow!("cannot open the audit trail: {e}"))?;
     let store = Store::local(&data.join("objects")).map_err(|e| anyhow::anyhow!("cannot open object storage: {e}"))?;
     let spool_dir = data.join("spool");
     ensure_private_dir(&spool_dir)?;
@@ -86,8 +91,10 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     icfg.caps = cfg.ingest.caps;
     let policies = Policies::new(Vec::new());
     let revocations = Arc::new(Revocations::default());
-    let ingest = Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone());
-    let retrieve = Arc::new(Retrieve::new(catalog.clone(), keys.clone(), store.clone(), revocations.clone()));
+    let ingest =
+        Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone(), audit.clone());
+    let retrieve =
+        Arc::new(Retrieve::new(catalog.clone(), keys.clone(), store.clone(), revocations.clone(), audit.clone()));
     let r = &cfg.retention;
     let retention = Arc::new(Retention::new(
         RetentionDeps {
@@ -100,6 +107,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
             clock,
             revocations,
             signer,
+            audit: audit.clone(),
         },
         RetentionConfig {
             shred_grace: r.shred_grace,
@@ -111,7 +119,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit })
 }
 
 /// Binds the listener (after unsealing) and returns it with the parts.
@@ -145,11 +153,16 @@ pub async fn serve(
         .build_v1alpha()?;
     // Room for a full Put (or one data chunk) plus its metadata.
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
+    let audit = parts.audit.clone();
     let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
-    let service =
-        pb::recvault_server::RecvaultServer::new(api::Service::new(parts.ingest, parts.retrieve, parts.retention))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+    let service = pb::recvault_server::RecvaultServer::new(api::Service::new(
+        parts.ingest,
+        parts.retrieve,
+        parts.retention,
+        parts.audit,
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
     tonic::transport::Server::builder()
         .max_frame_size(MAX_FRAME)
@@ -164,6 +177,9 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
+    if let Err(e) = audit.checkpoint().await {
+        tracing::warn!(error = %e, "no audit checkpoint at shutdown");
+    }
     Ok(())
 }
 
@@ -180,7 +196,7 @@ async fn run_sweeper(retention: Arc<Retention>, interval: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = retention.sweep(false).await {
+        if let Err(e) = retention.sweep(&Actor::system("retention-sweep"), false).await {
             tracing::error!(error = %e, "retention sweep failed; retried at the next interval");
         }
     }

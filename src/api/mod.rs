@@ -14,12 +14,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{self, Actor, AuditLog};
 use crate::catalog::{CustomerState, ListFilter, StoredPolicy};
 use crate::error::Error;
 use crate::ingest::{ClientMsg, Ingest, ServerMsg};
 use crate::model::{
     ContentKind, CustomerId, Direction, Hold, HoldId, Interaction, InvalidInput, ObjectId, ObjectRecord, ObjectSpec,
-    RetentionPolicy, UploadId,
+    Purpose, RetentionPolicy, UploadId,
 };
 use crate::retention::{Retention, ShredStatus, SweepReport};
 use crate::retrieve::{ByteRange, Retrieve};
@@ -42,11 +43,46 @@ pub struct Service {
     ingest: Arc<Ingest>,
     retrieve: Arc<Retrieve>,
     retention: Arc<Retention>,
+    audit: AuditLog,
 }
 
 impl Service {
-    pub fn new(ingest: Arc<Ingest>, retrieve: Arc<Retrieve>, retention: Arc<Retention>) -> Self {
-        Self { ingest, retrieve, retention }
+    pub fn new(ingest: Arc<Ingest>, retrieve: Arc<Retrieve>, retention: Arc<Retention>, audit: AuditLog) -> Self {
+        Self { ingest, retrieve, retention, audit }
+    }
+}
+
+/// The caller of a request, as the audit trail names it.
+fn actor<T>(request: &Request<T>) -> Actor {
+    Actor::peer(request.remote_addr(), request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()))
+}
+
+fn parse_purpose(code: i32) -> Result<Purpose, Error> {
+    match pb::Purpose::try_from(code) {
+        Ok(pb::Purpose::Unspecified) => Ok(Purpose::Unspecified),
+        Ok(pb::Purpose::Coaching) => Ok(Purpose::Coaching),
+        Ok(pb::Purpose::QualityReview) => Ok(Purpose::QualityReview),
+        Ok(pb::Purpose::Legal) => Ok(Purpose::Legal),
+        Ok(pb::Purpose::DataSubjectRequest) => Ok(Purpose::DataSubjectRequest),
+        Err(_) => Err(Error::Invalid(format!(
+            "purpose {code} is not known: use COACHING, QUALITY_REVIEW, LEGAL or DATA_SUBJECT_REQUEST"
+        ))),
+    }
+}
+
+fn audit_record(r: audit::Record) -> pb::AuditRecord {
+    pb::AuditRecord {
+        seq: r.seq,
+        at: Some(ms_to_ts(r.at_ms)),
+        principal: r.principal,
+        action: r.action,
+        customer_id: r.customer_id.unwrap_or_default(),
+        target: r.target.unwrap_or_default(),
+        purpose: r.purpose.unwrap_or_default(),
+        result: r.result,
+        request_id: r.request_id,
+        detail_json: r.detail,
+        hash: hex::encode(r.hash),
     }
 }
 
@@ -271,6 +307,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
+        let caller = actor(&request);
         let inbound = request.into_inner().map(|r| match r {
             Ok(req) => parse_ingest(req),
             Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
@@ -284,18 +321,19 @@ impl pb::recvault_server::Recvault for Service {
         let (tx, rx) = mpsc::channel(16);
         // Its own task: the session must run to a clean end (journal
         // settled, lease released) even when the client vanishes.
-        tokio::spawn(self.ingest.clone().run_stream(Box::pin(inbound), tx));
+        tokio::spawn(self.ingest.clone().run_stream(caller, Box::pin(inbound), tx));
         let out = ReceiverStream::new(rx).map(|r| r.map(ingest_response).map_err(to_status));
         Ok(Response::new(Box::pin(out)))
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
         let run = async {
             let upload_id = UploadId::parse(&req.upload_id).map_err(|e| field("upload_id", e))?;
             let spec = parse_spec(req.spec)?;
             let sha = parse_sha(&req.expected_sha256)?;
-            self.ingest.put(upload_id, spec, req.data, sha).await
+            self.ingest.put(&caller, upload_id, spec, req.data, sha).await
         };
         let object = run.await.map_err(to_status)?;
         Ok(Response::new(pb::PutResponse { object: Some(object_info(&object)) }))
@@ -310,10 +348,12 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
         let id = parse_object_id(&req.object_id).map_err(to_status)?;
+        let purpose = parse_purpose(req.purpose).map_err(to_status)?;
         let range = req.range.map(|r| ByteRange { start: r.start, end: r.end }).unwrap_or_default();
-        let (record, chunks) = self.retrieve.read(&id, range).await.map_err(to_status)?;
+        let (record, chunks) = self.retrieve.read(&caller, purpose, &id, range).await.map_err(to_status)?;
         let first = pb::GetResponse { info: Some(object_info(&record)), offset: range.start, data: Bytes::new() };
         let rest =
             chunks.map(|c| c.map(|(offset, data)| pb::GetResponse { info: None, offset, data }).map_err(to_status));
@@ -345,10 +385,11 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ShredCustomerRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
         let run = async {
             let id = parse_customer(&req.customer_id)?;
-            self.retention.request_shred(&id, &req.reason, &req.requested_by).await
+            self.retention.request_shred(&caller, &id, &req.reason, &req.requested_by).await
         };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
@@ -357,8 +398,10 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ApproveShredRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
-        let run = async { self.retention.approve_shred(&parse_customer(&req.customer_id)?, &req.approver).await };
+        let run =
+            async { self.retention.approve_shred(&caller, &parse_customer(&req.customer_id)?, &req.approver).await };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
 
@@ -366,7 +409,9 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::CancelShredRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
-        let run = async { self.retention.cancel_shred(&parse_customer(&request.get_ref().customer_id)?).await };
+        let caller = actor(&request);
+        let run =
+            async { self.retention.cancel_shred(&caller, &parse_customer(&request.get_ref().customer_id)?).await };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
 
@@ -395,20 +440,22 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn place_hold(&self, request: Request<pb::PlaceHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
         let run = async {
             let id = parse_customer(&req.customer_id)?;
             let interaction = (!req.interaction_id.is_empty()).then_some(req.interaction_id);
-            self.retention.place_hold(id, interaction, &req.case_ref, &req.reason, &req.placed_by).await
+            self.retention.place_hold(&caller, id, interaction, &req.case_ref, &req.reason, &req.placed_by).await
         };
         Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
     }
 
     async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
         let run = async {
             let id = HoldId::parse(&req.hold_id).map_err(|e| field("hold_id", e))?;
-            self.retention.release_hold(&id, &req.released_by).await
+            self.retention.release_hold(&caller, &id, &req.released_by).await
         };
         Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
     }
@@ -438,8 +485,9 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::SetRetentionPolicyRequest>,
     ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
-        let run = async { self.retention.set_policy(parse_policy(req.policy)?, req.reapply).await };
+        let run = async { self.retention.set_policy(&caller, parse_policy(req.policy)?, req.reapply).await };
         Ok(Response::new(pb::RetentionPolicyChange { objects_updated: run.await.map_err(to_status)? }))
     }
 
@@ -447,8 +495,9 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::DeleteRetentionPolicyRequest>,
     ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
+        let caller = actor(&request);
         let req = request.into_inner();
-        let updated = self.retention.delete_policy(&req.name, req.reapply).await.map_err(to_status)?;
+        let updated = self.retention.delete_policy(&caller, &req.name, req.reapply).await.map_err(to_status)?;
         Ok(Response::new(pb::RetentionPolicyChange { objects_updated: updated }))
     }
 
@@ -456,7 +505,33 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::RunRetentionRequest>,
     ) -> Result<Response<pb::RetentionReport>, Status> {
-        let report = self.retention.sweep(request.get_ref().dry_run).await.map_err(to_status)?;
+        let report = self.retention.sweep(&actor(&request), request.get_ref().dry_run).await.map_err(to_status)?;
         Ok(Response::new(sweep_report(report)))
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<pb::ListAuditRecordsRequest>,
+    ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        let req = request.into_inner();
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        let filter = audit::Filter {
+            customer_id: nonempty(req.customer_id),
+            action: nonempty(req.action),
+            principal: nonempty(req.principal),
+            since_ms: req.since.as_ref().map(ts_to_ms),
+            until_ms: req.until.as_ref().map(ts_to_ms),
+            before_seq: (req.before_seq > 0).then_some(req.before_seq),
+            limit: match req.page_size {
+                0 => 50,
+                n => n.min(1000) as usize,
+            },
+        };
+        let head = self.audit.head();
+        let records = self.audit.search(filter).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListAuditRecordsResponse {
+            records: records.into_iter().map(audit_record).collect(),
+            head: head.to_string(),
+        }))
     }
 }

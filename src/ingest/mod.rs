@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Actor, AuditLog, Event};
 use crate::catalog::{Catalog, CatalogError, CustomerState, UploadRecord};
 use crate::clock::Clock;
 use crate::crypto::DataKey;
@@ -145,6 +146,7 @@ pub struct Ingest {
     store: Store,
     policies: Arc<Policies>,
     clock: Arc<dyn Clock>,
+    audit: AuditLog,
     active: Mutex<HashMap<UploadId, Active>>,
     generation: std::sync::atomic::AtomicU64,
     released: tokio::sync::Notify,
@@ -197,6 +199,7 @@ impl Ingest {
         store: Store,
         policies: Arc<Policies>,
         clock: Arc<dyn Clock>,
+        audit: AuditLog,
     ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
@@ -205,6 +208,7 @@ impl Ingest {
             store,
             policies,
             clock,
+            audit,
             active: Mutex::new(HashMap::new()),
             generation: Default::default(),
             released: tokio::sync::Notify::new(),
@@ -265,7 +269,12 @@ impl Ingest {
     }
 
     /// Opens (or resumes) an upload.
-    async fn open(self: &Arc<Self>, upload_id: UploadId, mut spec: ObjectSpec) -> Result<Opening, Error> {
+    async fn open(
+        self: &Arc<Self>,
+        actor: &Actor,
+        upload_id: UploadId,
+        mut spec: ObjectSpec,
+    ) -> Result<Opening, Error> {
         self.check_spec(&mut spec)?;
         if let Some(existing) = self.catalog.upload(&upload_id).await? {
             if existing.committed {
@@ -285,7 +294,7 @@ impl Ingest {
             let lease = self.lease(upload_id, existing.customer_ref).await?;
             return self.resume(lease, existing).await.map(|s| Opening::Session(Box::new(s)));
         }
-        let stored = self.create_upload(upload_id, &spec).await?;
+        let stored = self.create_upload(actor, upload_id, &spec).await?;
         if stored.committed {
             return Ok(Opening::Committed(Box::new(self.committed_object(&stored).await?)));
         }
@@ -376,11 +385,15 @@ impl Ingest {
 
     /// Drives one ingest stream to its end. Every outcome, including the
     /// final error, is sent on `out`.
-    pub async fn run_stream<S>(self: Arc<Self>, mut inbound: S, out: mpsc::Sender<Result<ServerMsg, Error>>)
-    where
+    pub async fn run_stream<S>(
+        self: Arc<Self>,
+        actor: Actor,
+        mut inbound: S,
+        out: mpsc::Sender<Result<ServerMsg, Error>>,
+    ) where
         S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
     {
-        let result = self.drive(&mut inbound, &out).await;
+        let result = self.drive(&actor, &mut inbound, &out).await;
         if let Err(e) = result {
             let _ = out.send(Err(e)).await;
         }
@@ -388,6 +401,7 @@ impl Ingest {
 
     async fn drive<S>(
         self: &Arc<Self>,
+        actor: &Actor,
         inbound: &mut S,
         out: &mpsc::Sender<Result<ServerMsg, Error>>,
     ) -> Result<(), Error>
@@ -404,7 +418,7 @@ impl Ingest {
                 "the first message of an ingest stream must open the upload (durable offset unknown until then)".into(),
             ));
         };
-        let mut session = match self.open(upload_id, spec).await? {
+        let mut session = match self.open(actor, upload_id, spec).await? {
             Opening::Committed(object) => {
                 let object = *object;
                 send(
@@ -441,7 +455,7 @@ impl Ingest {
             },
         )
         .await?;
-        let result = self.session_loop(&mut session, inbound, out).await;
+        let result = self.session_loop(actor, &mut session, inbound, out).await;
         // Whatever happened, no journal write may outlive the lease: a
         // resuming stream must be the only writer.
         if let Some(handle) = session.in_flight.take() {
@@ -463,6 +477,7 @@ impl Ingest {
 
     async fn session_loop<S>(
         self: &Arc<Self>,
+        actor: &Actor,
         s: &mut Session,
         inbound: &mut S,
         out: &mpsc::Sender<Result<ServerMsg, Error>>,
@@ -479,8 +494,18 @@ impl Ingest {
                 _ = cancel.cancelled() => {
                     let state = self.catalog.customer(&s.record.spec.customer_id).await.ok().flatten().map(|c| c.state);
                     return Err(match state {
-                        // Shredded under our feet: write nothing more, and
-                        // remove what the shred could not see yet.
+                        // A shred was requested: write nothing more. The
+                        // upload stays (sealed, unreadable) so a cancelled
+                        // shred lets the caller resume it; the destroy step
+                        // discards it and counts it in the certificate.
+                        Some(st @ CustomerState::PendingShred) => {
+                            if let Some(h) = s.in_flight.take() {
+                                let _ = h.await;
+                            }
+                            Refusal::Keep(Error::from_state(st))
+                        }
+                        // Keys already destroyed: remove what the shred
+                        // could not see yet.
                         Some(st) if st != CustomerState::Active => {
                             if let Some(h) = s.in_flight.take() {
                                 let _ = h.await;
@@ -544,7 +569,7 @@ impl Ingest {
                             if s.durable > 0 {
                                 send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
                             }
-                            return self.finish(s, expected_sha256, expected_size).await.map(Some);
+                            return self.finish(actor, s, expected_sha256, expected_size).await.map(Some);
                         }
                     }
                 }
@@ -590,6 +615,7 @@ impl Ingest {
     /// store and commits it to the catalog.
     async fn finish(
         &self,
+        actor: &Actor,
         s: &mut Session,
         expected_sha256: Option<[u8; 32]>,
         expected_size: Option<u64>,
@@ -638,6 +664,9 @@ impl Ingest {
             retention: self.policies.assign(&s.record.spec, created_at_ms),
             derived_from: None,
         };
+        // No record, no commit: the upload stays durable in its journal and
+        // a later finish commits it.
+        self.audit.append(actor, commit_event(&record)).await.map_err(Refusal::Keep)?;
         let committed = match self.catalog.commit_upload(&record).await {
             Ok(c) => c,
             Err(e @ CatalogError::CustomerState(_)) => {
@@ -722,12 +751,13 @@ impl Ingest {
     /// committed in one call. Idempotent by `upload_id`.
     pub async fn put(
         self: &Arc<Self>,
+        actor: &Actor,
         upload_id: UploadId,
         spec: ObjectSpec,
         data: Bytes,
         expected_sha256: Option<[u8; 32]>,
     ) -> Result<ObjectRecord, Error> {
-        self.put_object(upload_id, spec, data, expected_sha256, None).await
+        self.put_object(actor, upload_id, spec, data, expected_sha256, None).await
     }
 
     /// Stores an item derived from a committed object (a redacted
@@ -738,6 +768,7 @@ impl Ingest {
     /// outlives its source) and records where it came from.
     pub async fn put_derived(
         self: &Arc<Self>,
+        actor: &Actor,
         upload_id: UploadId,
         source: &ObjectId,
         kind: ContentKind,
@@ -761,11 +792,12 @@ impl Ingest {
             content_type: content_type.to_owned(),
             interaction: parent.record.spec.interaction.clone(),
         };
-        self.put_object(upload_id, spec, data, None, Some((*source, parent.record.retention))).await
+        self.put_object(actor, upload_id, spec, data, None, Some((*source, parent.record.retention))).await
     }
 
     async fn put_object(
         self: &Arc<Self>,
+        actor: &Actor,
         upload_id: UploadId,
         mut spec: ObjectSpec,
         data: Bytes,
@@ -812,7 +844,7 @@ impl Ingest {
         }
         let stored = match existing {
             Some(upload) => upload,
-            None => self.create_upload(upload_id, &spec).await?,
+            None => self.create_upload(actor, upload_id, &spec).await?,
         };
         if stored.committed {
             return self.committed_object(&stored).await;
@@ -844,6 +876,7 @@ impl Ingest {
             retention,
             derived_from,
         };
+        self.audit.append(actor, commit_event(&object)).await?;
         let committed = self.catalog.commit_upload(&object).await.map_err(|e| match e {
             CatalogError::NotFound => Error::Precondition(format!("upload {upload_id} was discarded meanwhile")),
             other => other.into(),
@@ -857,8 +890,25 @@ impl Ingest {
     /// Records a new upload: fresh object id, data key and nonce prefix.
     /// A concurrent open of the same upload id may have won; whatever is
     /// stored is returned (and must describe the same object).
-    async fn create_upload(&self, upload_id: UploadId, spec: &ObjectSpec) -> Result<UploadRecord, Error> {
+    async fn create_upload(
+        &self,
+        actor: &Actor,
+        upload_id: UploadId,
+        spec: &ObjectSpec,
+    ) -> Result<UploadRecord, Error> {
+        let known = self.catalog.customer(&spec.customer_id).await?.is_some();
         let (customer, ck) = self.keys.customer_for_ingest(&spec.customer_id).await?;
+        if !known {
+            let event = Event::new("key.create")
+                .customer(&spec.customer_id)
+                .target(customer.customer_ref)
+                .detail("version", customer.active_version);
+            if let Err(e) = self.audit.append(actor, event).await {
+                // The key holds nothing yet; the upload's commit is what
+                // must not happen unaudited, and it fails closed.
+                tracing::warn!(error = %e, "key creation not audited");
+            }
+        }
         let object_id = ObjectId::new_random();
         let (_dek, wrapped) =
             KeyService::new_data_key(&ck, &customer.customer_ref, &object_id, customer.active_version)?;
@@ -901,6 +951,19 @@ impl Ingest {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+fn commit_event(o: &ObjectRecord) -> Event {
+    let mut e = Event::new("object.commit")
+        .customer(&o.spec.customer_id)
+        .target(o.object_id)
+        .detail("upload_id", o.upload_id.to_string())
+        .detail("kind", o.spec.kind.name())
+        .detail("size", o.size);
+    if let Some(source) = o.derived_from {
+        e = e.detail("derived_from", source.to_string());
+    }
+    e
 }
 
 /// The header of an upload's object: every field comes from its record, so

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::{Actor, AuditLog, Event};
 use crate::catalog::{Catalog, CatalogError, CustomerState, ShredRequest, ShredTicket, StoredPolicy};
 use crate::clock::Clock;
 use crate::error::Error;
@@ -103,7 +104,8 @@ pub struct Retention {
     policies: Arc<Policies>,
     clock: Arc<dyn Clock>,
     revocations: Arc<Revocations>,
-    signer: SigningKey,
+    signer: Arc<SigningKey>,
+    audit: AuditLog,
     cfg: RetentionConfig,
     /// One sweep or shred step at a time.
     work: tokio::sync::Mutex<()>,
@@ -119,7 +121,8 @@ pub struct RetentionDeps {
     pub policies: Arc<Policies>,
     pub clock: Arc<dyn Clock>,
     pub revocations: Arc<Revocations>,
-    pub signer: SigningKey,
+    pub signer: Arc<SigningKey>,
+    pub audit: AuditLog,
 }
 
 fn text(field: &str, value: &str, max: usize) -> Result<String, Error> {
@@ -129,7 +132,8 @@ fn text(field: &str, value: &str, max: usize) -> Result<String, Error> {
 
 impl Retention {
     pub fn new(deps: RetentionDeps, cfg: RetentionConfig) -> Self {
-        let RetentionDeps { catalog, store, ingest, keys, spool_dir, policies, clock, revocations, signer } = deps;
+        let RetentionDeps { catalog, store, ingest, keys, spool_dir, policies, clock, revocations, signer, audit } =
+            deps;
         Self {
             catalog,
             store,
@@ -140,6 +144,7 @@ impl Retention {
             clock,
             revocations,
             signer,
+            audit,
             cfg,
             work: tokio::sync::Mutex::new(()),
         }
@@ -147,6 +152,22 @@ impl Retention {
 
     pub fn signing_key_id(&self) -> &str {
         self.signer.key_id()
+    }
+
+    /// Runs `action` under the audit rule: its record first (no record, no
+    /// action), and if it then fails, a second record with the outcome.
+    async fn audited<T>(
+        &self,
+        actor: &Actor,
+        event: Event,
+        action: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        self.audit.append(actor, event.clone()).await?;
+        let result = action.await;
+        if let Err(e) = &result {
+            let _ = self.audit.append(actor, event.result(format!("failed: {e}"))).await;
+        }
+        result
     }
 
     // ---- policies ----
@@ -181,23 +202,35 @@ impl Retention {
     /// Adds or replaces a policy. It applies to objects committed from now
     /// on; with `reapply`, every live object's expiry is recomputed from
     /// its commit time. Returns how many objects changed expiry.
-    pub async fn set_policy(&self, policy: RetentionPolicy, reapply: bool) -> Result<u64, Error> {
+    pub async fn set_policy(&self, actor: &Actor, policy: RetentionPolicy, reapply: bool) -> Result<u64, Error> {
         policy.validate()?;
+        let event = Event::new("policy.set")
+            .target(&policy.name)
+            .detail("kind", policy.kind.name())
+            .detail("retain_secs", policy.retain_secs)
+            .detail("reapply", reapply);
         let stored = StoredPolicy { policy, from_config: false, updated_at_ms: self.clock.now_ms() };
-        self.catalog.put_policy(&stored).await?;
-        self.policies.reload(self.catalog.as_ref()).await?;
-        tracing::info!(policy = %stored.policy.name, reapply, "retention policy set");
-        if reapply { self.reapply().await } else { Ok(0) }
+        self.audited(actor, event, async {
+            self.catalog.put_policy(&stored).await?;
+            self.policies.reload(self.catalog.as_ref()).await?;
+            tracing::info!(policy = %stored.policy.name, reapply, "retention policy set");
+            if reapply { self.reapply().await } else { Ok(0) }
+        })
+        .await
     }
 
-    pub async fn delete_policy(&self, name: &str, reapply: bool) -> Result<u64, Error> {
-        self.catalog.delete_policy(name, false).await.map_err(|e| match e {
-            CatalogError::NotFound => Error::NotFound(format!("no retention policy named {name:?}")),
-            other => other.into(),
-        })?;
-        self.policies.reload(self.catalog.as_ref()).await?;
-        tracing::info!(policy = %name, reapply, "retention policy deleted");
-        if reapply { self.reapply().await } else { Ok(0) }
+    pub async fn delete_policy(&self, actor: &Actor, name: &str, reapply: bool) -> Result<u64, Error> {
+        let event = Event::new("policy.delete").target(name).detail("reapply", reapply);
+        self.audited(actor, event, async {
+            self.catalog.delete_policy(name, false).await.map_err(|e| match e {
+                CatalogError::NotFound => Error::NotFound(format!("no retention policy named {name:?}")),
+                other => other.into(),
+            })?;
+            self.policies.reload(self.catalog.as_ref()).await?;
+            tracing::info!(policy = %name, reapply, "retention policy deleted");
+            if reapply { self.reapply().await } else { Ok(0) }
+        })
+        .await
     }
 
     async fn reapply(&self) -> Result<u64, Error> {
@@ -227,6 +260,7 @@ impl Retention {
 
     pub async fn place_hold(
         &self,
+        actor: &Actor,
         customer_id: CustomerId,
         interaction_id: Option<String>,
         case_ref: &str,
@@ -247,25 +281,33 @@ impl Retention {
             released_by: None,
             released_at_ms: None,
         };
-        let hold = self.catalog.place_hold(&hold).await?;
+        let mut event = Event::new("hold.place").customer(&hold.customer_id).target(hold.hold_id);
+        if let Some(i) = &hold.interaction_id {
+            event = event.detail("interaction_id", i);
+        }
+        let hold = self.audited(actor, event, async { Ok(self.catalog.place_hold(&hold).await?) }).await?;
         tracing::info!(hold_id = %hold.hold_id, customer_id = %hold.customer_id, "legal hold placed");
         Ok(hold)
     }
 
     /// Releases a hold; pending shreds it was blocking proceed at once if
     /// due (expiry resumes at the next sweep).
-    pub async fn release_hold(&self, id: &HoldId, by: &str) -> Result<Hold, Error> {
+    pub async fn release_hold(&self, actor: &Actor, id: &HoldId, by: &str) -> Result<Hold, Error> {
         let by = text("released_by", by, MAX_NAME)?;
-        let hold = self.catalog.release_hold(id, &by, self.clock.now_ms()).await.map_err(|e| match e {
-            CatalogError::NotFound => Error::NotFound(format!("legal hold {id} not found")),
-            other => other.into(),
-        })?;
+        let hold = self
+            .audited(actor, Event::new("hold.release").target(id), async {
+                self.catalog.release_hold(id, &by, self.clock.now_ms()).await.map_err(|e| match e {
+                    CatalogError::NotFound => Error::NotFound(format!("legal hold {id} not found")),
+                    other => other.into(),
+                })
+            })
+            .await?;
         tracing::info!(hold_id = %hold.hold_id, customer_id = %hold.customer_id, "legal hold released");
         if let Some(ticket) = self.catalog.shred_ticket(&hold.customer_id).await?
             && ticket.state == CustomerState::PendingShred
         {
             let _work = self.work.lock().await;
-            if let Err(e) = self.advance_shred(ticket).await {
+            if let Err(e) = self.advance_shred(actor, ticket).await {
                 tracing::warn!(customer_id = %hold.customer_id, error = %e, "pending shred did not advance");
             }
         }
@@ -282,7 +324,13 @@ impl Retention {
     /// the keys are destroyed when the grace window has passed (and a
     /// second person approved, if required). With no grace and no approval
     /// needed, the whole pipeline runs before this returns.
-    pub async fn request_shred(&self, id: &CustomerId, reason: &str, requested_by: &str) -> Result<ShredStatus, Error> {
+    pub async fn request_shred(
+        &self,
+        actor: &Actor,
+        id: &CustomerId,
+        reason: &str,
+        requested_by: &str,
+    ) -> Result<ShredStatus, Error> {
         let now = self.clock.now_ms();
         let request = ShredRequest {
             reason: text("reason", reason, MAX_REASON)?,
@@ -291,7 +339,15 @@ impl Retention {
             destroy_after_ms: now.saturating_add(self.cfg.shred_grace.as_millis() as i64),
             requires_approval: self.cfg.shred_requires_approval,
         };
-        let ticket = self.catalog.request_shred(id, &request).await.map_err(|e| self.customer_error(id, e))?;
+        let event = Event::new("shred.request")
+            .customer(id)
+            .detail("requested_by", &request.requested_by)
+            .detail("destroy_after", format_ms(request.destroy_after_ms));
+        let ticket = self
+            .audited(actor, event, async {
+                self.catalog.request_shred(id, &request).await.map_err(|e| self.customer_error(id, e))
+            })
+            .await?;
         self.revocations.bump();
         let stopped = self.ingest.cancel_customer(&ticket.customer_ref);
         tracing::info!(
@@ -302,28 +358,36 @@ impl Retention {
             "shred requested"
         );
         let _work = self.work.lock().await;
-        let ticket = self.advance_shred(ticket).await?;
+        let ticket = self.advance_shred(actor, ticket).await?;
         self.status_of(id, Some(ticket)).await
     }
 
     /// The second person's approval under the two-person rule.
-    pub async fn approve_shred(&self, id: &CustomerId, approver: &str) -> Result<ShredStatus, Error> {
+    pub async fn approve_shred(&self, actor: &Actor, id: &CustomerId, approver: &str) -> Result<ShredStatus, Error> {
         let approver = text("approver", approver, MAX_NAME)?;
+        let event = Event::new("shred.approve").customer(id).detail("approver", &approver);
         let ticket = self
-            .catalog
-            .approve_shred(id, &approver, self.clock.now_ms())
-            .await
-            .map_err(|e| self.customer_error(id, e))?;
+            .audited(actor, event, async {
+                self.catalog
+                    .approve_shred(id, &approver, self.clock.now_ms())
+                    .await
+                    .map_err(|e| self.customer_error(id, e))
+            })
+            .await?;
         tracing::info!(customer_ref = %ticket.customer_ref, "shred approved");
         let _work = self.work.lock().await;
-        let ticket = self.advance_shred(ticket).await?;
+        let ticket = self.advance_shred(actor, ticket).await?;
         self.status_of(id, Some(ticket)).await
     }
 
     /// Cancels a pending shred; the customer's content is readable again.
-    pub async fn cancel_shred(&self, id: &CustomerId) -> Result<ShredStatus, Error> {
+    pub async fn cancel_shred(&self, actor: &Actor, id: &CustomerId) -> Result<ShredStatus, Error> {
         let _work = self.work.lock().await;
-        let ticket = self.catalog.cancel_shred(id).await.map_err(|e| self.customer_error(id, e))?;
+        let ticket = self
+            .audited(actor, Event::new("shred.cancel").customer(id), async {
+                self.catalog.cancel_shred(id).await.map_err(|e| self.customer_error(id, e))
+            })
+            .await?;
         tracing::info!(customer_ref = %ticket.customer_ref, "shred cancelled");
         self.status_of(id, Some(ticket)).await
     }
@@ -376,7 +440,7 @@ impl Retention {
     }
 
     /// Takes a pending shred as far as it can go now. Caller holds `work`.
-    async fn advance_shred(&self, mut ticket: ShredTicket) -> Result<ShredTicket, Error> {
+    async fn advance_shred(&self, actor: &Actor, mut ticket: ShredTicket) -> Result<ShredTicket, Error> {
         if ticket.state != CustomerState::PendingShred {
             return Ok(ticket);
         }
@@ -385,6 +449,9 @@ impl Retention {
         if ticket.destroyed.is_none() {
             let now = self.clock.now_ms();
             if now < ticket.destroy_after_ms || (ticket.requires_approval && ticket.approved_by.is_none()) {
+                return Ok(ticket);
+            }
+            if !self.catalog.holds(Some(&id), false).await?.is_empty() {
                 return Ok(ticket);
             }
             let customer = self.catalog.customer(&id).await?.ok_or_else(|| Error::internal("customer vanished"))?;
@@ -399,13 +466,22 @@ impl Retention {
                 .filter(|u| u.customer_ref == ticket.customer_ref)
                 .map(|u| u.object_id)
                 .collect();
+            // Fail closed: no record, no destruction (the sweep retries).
+            self.audit.append(actor, Event::new("shred.destroy").customer(&id)).await?;
             ticket = match self.catalog.destroy_customer_keys(&id, now).await {
                 Ok(t) => t,
                 Err(CatalogError::Held(holds)) => {
                     tracing::info!(customer_ref = %ticket.customer_ref, holds = holds.len(), "shred waits for legal holds");
+                    let _ = self
+                        .audit
+                        .append(actor, Event::new("shred.destroy").customer(&id).result("refused: held"))
+                        .await;
                     return Ok(ticket);
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let _ = self.audit.append(actor, Event::new("shred.destroy").customer(&id).result("failed")).await;
+                    return Err(e.into());
+                }
             };
             self.revocations.bump();
             self.ingest.cancel_customer(&ticket.customer_ref);
@@ -444,6 +520,7 @@ impl Retention {
             result: if passed { "passed" } else { "failed" }.into(),
         };
         if !passed {
+            let _ = self.audit.append(actor, Event::new("shred.verify").customer(&id).result("failed")).await;
             return Err(Error::Internal(format!(
                 "shred verification of customer_ref {} failed ({remaining} key versions remain, canary opens: {after}); \
                  the customer stays pending",
@@ -451,6 +528,17 @@ impl Retention {
             )));
         }
         let destroyed = ticket.destroyed.clone().ok_or_else(|| Error::internal("destroy step not recorded"))?;
+        // One shred.complete record per customer, even across crashes; the
+        // certificate names the head that includes it.
+        if !self.audit.recorded("shred.complete", &id).await? {
+            let event = Event::new("shred.complete")
+                .customer(&id)
+                .detail("objects", destroyed.objects)
+                .detail("key_versions", &destroyed.key_versions)
+                .detail("objects_digest_sha256", hex::encode(destroyed.objects_digest));
+            self.audit.append(actor, event).await?;
+        }
+        let audit_head = self.audit.checkpoint().await?;
         let cert = ShredCertificate {
             format: ShredCertificate::format_v1(),
             customer_id: id.to_string(),
@@ -467,7 +555,7 @@ impl Retention {
             approved_at: ticket.approved_at_ms.map(format_ms),
             destroyed_at: format_ms(destroyed.at_ms),
             canary,
-            audit_log_head: None,
+            audit_log_head: Some(audit_head.to_string()),
             issued_at: format_ms(self.clock.now_ms()),
             signing_key_id: String::new(),
         };
@@ -500,7 +588,7 @@ impl Retention {
     /// One retention sweep: expire due objects, advance pending shreds,
     /// discard abandoned uploads and orphaned journals. A dry run changes
     /// nothing and reports what would be done.
-    pub async fn sweep(&self, dry_run: bool) -> Result<SweepReport, Error> {
+    pub async fn sweep(&self, actor: &Actor, dry_run: bool) -> Result<SweepReport, Error> {
         let _work = self.work.lock().await;
         let now = self.clock.now_ms();
         let mut report = SweepReport { dry_run, ..Default::default() };
@@ -533,19 +621,28 @@ impl Retention {
             return Ok(report);
         }
 
+        if count.due > count.held {
+            // Fail closed: the sweep's record comes first; each erased
+            // object gets its own record right after its batch.
+            self.audit.append(actor, Event::new("retention.expire").detail("due", count.due - count.held)).await?;
+        }
         loop {
             let expired = self.catalog.expire_objects(now, EXPIRY_BATCH).await?;
             if expired.is_empty() {
                 break;
             }
             self.revocations.bump();
+            for e in &expired {
+                let event = Event::new("object.expire").customer(&e.customer_id).target(e.object_id);
+                self.audit.append(actor, event).await?;
+            }
             report.objects_expired += expired.len() as u64;
             report.leftovers += self.delete_ciphertext(expired.iter().map(|e| e.object_id).collect()).await;
             tracing::info!(objects = expired.len(), "expired objects crypto-erased");
         }
         for ticket in pending {
             let customer_ref = ticket.customer_ref;
-            match self.advance_shred(ticket).await {
+            match self.advance_shred(actor, ticket).await {
                 Ok(t) if t.state == CustomerState::Shredded => report.shreds_completed += 1,
                 Ok(_) => report.shreds_waiting += 1,
                 Err(e) => {

@@ -12,11 +12,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::Stream;
 
+use crate::audit::{Actor, AuditLog, Event};
 use crate::catalog::{Catalog, CustomerState, ListFilter, PageCursor, StoredObject};
 use crate::crypto::format::{self, HEADER_LEN, SegmentOpener, TAG_LEN};
 use crate::error::Error;
 use crate::keys::KeyService;
-use crate::model::{ObjectId, ObjectRecord};
+use crate::model::{ObjectId, ObjectRecord, Purpose};
 use crate::revocation::Revocations;
 use crate::store::Store;
 
@@ -45,14 +46,17 @@ pub struct Retrieve {
     keys: Arc<KeyService>,
     store: Store,
     revocations: Arc<Revocations>,
+    audit: AuditLog,
 }
 
 /// The object if its content may be read now: committed, not expired, its
 /// customer active. Decided before any key is touched.
 async fn readable(catalog: &dyn Catalog, id: &ObjectId) -> Result<StoredObject, Error> {
-    let stored = catalog
-        .object(id)
-        .await?
+    check_readable(id, catalog.object(id).await?)
+}
+
+fn check_readable(id: &ObjectId, stored: Option<StoredObject>) -> Result<StoredObject, Error> {
+    let stored = stored
         .ok_or_else(|| Error::NotFound(format!("object {id} not found (unknown id, or an upload not yet finished)")))?;
     if stored.customer_state != CustomerState::Active {
         return Err(Error::from_state(stored.customer_state));
@@ -67,8 +71,14 @@ async fn readable(catalog: &dyn Catalog, id: &ObjectId) -> Result<StoredObject, 
 }
 
 impl Retrieve {
-    pub fn new(catalog: Arc<dyn Catalog>, keys: Arc<KeyService>, store: Store, revocations: Arc<Revocations>) -> Self {
-        Self { catalog, keys, store, revocations }
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        keys: Arc<KeyService>,
+        store: Store,
+        revocations: Arc<Revocations>,
+        audit: AuditLog,
+    ) -> Self {
+        Self { catalog, keys, store, revocations, audit }
     }
 
     async fn readable(&self, id: &ObjectId) -> Result<StoredObject, Error> {
@@ -108,13 +118,28 @@ impl Retrieve {
 
     /// Opens a range of an object for reading. Returns its metadata and a
     /// stream of `(offset, plaintext)` chunks covering exactly the range.
+    /// The read is audited with its purpose before any key is touched, and
+    /// refused if the record cannot be written.
     pub async fn read(
         &self,
+        actor: &Actor,
+        purpose: Purpose,
         id: &ObjectId,
         range: ByteRange,
     ) -> Result<(ObjectRecord, impl Stream<Item = Result<(u64, Bytes), Error>> + Send + 'static), Error> {
         let epoch = self.revocations.epoch();
-        let stored = self.readable(id).await?;
+        let mut event = Event::new("object.read").target(id).purpose(purpose.name());
+        let found = self.catalog.object(id).await?;
+        if let Some(f) = &found {
+            event = event.customer(&f.record.spec.customer_id);
+        }
+        let stored = match check_readable(id, found) {
+            Ok(stored) => stored,
+            Err(e) => {
+                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                return Err(e);
+            }
+        };
         let record = stored.record.clone();
         let size = record.size;
         let end_incl = match range.end {
@@ -133,6 +158,8 @@ impl Retrieve {
         if size == 0 && range.start > 0 {
             return Err(Error::OutOfRange(format!("object {id} is empty")));
         }
+        let event = event.detail("range", [range.start, end_incl]);
+        self.audit.append(actor, event).await?;
         let dek = self
             .keys
             .data_key(&stored.customer_ref, &record.spec.customer_id, id, stored.key_version, &stored.wrapped_dek)

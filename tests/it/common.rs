@@ -356,6 +356,7 @@ pub async fn get(
         .get(pb::GetRequest {
             object_id: object_id.into(),
             range: range.map(|(start, end)| pb::ByteRange { start, end }),
+            purpose: pb::Purpose::QualityReview as i32,
         })
         .await?
         .into_inner();
