@@ -232,3 +232,19 @@ def test_errors_carry_grpc_status_codes(server):
     info = stub.Stat(pb.StatRequest(object_id=put.object.object_id))
     assert info.retention_policy == "chat-transcripts"
     assert info.expires_at.seconds - info.created_at.seconds == 365 * 86400
+
+    # The audit trail, read by a client that is not ours: the read above
+    # carries its purpose and the request id sent as metadata.
+    b"".join(
+        r.data
+        for r in stub.Get(
+            pb.GetRequest(object_id=put.object.object_id, purpose=pb.LEGAL),
+            metadata=[("x-request-id", "py-req-1")],
+        )
+    )
+    trail = stub.ListAuditRecords(pb.ListAuditRecordsRequest(customer_id="py-cust-2", action="object.read"))
+    newest = trail.records[0]
+    assert (newest.purpose, newest.request_id, newest.result) == ("legal", "py-req-1", "ok")
+    actions = {r.action for r in stub.ListAuditRecords(pb.ListAuditRecordsRequest(customer_id="py-cust-2")).records}
+    assert {"object.commit", "shred.request", "shred.cancel"} <= actions
+    assert int(trail.head.split(":")[0]) >= newest.seq

@@ -535,6 +535,23 @@ async fn a3_kill9_between_destroy_and_tombstone_converges() {
     let public = std::fs::read_to_string(data.join("signing.pub")).unwrap();
     let key = recvault::retention::certificate::parse_public_key(&public).unwrap();
     recvault::retention::certificate::verify(&status.certificate_json, &key).unwrap();
+    // The audit chain shows exactly one shred.complete, and the chain the
+    // killed server was writing verifies.
+    let completes = c
+        .list_audit_records(pb::ListAuditRecordsRequest {
+            customer_id: "crash-s".into(),
+            action: "shred.complete".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(completes.records.len(), 1);
+    assert_eq!(
+        cert["certificate"]["audit_log_head"],
+        format!("{}:{}", completes.records[0].seq, completes.records[0].hash)
+    );
+    recvault::audit::verify(&data.join("audit.sqlite"), &key).unwrap();
     assert!(files_under(&data.join("objects")).iter().all(|p| !p.to_string_lossy().contains(&o.object_id)));
     assert_eq!(get(&mut c, &other.object_id, None).await.unwrap(), audio);
 }
@@ -547,7 +564,8 @@ async fn e2_shred_stops_a_read_in_progress() {
     let mut c = server.client().await;
     let audio = wav(12 << 20); // 24 MiB: more than the HTTP/2 windows hold
     let o = ingest(&mut c, &new_id(), spec("e2-s", REC, "audio/wav"), &audio).await;
-    let mut stream = c.get(pb::GetRequest { object_id: o.object_id.clone(), range: None }).await.unwrap().into_inner();
+    let mut stream =
+        c.get(pb::GetRequest { object_id: o.object_id.clone(), ..Default::default() }).await.unwrap().into_inner();
     let mut received = 0usize;
     while received < (1 << 20) {
         received += stream.message().await.unwrap().expect("more").data.len();
@@ -617,6 +635,7 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
     cfg.retention.shred_grace = Duration::ZERO;
     let parts = recvault::server::open(&cfg).await.unwrap();
     let customer = recvault::model::CustomerId::parse("der-1").unwrap();
+    let actor = recvault::audit::Actor::system("test");
     let spec = recvault::model::ObjectSpec {
         customer_id: customer.clone(),
         kind: recvault::model::ContentKind::ChatTranscript,
@@ -625,12 +644,13 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
     };
     let source = parts
         .ingest
-        .put(recvault::model::UploadId::new_random(), spec, "card 4111 1111 1111 1111".into(), None)
+        .put(&actor, recvault::model::UploadId::new_random(), spec, "card 4111 1111 1111 1111".into(), None)
         .await
         .unwrap();
     let derived = parts
         .ingest
         .put_derived(
+            &actor,
             recvault::model::UploadId::new_random(),
             &source.object_id,
             recvault::model::ContentKind::ChatTranscript,
@@ -646,7 +666,7 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
     let stored = parts.catalog.object(&derived.object_id).await.unwrap().unwrap();
     let src = parts.catalog.object(&source.object_id).await.unwrap().unwrap();
     assert_eq!((stored.customer_ref, stored.key_version), (src.customer_ref, src.key_version));
-    parts.retention.request_shred(&customer, "erasure", "dpo").await.unwrap();
+    parts.retention.request_shred(&actor, &customer, "erasure", "dpo").await.unwrap();
     assert!(parts.retrieve.stat(&derived.object_id).await.is_err());
     let tomb = parts.catalog.object(&derived.object_id).await.unwrap().unwrap();
     assert!(tomb.wrapped_dek.is_empty(), "the shred destroyed the derived item's data key");
@@ -654,6 +674,7 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
         parts
             .ingest
             .put_derived(
+                &actor,
                 recvault::model::UploadId::new_random(),
                 &source.object_id,
                 recvault::model::ContentKind::ChatTranscript,

@@ -1,0 +1,252 @@
+//! The audit trail against a real server: every security-relevant event
+//! leaves one record (I1), the chain verifies offline and names tampering
+//! (I2), and an unwritable trail stops reads, shreds and commits (I3).
+
+use recvault::api::pb;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::common::*;
+
+const REC: pb::ContentKind = pb::ContentKind::CallRecording;
+const CHAT: pb::ContentKind = pb::ContentKind::ChatTranscript;
+
+async fn records(c: &mut Client, filter: pb::ListAuditRecordsRequest) -> pb::ListAuditRecordsResponse {
+    c.list_audit_records(filter).await.expect("audit records").into_inner()
+}
+
+fn public_key(data: &std::path::Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(data.join("signing.pub")).expect("signing.pub");
+    recvault::retention::certificate::parse_public_key(&text).expect("public key")
+}
+
+/// I1: one record per event, with principal, purpose, targets and request
+/// id; none holds content; the shred certificate names the chain head that
+/// includes its completion; the chain verifies offline.
+#[tokio::test]
+async fn i1_every_event_is_recorded_once_without_secrets() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let marker = b"AUDIT-CANARY-7f3e card 4111 1111 1111 1111";
+    let mut chat = br#"{"messages":[{"from":"customer","text":""#.to_vec();
+    chat.extend_from_slice(marker);
+    chat.extend_from_slice(br#""}]}"#);
+    let call = ingest(&mut c, &new_id(), spec("aud-1", REC, "audio/wav"), &wav(20_000)).await;
+    let transcript = put(&mut c, spec("aud-1", CHAT, "application/json"), &chat).await.unwrap();
+
+    let mut read = tonic::Request::new(pb::GetRequest {
+        object_id: transcript.object_id.clone(),
+        range: None,
+        purpose: pb::Purpose::Coaching as i32,
+    });
+    read.metadata_mut().insert("x-request-id", MetadataValue::from_static("req-coach-42"));
+    let mut stream = c.get(read).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+
+    let hold = c
+        .place_hold(pb::PlaceHoldRequest {
+            customer_id: "aud-1".into(),
+            interaction_id: String::new(),
+            case_ref: "CASE-1".into(),
+            reason: "dispute".into(),
+            placed_by: "legal".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.release_hold(pb::ReleaseHoldRequest { hold_id: hold.hold_id.clone(), released_by: "legal".into() })
+        .await
+        .unwrap();
+    let shred = c
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "aud-1".into(),
+            reason: "erasure".into(),
+            requested_by: "dpo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shred.state, pb::CustomerState::Shredded as i32);
+    // A refused read after the shred is recorded too.
+    assert_eq!(get(&mut c, &call.object_id, None).await.unwrap_err().code(), Code::FailedPrecondition);
+
+    let all = records(&mut c, pb::ListAuditRecordsRequest { customer_id: "aud-1".into(), ..Default::default() }).await;
+    let actions: Vec<&str> = all.records.iter().rev().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "key.create",
+            "object.commit",
+            "object.commit",
+            "object.read",
+            "hold.place",
+            "shred.request",
+            "shred.destroy",
+            "shred.complete",
+            "object.read",
+        ],
+        "hold.release targets the hold, not the customer"
+    );
+    let read = all.records.iter().find(|r| r.action == "object.read" && r.result == "ok").unwrap();
+    assert_eq!((read.purpose.as_str(), read.request_id.as_str()), ("coaching", "req-coach-42"));
+    assert_eq!(read.target, transcript.object_id);
+    assert!(read.principal.starts_with("anonymous@127.0.0.1"), "{}", read.principal);
+    let refused = all.records.first().unwrap();
+    assert!(refused.result.starts_with("refused:"), "{refused:?}");
+    let commits: Vec<_> = all.records.iter().filter(|r| r.action == "object.commit").map(|r| &r.target).collect();
+    assert!(commits.contains(&&call.object_id) && commits.contains(&&transcript.object_id));
+    let release =
+        records(&mut c, pb::ListAuditRecordsRequest { action: "hold.release".into(), ..Default::default() }).await;
+    assert_eq!(release.records.len(), 1);
+    assert_eq!(release.records[0].target, hold.hold_id);
+
+    // The certificate names the head that includes shred.complete.
+    let complete = all.records.iter().find(|r| r.action == "shred.complete").unwrap();
+    let cert: serde_json::Value = serde_json::from_str(&shred.certificate_json).unwrap();
+    assert_eq!(cert["certificate"]["audit_log_head"], format!("{}:{}", complete.seq, complete.hash));
+
+    // Prefix search and paging backwards.
+    let steps = records(&mut c, pb::ListAuditRecordsRequest { action: "shred.".into(), ..Default::default() }).await;
+    assert_eq!(steps.records.len(), 3);
+    let page =
+        records(&mut c, pb::ListAuditRecordsRequest { before_seq: complete.seq, page_size: 2, ..Default::default() })
+            .await;
+    assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), [complete.seq - 1, complete.seq - 2]);
+
+    let data = server.stop().await;
+    let v = recvault::audit::verify(&data.path().join("audit.sqlite"), &public_key(data.path())).unwrap();
+    assert!(v.records >= all.records.len() as u64 && v.checkpoints >= 1, "{v:?}");
+    for file in files_under(data.path()).into_iter().filter(|p| p.to_string_lossy().contains("audit")) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker), "content in {}", file.display());
+        assert!(!bytes.windows(16).any(|w| w == b"4111 1111 1111 1"), "card number in {}", file.display());
+    }
+}
+
+/// I3: with the audit store locked by another writer, reads and shreds
+/// fail closed with UNAVAILABLE and change nothing; ingest keeps acking but
+/// only commits once its record can be written; all recover after.
+#[tokio::test]
+async fn i3_unwritable_audit_trail_fails_reads_shreds_and_commits_closed() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(30_000);
+    let o = ingest(&mut c, &new_id(), spec("aud-3", REC, "audio/wav"), &audio).await;
+
+    let lock = rusqlite::Connection::open(server.data.path().join("audit.sqlite")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+
+    let err = get(&mut c, &o.object_id, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("audit trail"), "{}", err.message());
+    let err = c
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "aud-3".into(),
+            reason: "erasure".into(),
+            requested_by: "dpo".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let status =
+        c.get_shred_status(pb::GetShredStatusRequest { customer_id: "aud-3".into() }).await.unwrap().into_inner();
+    assert_eq!(status.state, pb::CustomerState::Active as i32, "no record, no shred");
+
+    // Ingest: bytes are acked (durable in the journal), the commit waits.
+    let upload = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&upload, spec("aud-3", REC, "audio/wav")).await.unwrap();
+    s.data(0, &audio).await;
+    s.acked(audio.len() as u64).await.unwrap();
+    s.finish(None, audio.len() as u64).await;
+    let err = s.error().await;
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    assert_eq!(get(&mut c, &o.object_id, None).await.unwrap(), audio);
+    // The same upload finishes now, from its durable journal.
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&upload, spec("aud-3", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, audio.len() as u64);
+    s.finish(None, audio.len() as u64).await;
+    let committed = s.committed().await.unwrap();
+    assert_eq!(get(&mut c, &committed.object_id, None).await.unwrap(), audio);
+    let data = server.stop().await;
+    recvault::audit::verify(&data.path().join("audit.sqlite"), &public_key(data.path())).unwrap();
+}
+
+/// I2 end to end: `recvault audit verify` on a real data directory says
+/// intact, then names the record an editor changed, deleted or swapped;
+/// `audit tail` and `audit search` print records.
+#[tokio::test]
+async fn i2_cli_audit_verify_names_the_broken_record() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    for i in 0..5 {
+        let o = put(&mut c, spec(&format!("aud-cli-{i}"), CHAT, "text/plain"), b"hello").await.unwrap();
+        get(&mut c, &o.object_id, None).await.unwrap();
+    }
+    let url = server.url();
+    let tail = run_cli(&["audit", "tail", "-n", "3", "--server", &url]).await;
+    assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
+    let out = String::from_utf8(tail.stdout).unwrap();
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.contains("object.read") && out.contains("purpose=quality-review"), "{out}");
+    let search = run_cli(&["audit", "search", "--customer", "aud-cli-2", "--json", "--server", &url]).await;
+    let out = String::from_utf8(search.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        lines.iter().map(|v| v["action"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["key.create", "object.commit", "object.read"]
+    );
+    let data = server.stop().await;
+    let dir = data.path().to_str().unwrap().to_owned();
+    let verify = || run_cli(&["audit", "verify", "--data-dir", &dir]);
+    let ok = verify().await;
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("intact: 15 record(s)"));
+
+    let db = rusqlite::Connection::open(data.path().join("audit.sqlite")).unwrap();
+    let cases: [(&str, &str, &str); 3] = [
+        (
+            "UPDATE records SET purpose = 'legal' WHERE seq = 6",
+            "UPDATE records SET purpose = 'quality-review' WHERE seq = 6",
+            "record 6: its contents were changed",
+        ),
+        (
+            "UPDATE records SET seq = -1 WHERE seq = 4; UPDATE records SET seq = 4 WHERE seq = 5; UPDATE records SET seq = 5 WHERE seq = -1",
+            "UPDATE records SET seq = -1 WHERE seq = 4; UPDATE records SET seq = 4 WHERE seq = 5; UPDATE records SET seq = 5 WHERE seq = -1",
+            "record 4 does not follow record 3",
+        ),
+        (
+            "CREATE TABLE saved AS SELECT * FROM records WHERE seq = 9; DELETE FROM records WHERE seq = 9",
+            "INSERT INTO records SELECT * FROM saved; DROP TABLE saved",
+            "record 9 is missing",
+        ),
+    ];
+    for (tamper, undo, expected) in cases {
+        db.execute_batch(tamper).unwrap();
+        let broken = verify().await;
+        assert!(!broken.status.success());
+        let err = String::from_utf8_lossy(&broken.stderr);
+        assert!(err.contains(expected), "{tamper}: {err}");
+        db.execute_batch(undo).unwrap();
+        assert!(verify().await.status.success(), "undoing {tamper} restores the chain");
+    }
+}
+
+/// Runs the real binary off the runtime (the server under test shares it).
+fn run_cli(args: &[&str]) -> impl std::future::Future<Output = std::process::Output> + use<> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let task = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_recvault"))
+            .args(&args)
+            .env_remove("RECVAULT_SERVER")
+            .env_remove("RECVAULT_DATA_DIR")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run recvault")
+    });
+    async { task.await.expect("cli task") }
+}
