@@ -60,6 +60,33 @@ pub enum Command {
     /// The audit trail: recent records, search, and offline verification.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// A customer's consent to training use (coaching, quality review).
+    #[command(subcommand)]
+    Consent(ConsentCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsentCmd {
+    /// Record a customer's choice (e.g. when they opt out); applies to the
+    /// next read.
+    Set {
+        #[arg(long)]
+        customer: String,
+        #[arg(long, value_parser = ["allow", "deny"])]
+        training_use: String,
+        /// Who records it (default: $USER).
+        #[arg(long, env = "RECVAULT_ACTOR")]
+        by: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show the consent that applies to a customer now.
+    Show {
+        #[arg(long)]
+        customer: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -416,6 +443,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retention(c) => retention(c).await,
         Command::Certificate(c) => certificate(c).await,
         Command::Audit(c) => audit(c).await,
+        Command::Consent(c) => consent(c).await,
     }
 }
 
@@ -1106,6 +1134,39 @@ async fn certificate(c: CertificateCmd) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+async fn consent(c: ConsentCmd) -> anyhow::Result<()> {
+    let r = match c {
+        ConsentCmd::Set { customer, training_use, by, server } => {
+            let training_use = if training_use == "allow" { pb::TrainingUse::Allow } else { pb::TrainingUse::Deny };
+            connect(&server)
+                .await?
+                .set_consent(pb::SetConsentRequest {
+                    customer_id: customer,
+                    training_use: training_use as i32,
+                    updated_by: by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "cli".into()),
+                })
+                .await
+        }
+        ConsentCmd::Show { customer, server } => {
+            connect(&server).await?.get_consent(pb::GetConsentRequest { customer_id: customer }).await
+        }
+    }
+    .map_err(status_error)?
+    .into_inner();
+    let use_ = if r.training_use == pb::TrainingUse::Deny as i32 { "deny" } else { "allow" };
+    let at = r.updated_at.map(|t| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64))
+            .to_string()
+    });
+    println!(
+        "customer {}: training use {use_} (set by {}{})",
+        r.customer_id,
+        r.updated_by,
+        at.map(|a| format!(" at {a}")).unwrap_or_default()
+    );
     Ok(())
 }
 

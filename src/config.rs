@@ -25,6 +25,28 @@ pub struct Config {
     pub listen: SocketAddr,
     pub ingest: IngestSection,
     pub retention: RetentionSection,
+    pub consent: ConsentSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsentSection {
+    /// Training use (coaching, quality review) of a customer with no
+    /// recorded consent: `allow` (opt-out) or `deny` (opt-in).
+    pub default_training_use: TrainingUse,
+}
+
+impl Default for ConsentSection {
+    fn default() -> Self {
+        Self { default_training_use: TrainingUse::Allow }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingUse {
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +167,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
+            consent: ConsentSection::default(),
         }
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     Precondition(String),
     #[error("{0}")]
     NotFound(String),
+    /// Not allowed for this caller or purpose (e.g. a customer's opt-out).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A size cap or quota was hit.
     #[error("{0}")]
     TooLarge(String),

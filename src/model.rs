@@ -195,6 +195,24 @@ impl Purpose {
     }
 }
 
+impl Purpose {
+    /// Purposes that use content to train staff: refused for customers who
+    /// opted out of training use.
+    pub fn is_training(self) -> bool {
+        matches!(self, Self::Coaching | Self::QualityReview)
+    }
+}
+
+/// A customer's consent to the use of their content for training
+/// (coaching and quality review).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consent {
+    pub customer_id: CustomerId,
+    pub training_use: bool,
+    pub updated_by: String,
+    pub updated_at_ms: i64,
+}
+
 /// Direction of an interaction, seen from the contact centre.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

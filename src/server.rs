@@ -93,8 +93,15 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     let revocations = Arc::new(Revocations::default());
     let ingest =
         Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone(), audit.clone());
-    let retrieve =
-        Arc::new(Retrieve::new(catalog.clone(), keys.clone(), store.clone(), revocations.clone(), audit.clone()));
+    let retrieve = Arc::new(Retrieve::new(
+        catalog.clone(),
+        keys.clone(),
+        store.clone(),
+        revocations.clone(),
+        audit.clone(),
+        cfg.consent.default_training_use == crate::config::TrainingUse::Allow,
+        clock.clone(),
+    ));
     let r = &cfg.retention;
     let retention = Arc::new(Retention::new(
         RetentionDeps {

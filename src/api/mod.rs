@@ -70,6 +70,15 @@ fn parse_purpose(code: i32) -> Result<Purpose, Error> {
     }
 }
 
+fn consent_info(c: &crate::model::Consent) -> pb::Consent {
+    pb::Consent {
+        customer_id: c.customer_id.to_string(),
+        training_use: if c.training_use { pb::TrainingUse::Allow } else { pb::TrainingUse::Deny } as i32,
+        updated_by: c.updated_by.clone(),
+        updated_at: (c.updated_at_ms > 0).then(|| ms_to_ts(c.updated_at_ms)),
+    }
+}
+
 fn audit_record(r: audit::Record) -> pb::AuditRecord {
     pb::AuditRecord {
         seq: r.seq,
@@ -507,6 +516,26 @@ impl pb::recvault_server::Recvault for Service {
     ) -> Result<Response<pb::RetentionReport>, Status> {
         let report = self.retention.sweep(&actor(&request), request.get_ref().dry_run).await.map_err(to_status)?;
         Ok(Response::new(sweep_report(report)))
+    }
+
+    async fn set_consent(&self, request: Request<pb::SetConsentRequest>) -> Result<Response<pb::Consent>, Status> {
+        let caller = actor(&request);
+        let req = request.into_inner();
+        let run = async {
+            let id = parse_customer(&req.customer_id)?;
+            let allow = match pb::TrainingUse::try_from(req.training_use) {
+                Ok(pb::TrainingUse::Allow) => true,
+                Ok(pb::TrainingUse::Deny) => false,
+                _ => return Err(Error::Invalid("training_use must be ALLOW or DENY".into())),
+            };
+            self.retrieve.set_consent(&caller, &id, allow, &req.updated_by).await
+        };
+        Ok(Response::new(consent_info(&run.await.map_err(to_status)?)))
+    }
+
+    async fn get_consent(&self, request: Request<pb::GetConsentRequest>) -> Result<Response<pb::Consent>, Status> {
+        let run = async { self.retrieve.consent(&parse_customer(&request.get_ref().customer_id)?).await };
+        Ok(Response::new(consent_info(&run.await.map_err(to_status)?)))
     }
 
     async fn list_audit_records(

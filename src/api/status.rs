@@ -13,6 +13,7 @@ pub fn to_status(e: Error) -> Status {
         Error::Invalid(_) => Code::InvalidArgument,
         Error::Precondition(_) | Error::CustomerShredded | Error::CustomerPendingShred => Code::FailedPrecondition,
         Error::NotFound(_) => Code::NotFound,
+        Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::TooLarge(_) | Error::StorageFull => Code::ResourceExhausted,
         Error::Busy(_) => Code::Aborted,
         Error::Integrity => Code::DataLoss,

@@ -8,8 +8,8 @@ use super::{
     StoredPolicy, UploadRecord,
 };
 use crate::model::{
-    ContentKind, CustomerId, CustomerRef, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec, Retention,
-    RetentionPolicy, UploadId,
+    Consent, ContentKind, CustomerId, CustomerRef, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec,
+    Retention, RetentionPolicy, UploadId,
 };
 
 fn spec(customer: &str, interaction: &str) -> ObjectSpec {
@@ -89,6 +89,17 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(cat.meta_get("k").await.unwrap(), None);
     assert_eq!(cat.meta_put_if_absent("k", b"one").await.unwrap(), b"one");
     assert_eq!(cat.meta_put_if_absent("k", b"two").await.unwrap(), b"one");
+
+    // Consent: recorded even before a customer has content; replaced.
+    let carol = CustomerId::parse("crm:carol").unwrap();
+    assert_eq!(cat.consent(&carol).await.unwrap(), None);
+    let deny =
+        Consent { customer_id: carol.clone(), training_use: false, updated_by: "crm-sync".into(), updated_at_ms: 5 };
+    cat.set_consent(&deny).await.unwrap();
+    assert_eq!(cat.consent(&carol).await.unwrap(), Some(deny.clone()));
+    let allow = Consent { training_use: true, updated_at_ms: 6, ..deny };
+    cat.set_consent(&allow).await.unwrap();
+    assert_eq!(cat.consent(&carol).await.unwrap(), Some(allow));
 
     let alice = new_customer(cat, "crm:alice", 0xA1).await;
     let bob = new_customer(cat, "crm:bob", 0xB0).await;

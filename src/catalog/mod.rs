@@ -12,7 +12,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::model::{
-    CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, UploadId,
+    Consent, CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, UploadId,
 };
 
 /// Lifecycle of a customer's keys, mirroring KMS key deletion states.
@@ -308,4 +308,10 @@ pub trait Catalog: Send + Sync + 'static {
     /// Unfinished uploads created before `before_ms` (abandoned-upload
     /// sweep) — or all of them with `i64::MAX`.
     async fn unfinished_uploads(&self, before_ms: i64) -> Result<Vec<UploadRecord>, CatalogError>;
+
+    /// Records a customer's consent (replacing any earlier one). A customer
+    /// need not have content yet: an opt-out may come first.
+    async fn set_consent(&self, consent: &Consent) -> Result<(), CatalogError>;
+    /// The customer's recorded consent, if any.
+    async fn consent(&self, id: &CustomerId) -> Result<Option<Consent>, CatalogError>;
 }

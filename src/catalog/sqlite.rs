@@ -16,8 +16,8 @@ use super::{
     ListFilter, PageCursor, ShredRequest, ShredTicket, StoredObject, StoredPolicy, UploadRecord,
 };
 use crate::model::{
-    ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec,
-    Retention, RetentionPolicy, UploadId,
+    Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
+    ObjectSpec, Retention, RetentionPolicy, UploadId,
 };
 
 const SCHEMA: &str = r#"
@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS retention_policies (
     name          TEXT PRIMARY KEY,
     body          TEXT NOT NULL,
     from_config   INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consent (
+    customer_id   TEXT PRIMARY KEY,
+    training_use  INTEGER NOT NULL,
+    updated_by    TEXT NOT NULL,
     updated_at_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS holds (
@@ -1164,6 +1170,42 @@ impl Catalog for SqliteCatalog {
                 .map_err(backend)?;
             let rows = stmt.query_map([before_ms], upload_from_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_consent(&self, consent: &Consent) -> Result<(), CatalogError> {
+        let k = consent.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO consent (customer_id, training_use, updated_by, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (customer_id) DO UPDATE SET training_use = excluded.training_use,
+                 updated_by = excluded.updated_by, updated_at_ms = excluded.updated_at_ms",
+                params![k.customer_id.as_str(), k.training_use, k.updated_by, k.updated_at_ms],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn consent(&self, id: &CustomerId) -> Result<Option<Consent>, CatalogError> {
+        let id = id.clone();
+        self.run(move |c| {
+            c.query_row(
+                "SELECT training_use, updated_by, updated_at_ms FROM consent WHERE customer_id = ?1",
+                [id.as_str()],
+                |r| {
+                    Ok(Consent {
+                        customer_id: id.clone(),
+                        training_use: r.get(0)?,
+                        updated_by: r.get(1)?,
+                        updated_at_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
         })
         .await
     }

@@ -47,6 +47,9 @@ pub struct Retrieve {
     store: Store,
     revocations: Arc<Revocations>,
     audit: AuditLog,
+    /// Training use of customers with no recorded consent.
+    default_training_use: bool,
+    clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// The object if its content may be read now: committed, not expired, its
@@ -77,8 +80,56 @@ impl Retrieve {
         store: Store,
         revocations: Arc<Revocations>,
         audit: AuditLog,
+        default_training_use: bool,
+        clock: Arc<dyn crate::clock::Clock>,
     ) -> Self {
-        Self { catalog, keys, store, revocations, audit }
+        Self { catalog, keys, store, revocations, audit, default_training_use, clock }
+    }
+
+    /// Records a customer's consent to training use (audited first; no
+    /// record, no change). Takes effect for the next read.
+    pub async fn set_consent(
+        &self,
+        actor: &Actor,
+        id: &crate::model::CustomerId,
+        training_use: bool,
+        updated_by: &str,
+    ) -> Result<crate::model::Consent, Error> {
+        crate::model::check_text("updated_by", updated_by, 128)?;
+        let consent = crate::model::Consent {
+            customer_id: id.clone(),
+            training_use,
+            updated_by: updated_by.trim().to_owned(),
+            updated_at_ms: self.clock.now_ms(),
+        };
+        let event = Event::new("consent.set")
+            .customer(id)
+            .detail("training_use", if training_use { "allow" } else { "deny" })
+            .detail("updated_by", &consent.updated_by);
+        self.audit.append(actor, event.clone()).await?;
+        if let Err(e) = self.catalog.set_consent(&consent).await {
+            let _ = self.audit.append(actor, event.result(format!("failed: {e}"))).await;
+            return Err(e.into());
+        }
+        tracing::info!(customer_id = %id, training_use, "consent recorded");
+        Ok(consent)
+    }
+
+    /// A customer's consent as it applies now: the recorded one, or the
+    /// configured default (`updated_at_ms` 0, `updated_by` "default").
+    pub async fn consent(&self, id: &crate::model::CustomerId) -> Result<crate::model::Consent, Error> {
+        Ok(self.catalog.consent(id).await?.unwrap_or_else(|| crate::model::Consent {
+            customer_id: id.clone(),
+            training_use: self.default_training_use,
+            updated_by: "default".into(),
+            updated_at_ms: 0,
+        }))
+    }
+
+    /// Whether the customer's content may be used for training now (read
+    /// per request, so an opt-out applies to the very next read).
+    pub async fn training_use(&self, id: &crate::model::CustomerId) -> Result<bool, Error> {
+        Ok(self.catalog.consent(id).await?.map_or(self.default_training_use, |c| c.training_use))
     }
 
     async fn readable(&self, id: &ObjectId) -> Result<StoredObject, Error> {
@@ -133,7 +184,18 @@ impl Retrieve {
         if let Some(f) = &found {
             event = event.customer(&f.record.spec.customer_id);
         }
-        let stored = match check_readable(id, found) {
+        let checked = match check_readable(id, found) {
+            Ok(stored) if purpose.is_training() && !self.training_use(&stored.record.spec.customer_id).await? => {
+                Err(Error::PermissionDenied(format!(
+                    "customer {} has opted out of training use: {} reads are refused (legal and \
+                     data-subject-request reads are not affected)",
+                    stored.record.spec.customer_id,
+                    purpose.name()
+                )))
+            }
+            other => other,
+        };
+        let stored = match checked {
             Ok(stored) => stored,
             Err(e) => {
                 let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;

@@ -250,3 +250,91 @@ fn run_cli(args: &[&str]) -> impl std::future::Future<Output = std::process::Out
     });
     async { task.await.expect("cli task") }
 }
+
+async fn read_for(c: &mut Client, object_id: &str, purpose: pb::Purpose) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream =
+        c.get(pb::GetRequest { object_id: object_id.into(), range: None, purpose: purpose as i32 }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+/// Consent: an opt-out refuses coaching and quality-review reads from the
+/// next request on (PERMISSION_DENIED, audited), leaves legal and
+/// data-subject reads alone, and can be set before any content exists and
+/// through the CLI; an opt-in default refuses customers who never agreed.
+#[tokio::test]
+async fn consent_opt_out_applies_to_the_next_training_read() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let o = put(&mut c, spec("consent-1", CHAT, "text/plain"), b"hello coach").await.unwrap();
+    assert_eq!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.unwrap(), b"hello coach");
+    let shown = c.get_consent(pb::GetConsentRequest { customer_id: "consent-1".into() }).await.unwrap().into_inner();
+    assert_eq!((shown.training_use, shown.updated_by.as_str()), (pb::TrainingUse::Allow as i32, "default"));
+
+    let out = run_cli(&[
+        "consent",
+        "set",
+        "--customer",
+        "consent-1",
+        "--training-use",
+        "deny",
+        "--by",
+        "crm-sync",
+        "--server",
+        &server.url(),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("training use deny (set by crm-sync"));
+    for purpose in [pb::Purpose::Coaching, pb::Purpose::QualityReview] {
+        let err = read_for(&mut c, &o.object_id, purpose).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("opted out of training use"), "{}", err.message());
+    }
+    for purpose in [pb::Purpose::Legal, pb::Purpose::DataSubjectRequest] {
+        assert_eq!(read_for(&mut c, &o.object_id, purpose).await.unwrap(), b"hello coach");
+    }
+    let trail = records(&mut c, pb::ListAuditRecordsRequest { customer_id: "consent-1".into(), ..Default::default() })
+        .await
+        .records;
+    let set = trail.iter().find(|r| r.action == "consent.set").expect("consent.set recorded");
+    assert!(set.detail_json.contains("\"training_use\":\"deny\""), "{}", set.detail_json);
+    assert!(
+        trail.iter().any(|r| r.action == "object.read" && r.purpose == "coaching" && r.result.starts_with("refused"))
+    );
+
+    c.set_consent(pb::SetConsentRequest {
+        customer_id: "consent-1".into(),
+        training_use: pb::TrainingUse::Allow as i32,
+        updated_by: "crm-sync".into(),
+    })
+    .await
+    .unwrap();
+    assert!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.is_ok());
+    let bad = c
+        .set_consent(pb::SetConsentRequest { customer_id: "consent-1".into(), training_use: 0, updated_by: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // Opt-in deployments: nobody is used for training until they agree.
+    let strict = TestServer::start_with(|cfg| {
+        cfg.consent.default_training_use = recvault::config::TrainingUse::Deny;
+    })
+    .await;
+    let mut c = strict.client().await;
+    let o = put(&mut c, spec("consent-2", CHAT, "text/plain"), b"hi").await.unwrap();
+    assert_eq!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.unwrap_err().code(), Code::PermissionDenied);
+    assert!(read_for(&mut c, &o.object_id, pb::Purpose::Legal).await.is_ok());
+    c.set_consent(pb::SetConsentRequest {
+        customer_id: "consent-2".into(),
+        training_use: pb::TrainingUse::Allow as i32,
+        updated_by: "agent-7".into(),
+    })
+    .await
+    .unwrap();
+    assert!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.is_ok());
+}
