@@ -338,3 +338,93 @@ async fn consent_opt_out_applies_to_the_next_training_read() {
     .unwrap();
     assert!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.is_ok());
 }
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// M2 / #4.7: no content, no key bytes (raw, hex or base64) in the server's
+/// debug log, and no content echoed in any status message, across normal
+/// and failing requests.
+#[tokio::test]
+async fn m2_no_content_or_key_bytes_in_logs_or_status_messages() {
+    assert_eq!(base64(b"Many hands"), "TWFueSBoYW5kcw", "the encoder the scan relies on");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    let server = ChildServer::spawn_with(&data, CHILD_CONFIG, &[("RECVAULT_LOG", "debug")], Some(&log));
+    let mut c = connect(&server.url()).await;
+    let canary = "LOG-CANARY-9b7e card 4111111111111111 mail jane@example.com";
+    let mut messages = Vec::new();
+
+    let o = put(&mut c, spec("logs-1", CHAT, "text/plain"), canary.as_bytes()).await.unwrap();
+    let call = ingest(&mut c, &new_id(), spec("logs-1", REC, "audio/wav"), &wav(10_000)).await;
+    assert_eq!(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.unwrap(), canary.as_bytes());
+    // Failing requests that carry the canary as content.
+    for (content_type, kind) in
+        [("application/json", CHAT), ("image/png", pb::ContentKind::Image), ("audio/wav", REC), ("text/plain", REC)]
+    {
+        let err = put(&mut c, spec("logs-1", kind, content_type), canary.as_bytes()).await.unwrap_err();
+        messages.push(err.message().to_owned());
+    }
+    let mut nul = canary.as_bytes().to_vec();
+    nul.push(0);
+    messages.push(put(&mut c, spec("logs-1", CHAT, "text/plain"), &nul).await.unwrap_err().message().to_owned());
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&new_id(), spec("logs-1", CHAT, "text/plain")).await.unwrap();
+    s.data(0, canary.as_bytes()).await;
+    s.finish(Some(vec![0; 32]), canary.len() as u64).await;
+    messages.push(s.error().await.message().to_owned());
+    messages.push(get(&mut c, &o.object_id, Some((10_000, None))).await.unwrap_err().message().to_owned());
+    c.set_consent(pb::SetConsentRequest {
+        customer_id: "logs-1".into(),
+        training_use: pb::TrainingUse::Deny as i32,
+        updated_by: "crm".into(),
+    })
+    .await
+    .unwrap();
+    messages.push(read_for(&mut c, &o.object_id, pb::Purpose::Coaching).await.unwrap_err().message().to_owned());
+
+    let (customer_keys, objects) = crate::retention::key_material(&data, "logs-1").await;
+    let mut needles: Vec<Vec<u8>> = customer_keys;
+    needles.extend(objects.into_iter().flat_map(|(_, keys)| keys));
+    assert!(needles.len() >= 5, "customer key, wrapped key, canary and per-object keys");
+    let shred = c
+        .shred_customer(pb::ShredCustomerRequest {
+            customer_id: "logs-1".into(),
+            reason: "erasure".into(),
+            requested_by: "dpo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    messages.push(get(&mut c, &call.object_id, None).await.unwrap_err().message().to_owned());
+    drop(server);
+
+    for m in &messages {
+        for part in ["LOG-CANARY", "4111111111111111", "jane@example.com"] {
+            assert!(!m.contains(part), "a status message echoes content: {m}");
+        }
+    }
+    assert!(!shred.certificate_json.contains("LOG-CANARY"));
+    let text = std::fs::read(&log).unwrap();
+    assert!(text.len() > 1000, "the server logged at debug level");
+    let lossy = String::from_utf8_lossy(&text);
+    for part in ["LOG-CANARY", "4111111111111111", "jane@example.com"] {
+        assert!(!lossy.contains(part), "content in the log");
+    }
+    for key in &needles {
+        assert!(!text.windows(key.len()).any(|w| w == key.as_slice()), "raw key bytes in the log");
+        for form in [hex::encode(key), hex::encode_upper(key), base64(key)] {
+            assert!(!lossy.contains(&form[..form.len().min(32)]), "an encoded key in the log");
+        }
+    }
+}

@@ -359,7 +359,10 @@ async fn state_table_every_rpc_in_every_state() {
 /// key versions (wrapped and unwrapped), and each object's and unfinished
 /// upload's data key (wrapped and unwrapped), read from the live catalog
 /// with the root key, as an attacker holding both would.
-async fn key_material(data: &std::path::Path, customer: &str) -> (Vec<Vec<u8>>, Vec<(String, Vec<Vec<u8>>)>) {
+pub(crate) async fn key_material(
+    data: &std::path::Path,
+    customer: &str,
+) -> (Vec<Vec<u8>>, Vec<(String, Vec<Vec<u8>>)>) {
     use recvault::crypto::wrap;
     use recvault::keys::{FileRootKey, RootKey};
     let root = FileRootKey::open_or_create(&data.join("root.key")).unwrap();
