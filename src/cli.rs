@@ -63,6 +63,44 @@ pub enum Command {
     /// A customer's consent to training use (coaching, quality review).
     #[command(subcommand)]
     Consent(ConsentCmd),
+    /// Bearer tokens (role admin): create, revoke, list.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Who the server takes you to be, and what you may call.
+    Whoami(ServerArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; prints it once (only its hash is kept).
+    Create {
+        /// Principal name, e.g. telephony-1 (named in the audit trail).
+        #[arg(long)]
+        name: String,
+        /// ingest, coach, retention, admin or auditor (repeatable).
+        #[arg(long = "role", value_parser = parse_role)]
+        roles: Vec<crate::model::Role>,
+        /// Break-glass grant: unredacted content, legal and
+        /// data-subject-request reads.
+        #[arg(long)]
+        unredacted: bool,
+        /// Lifetime, e.g. 90days (default: until revoked).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Revoke a token by its id (effective for the next request).
+    Revoke {
+        token_id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List tokens (ids, names, roles; never secrets).
+    Ls {
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,12 +140,83 @@ pub struct ServeArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServerArg {
-    /// Server URL.
+    /// Server URL (https:// for a server with TLS).
     #[arg(long, env = "RECVAULT_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Bearer token (from `recvault token create`). Default for a server on
+    /// this host: the admin token in $RECVAULT_DATA_DIR (./recvault-data).
+    #[arg(long, env = "RECVAULT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the bearer token from this file.
+    #[arg(long, env = "RECVAULT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate that signed the server's certificate.
+    #[arg(long, env = "RECVAULT_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --client-key).
+    #[arg(long, env = "RECVAULT_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long, env = "RECVAULT_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
+
+impl ServerArg {
+    /// The token to send: given, from a file, or (for a server on this
+    /// host) the bootstrap admin token in the local data directory.
+    fn bearer(&self) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(zeroize::Zeroizing::new(t.trim().to_owned())));
+        }
+        if let Some(path) = &self.token_file {
+            let t = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            return Ok(Some(zeroize::Zeroizing::new(t.trim().to_owned())));
+        }
+        let local = self.server.contains("://127.0.0.1") || self.server.contains("://localhost");
+        if local {
+            let dir = std::env::var_os("RECVAULT_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+            if let Ok(t) = std::fs::read_to_string(dir.join(crate::auth::ADMIN_TOKEN_FILE)) {
+                return Ok(Some(zeroize::Zeroizing::new(t.trim().to_owned())));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerAuth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerAuth {
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let value = match token {
+            None => None,
+            Some(t) => {
+                let mut v: tonic::metadata::MetadataValue<_> = format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("the token contains characters a token never has"))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(Self(value))
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the service, sending the caller's credentials.
+pub type Client = RecvaultClient<tonic::service::interceptor::InterceptedService<Channel, BearerAuth>>;
 
 #[derive(Debug, Args)]
 pub struct PutArgs {
@@ -152,10 +261,10 @@ pub struct GetArgs {
     /// Inclusive byte range START-END (END optional), as in HTTP.
     #[arg(long, value_parser = parse_range)]
     pub range: Option<(u64, Option<u64>)>,
-    /// Why you read it (recorded in the audit trail): coaching,
-    /// quality-review, legal or data-subject-request.
+    /// Why you read it (checked against your roles and recorded in the
+    /// audit trail): coaching, quality-review, legal or data-subject-request.
     #[arg(long, value_parser = parse_purpose)]
-    pub purpose: Option<crate::model::Purpose>,
+    pub purpose: crate::model::Purpose,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -219,10 +328,9 @@ pub struct ActorArg {
 
 impl ActorArg {
     fn name(&self) -> anyhow::Result<String> {
-        match self.by.clone().or_else(|| std::env::var("USER").ok()).filter(|s| !s.is_empty()) {
-            Some(n) => Ok(n),
-            None => bail!("say who is acting with --by NAME (or set RECVAULT_ACTOR)"),
-        }
+        // The server records the authenticated principal; this name is
+        // only a hint for older servers.
+        Ok(self.by.clone().or_else(|| std::env::var("USER").ok()).unwrap_or_default())
     }
 }
 
@@ -399,6 +507,102 @@ fn parse_purpose(s: &str) -> Result<crate::model::Purpose, String> {
         .ok_or_else(|| format!("unknown purpose {s:?}: use coaching, quality-review, legal or data-subject-request"))
 }
 
+fn parse_role(s: &str) -> Result<crate::model::Role, String> {
+    crate::model::Role::from_name(s)
+        .ok_or_else(|| format!("unknown role {s:?}: use ingest, coach, retention, admin or auditor"))
+}
+
+fn role_name(code: i32) -> &'static str {
+    match pb::Role::try_from(code) {
+        Ok(pb::Role::Ingest) => "ingest",
+        Ok(pb::Role::Coach) => "coach",
+        Ok(pb::Role::Retention) => "retention",
+        Ok(pb::Role::Admin) => "admin",
+        Ok(pb::Role::Auditor) => "auditor",
+        _ => "?",
+    }
+}
+
+fn print_token(t: &pb::TokenInfo) {
+    let mut roles: Vec<&str> = t.roles.iter().map(|r| role_name(*r)).collect();
+    if t.unredacted {
+        roles.push("unredacted");
+    }
+    let state = if t.revoked_at.is_some() {
+        format!("revoked {}", format_time(&t.revoked_at))
+    } else if t.expires_at.is_some() {
+        format!("expires {}", format_time(&t.expires_at))
+    } else {
+        "active".into()
+    };
+    println!("{}  {:<20} {:<30} {}", t.token_id, t.name, roles.join(","), state);
+}
+
+async fn token(c: TokenCmd) -> anyhow::Result<()> {
+    match c {
+        TokenCmd::Create { name, roles, unredacted, ttl, server } => {
+            let roles = roles
+                .into_iter()
+                .map(|r| {
+                    (match r {
+                        crate::model::Role::Ingest => pb::Role::Ingest,
+                        crate::model::Role::Coach => pb::Role::Coach,
+                        crate::model::Role::Retention => pb::Role::Retention,
+                        crate::model::Role::Admin => pb::Role::Admin,
+                        crate::model::Role::Auditor => pb::Role::Auditor,
+                    }) as i32
+                })
+                .collect();
+            let r = connect(&server)
+                .await?
+                .create_token(pb::CreateTokenRequest {
+                    name,
+                    roles,
+                    unredacted,
+                    ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            // The token alone on stdout (for `export RECVAULT_TOKEN=$(...)`);
+            // its id on stderr, for revoking it later.
+            println!("{}", r.token);
+            if let Some(info) = &r.info {
+                eprintln!("token id {} for {} (shown once; keep it secret)", info.token_id, info.name);
+            }
+        }
+        TokenCmd::Revoke { token_id, server } => {
+            let t = connect(&server)
+                .await?
+                .revoke_token(pb::RevokeTokenRequest { token_id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_token(&t);
+        }
+        TokenCmd::Ls { server } => {
+            let r = connect(&server).await?.list_tokens(pb::ListTokensRequest {}).await.map_err(status_error)?;
+            for t in &r.get_ref().tokens {
+                print_token(t);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn whoami(server: ServerArg) -> anyhow::Result<()> {
+    let r = connect(&server).await?.who_am_i(pb::WhoAmIRequest {}).await.map_err(status_error)?.into_inner();
+    let mut roles: Vec<&str> = r.roles.iter().map(|c| role_name(*c)).collect();
+    if r.unredacted {
+        roles.push("unredacted");
+    }
+    println!("principal: {}", r.principal);
+    println!("credential: {}", r.credential);
+    println!("roles: {}", roles.join(", "));
+    println!("may call: {}", r.allowed_rpcs.join(", "));
+    Ok(())
+}
+
 fn parse_kind(s: &str) -> Result<ContentKind, String> {
     ContentKind::from_name(s).ok_or_else(|| format!("unknown kind {s:?}: use call-recording, chat-transcript or image"))
 }
@@ -444,6 +648,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certificate(c) => certificate(c).await,
         Command::Audit(c) => audit(c).await,
         Command::Consent(c) => consent(c).await,
+        Command::Token(c) => token(c).await,
+        Command::Whoami(s) => whoami(s).await,
     }
 }
 
@@ -463,22 +669,40 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // One machine-readable line on stdout: scripts and tests wait for it.
     println!("recvault serving on {addr} (data in {})", cfg.data_dir.display());
     std::io::stdout().flush().ok();
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening beyond loopback without TLS or authentication: anyone who reaches this port can read content");
+    if cfg.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving plain TCP beyond loopback (allow_plaintext): tokens cross the network in clear");
     }
     crate::server::serve(&cfg, parts, listener, crate::server::shutdown_signal()).await
 }
 
-async fn connect(server: &ServerArg) -> anyhow::Result<RecvaultClient<Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
+async fn connect(server: &ServerArg) -> anyhow::Result<Client> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
         .with_context(|| format!("invalid --server URL {:?}", server.server))?
         .connect_timeout(Duration::from_secs(5))
         .http2_adaptive_window(true);
+    if server.server.starts_with("https://") || server.ca_cert.is_some() || server.client_cert.is_some() {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &server.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read --ca-cert {}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        if let (Some(cert), Some(key)) = (&server.client_cert, &server.client_key) {
+            let cert = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+            let key =
+                zeroize::Zeroizing::new(std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?);
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key.as_slice()));
+        }
+        endpoint = endpoint.tls_config(tls).context("invalid TLS settings")?;
+    }
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach recvault at {}: {}", server.server, root_cause(&e)))?;
-    Ok(RecvaultClient::new(channel).max_decoding_message_size(8 << 20).max_encoding_message_size(8 << 20))
+    let token = server.bearer()?;
+    let auth = BearerAuth::new(token.as_deref().map(String::as_str))?;
+    Ok(RecvaultClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -622,7 +846,7 @@ impl From<tonic::Status> for IngestFailure {
 
 /// One ingest stream: open, send from the durable offset, finish.
 async fn ingest_file(
-    client: &mut RecvaultClient<Channel>,
+    client: &mut Client,
     path: &Path,
     upload_id: crate::model::UploadId,
     spec: &pb::ObjectSpec,
@@ -707,7 +931,7 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let req = pb::GetRequest {
         object_id: a.object_id.clone(),
         range: a.range.map(|(start, end)| pb::ByteRange { start, end }),
-        purpose: match a.purpose.unwrap_or_default() {
+        purpose: match a.purpose {
             crate::model::Purpose::Unspecified => pb::Purpose::Unspecified,
             crate::model::Purpose::Coaching => pb::Purpose::Coaching,
             crate::model::Purpose::QualityReview => pb::Purpose::QualityReview,

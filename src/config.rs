@@ -23,9 +23,41 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// TLS on the gRPC port; without it the server listens in plain TCP,
+    /// which is refused beyond loopback unless `allow_plaintext` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSection>,
+    /// Serve plain TCP on a non-loopback address (behind a TLS-terminating
+    /// proxy, say). Loopback is always allowed.
+    pub allow_plaintext: bool,
+    pub auth: AuthSection,
     pub ingest: IngestSection,
     pub retention: RetentionSection,
     pub consent: ConsentSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key; refused if group or others can read it.
+    pub key_file: PathBuf,
+    /// PEM CA certificate(s) that sign client certificates: enables mutual
+    /// TLS. Clients without a certificate still connect (and use a token)
+    /// unless `require_client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Client certificates (mutual TLS) mapped to principals and roles.
+    #[serde(rename = "certificate", skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<crate::auth::CertificatePrincipal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +197,9 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            tls: None,
+            allow_plaintext: false,
+            auth: AuthSection::default(),
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
             consent: ConsentSection::default(),
@@ -199,6 +234,26 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tls.is_some() || self.allow_plaintext || self.listen.ip().is_loopback(),
+            "listen = {} is beyond loopback without TLS: configure [tls] (cert_file, key_file), or set \
+             allow_plaintext = true if a TLS-terminating proxy is in front",
+            self.listen
+        );
+        if let Some(t) = &self.tls {
+            anyhow::ensure!(
+                !t.require_client_cert || t.client_ca_file.is_some(),
+                "tls.require_client_cert needs tls.client_ca_file (the CA that signs client certificates)"
+            );
+        }
+        for c in &self.auth.certificates {
+            anyhow::ensure!(
+                !c.subject.is_empty() && (!c.roles.is_empty() || c.unredacted),
+                "auth.certificate {:?}: needs a subject and at least one role",
+                c.subject
+            );
+            crate::auth::check_name(c.name.as_deref().unwrap_or(&c.subject)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         let i = &self.ingest;
         anyhow::ensure!(
             !i.commit_interval.is_zero() && i.commit_interval <= Duration::from_secs(5),
@@ -281,6 +336,27 @@ mod tests {
             "[[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"0s\"",
             "[[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"1d\"\n\
              [[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"2d\"",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_needs_tls_or_an_explicit_opt_in() {
+        let err = Config::from_toml("listen = \"0.0.0.0:7420\"").unwrap_err().to_string();
+        assert!(err.contains("[tls]"), "{err}");
+        assert!(Config::from_toml("listen = \"0.0.0.0:7420\"\nallow_plaintext = true").is_ok());
+        let cfg = Config::from_toml(
+            "listen = \"0.0.0.0:7420\"\n[tls]\ncert_file = \"s.pem\"\nkey_file = \"s.key\"\n\
+             client_ca_file = \"ca.pem\"\n[[auth.certificate]]\nsubject = \"pbx-1.example\"\nname = \"telephony-1\"\n\
+             roles = [\"ingest\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.auth.certificates[0].roles, vec![crate::model::Role::Ingest]);
+        for bad in [
+            "[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nrequire_client_cert = true",
+            "[[auth.certificate]]\nsubject = \"x\"\nroles = []",
+            "[[auth.certificate]]\nsubject = \"x\"\nroles = [\"superuser\"]",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }

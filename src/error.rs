@@ -17,6 +17,10 @@ pub enum Error {
     Precondition(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller could not be identified (no, unknown, expired or revoked
+    /// credentials).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// Not allowed for this caller or purpose (e.g. a customer's opt-out).
     #[error("{0}")]
     PermissionDenied(String),

@@ -13,6 +13,7 @@
 //! retrieve/   stat, list, segment-level range reads
 //! retention/  policies, holds, expiry sweep, shred pipeline, certificates
 //! audit/      hash-chained audit trail (fail-closed for reads and shreds)
+//! auth/       identities (tokens, client certificates), roles, the permission table
 //! keys/       root key providers, customer keys, data keys
 //! catalog/    metadata + wrapped keys behind a trait (SQLite today)
 //! store/      ciphertext over Arc<dyn ObjectStore>, the one path builder
@@ -43,6 +44,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod clock;

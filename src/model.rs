@@ -203,6 +203,69 @@ impl Purpose {
     }
 }
 
+/// What a caller may do: each role opens a set of RPCs (the permission
+/// table in `auth`, documented in docs/ACCESS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Uploads only (telephony and chat platforms): cannot read or list.
+    Ingest,
+    /// Training team: search, sample and read content of consented
+    /// customers for coaching or quality review; no shredding.
+    Coach,
+    /// Privacy officer / retention job: policies, holds, shreds, consent;
+    /// metadata but never content.
+    Retention,
+    /// Tokens and configuration; never content without the break-glass
+    /// grant.
+    Admin,
+    /// Reads the audit trail and shred certificates only.
+    Auditor,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Self::Ingest, Self::Coach, Self::Retention, Self::Admin, Self::Auditor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Coach => "coach",
+            Self::Retention => "retention",
+            Self::Admin => "admin",
+            Self::Auditor => "auditor",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A bearer token as stored: only a hash of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public part of the token (`rvt_<token_id>_<secret>`), 32 hex digits.
+    pub token_id: String,
+    /// The principal the token authenticates, e.g. `telephony-1`.
+    pub name: String,
+    pub roles: Vec<Role>,
+    /// Break-glass: may read unredacted content and read for legal and
+    /// data-subject-request purposes.
+    pub unredacted: bool,
+    /// SHA-256 of the secret part.
+    pub secret_sha256: [u8; 32],
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+}
+
 /// A customer's consent to the use of their content for training
 /// (coaching and quality review).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{self, MAX_CHUNK, pb};
 use crate::audit::{Actor, AuditLog};
+use crate::auth::Authenticator;
 use crate::catalog::Catalog;
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
@@ -42,6 +43,7 @@ pub struct Parts {
     pub catalog: Arc<dyn Catalog>,
     pub store: Store,
     pub audit: AuditLog,
+    pub auth: Arc<Authenticator>,
 }
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -89,6 +91,8 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     icfg.idle_timeout = cfg.ingest.idle_timeout;
     icfg.put_cap = cfg.ingest.put_cap;
     icfg.caps = cfg.ingest.caps;
+    let auth = Arc::new(Authenticator::new(catalog.clone(), cfg.auth.certificates.clone(), clock.clone()));
+    auth.bootstrap_admin(data).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let policies = Policies::new(Vec::new());
     let revocations = Arc::new(Revocations::default());
     let ingest =
@@ -126,7 +130,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store, audit })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth })
 }
 
 /// Binds the listener (after unsealing) and returns it with the parts.
@@ -167,11 +171,16 @@ pub async fn serve(
         parts.retrieve,
         parts.retention,
         parts.audit,
+        parts.auth,
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
     health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        builder = builder.tls_config(tls_config(tls)?).context("invalid TLS configuration")?;
+    }
+    builder
         .max_frame_size(MAX_FRAME)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -188,6 +197,33 @@ pub async fn serve(
         tracing::warn!(error = %e, "no audit checkpoint at shutdown");
     }
     Ok(())
+}
+
+/// Reads the TLS files named by the config. The private key must be
+/// readable by its owner only, like the root key.
+fn tls_config(t: &crate::config::TlsSection) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let mode = std::fs::metadata(&t.key_file)
+        .with_context(|| format!("cannot read tls.key_file {}", t.key_file.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "tls.key_file {} has mode {:04o}, readable by group or others; run `chmod 600 {}`",
+        t.key_file.display(),
+        mode & 0o777,
+        t.key_file.display()
+    );
+    let key = zeroize::Zeroizing::new(read(&t.key_file)?);
+    let identity = tonic::transport::Identity::from_pem(read(&t.cert_file)?, key.as_slice());
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &t.client_ca_file {
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+            .client_auth_optional(!t.require_client_cert);
+    }
+    Ok(tls)
 }
 
 /// The in-server retention sweep: once at start (which also finishes any

@@ -14,13 +14,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::audit::{self, Actor, AuditLog};
+use crate::audit::{self, Actor, AuditLog, Event};
+use crate::auth::{self as authz, Authenticator, Principal, Rpc};
 use crate::catalog::{CustomerState, ListFilter, StoredPolicy};
 use crate::error::Error;
 use crate::ingest::{ClientMsg, Ingest, ServerMsg};
 use crate::model::{
     ContentKind, CustomerId, Direction, Hold, HoldId, Interaction, InvalidInput, ObjectId, ObjectRecord, ObjectSpec,
-    Purpose, RetentionPolicy, UploadId,
+    Purpose, RetentionPolicy, Role, TokenRecord, UploadId,
 };
 use crate::retention::{Retention, ShredStatus, SweepReport};
 use crate::retrieve::{ByteRange, Retrieve};
@@ -44,17 +45,93 @@ pub struct Service {
     retrieve: Arc<Retrieve>,
     retention: Arc<Retention>,
     audit: AuditLog,
+    auth: Arc<Authenticator>,
 }
 
 impl Service {
-    pub fn new(ingest: Arc<Ingest>, retrieve: Arc<Retrieve>, retention: Arc<Retention>, audit: AuditLog) -> Self {
-        Self { ingest, retrieve, retention, audit }
+    pub fn new(
+        ingest: Arc<Ingest>,
+        retrieve: Arc<Retrieve>,
+        retention: Arc<Retention>,
+        audit: AuditLog,
+        auth: Arc<Authenticator>,
+    ) -> Self {
+        Self { ingest, retrieve, retention, audit, auth }
+    }
+
+    /// Identifies the caller and checks that its roles open `rpc`. A refusal
+    /// is recorded in the audit trail (best effort) and answered with
+    /// UNAUTHENTICATED or PERMISSION_DENIED.
+    async fn authorize<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<(Actor, Principal), Status> {
+        let request_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok());
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v));
+        let cert = request.peer_certs().and_then(|c| c.first().map(|d| d.to_vec()));
+        let principal = match self.auth.authenticate(bearer, cert.as_deref()).await {
+            Ok(p) => p,
+            Err(e) => {
+                let actor = Actor::unauthenticated(request.remote_addr(), request_id);
+                self.denied(&actor, rpc, &e).await;
+                return Err(to_status(e));
+            }
+        };
+        let actor = Actor::new(&principal.name, request_id);
+        if let Err(e) = principal.authorize(rpc) {
+            self.denied(&actor, rpc, &e).await;
+            return Err(to_status(e));
+        }
+        Ok((actor, principal))
+    }
+
+    async fn denied(&self, actor: &Actor, rpc: Rpc, e: &Error) {
+        tracing::info!(principal = %actor.principal, rpc = rpc.name(), "call refused");
+        let event = Event::new("auth.denied").target(rpc.name()).result(format!("refused: {e}"));
+        let _ = self.audit.append(actor, event).await;
     }
 }
 
-/// The caller of a request, as the audit trail names it.
-fn actor<T>(request: &Request<T>) -> Actor {
-    Actor::peer(request.remote_addr(), request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()))
+fn role_code(r: Role) -> i32 {
+    let code = match r {
+        Role::Ingest => pb::Role::Ingest,
+        Role::Coach => pb::Role::Coach,
+        Role::Retention => pb::Role::Retention,
+        Role::Admin => pb::Role::Admin,
+        Role::Auditor => pb::Role::Auditor,
+    };
+    code as i32
+}
+
+fn parse_role(code: i32) -> Result<Role, Error> {
+    match pb::Role::try_from(code) {
+        Ok(pb::Role::Ingest) => Ok(Role::Ingest),
+        Ok(pb::Role::Coach) => Ok(Role::Coach),
+        Ok(pb::Role::Retention) => Ok(Role::Retention),
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Auditor) => Ok(Role::Auditor),
+        _ => Err(Error::Invalid(format!("role {code} is not known: use INGEST, COACH, RETENTION, ADMIN or AUDITOR"))),
+    }
+}
+
+fn token_info(t: &TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        token_id: t.token_id.clone(),
+        name: t.name.clone(),
+        roles: t.roles.iter().copied().map(role_code).collect(),
+        unredacted: t.unredacted,
+        created_by: t.created_by.clone(),
+        created_at: Some(ms_to_ts(t.created_at_ms)),
+        expires_at: t.expires_at_ms.map(ms_to_ts),
+        revoked_at: t.revoked_at_ms.map(ms_to_ts),
+    }
+}
+
+/// Whether the caller sees only customers who allow training use (a coach
+/// without the break-glass grant or the retention role).
+fn training_only(p: &Principal) -> bool {
+    !p.unredacted && !p.roles.contains(&Role::Retention)
 }
 
 fn parse_purpose(code: i32) -> Result<Purpose, Error> {
@@ -316,7 +393,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        let caller = actor(&request);
+        let (caller, _) = self.authorize(&request, Rpc::Ingest).await?;
         let inbound = request.into_inner().map(|r| match r {
             Ok(req) => parse_ingest(req),
             Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
@@ -336,7 +413,7 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let caller = actor(&request);
+        let (caller, _) = self.authorize(&request, Rpc::Put).await?;
         let req = request.into_inner();
         let run = async {
             let upload_id = UploadId::parse(&req.upload_id).map_err(|e| field("upload_id", e))?;
@@ -349,18 +426,24 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn stat(&self, request: Request<pb::StatRequest>) -> Result<Response<pb::ObjectInfo>, Status> {
+        let (_, principal) = self.authorize(&request, Rpc::Stat).await?;
         let run = async {
             let id = parse_object_id(&request.get_ref().object_id)?;
-            self.retrieve.stat(&id).await
+            self.retrieve.stat(&id, training_only(&principal)).await
         };
         Ok(Response::new(object_info(&run.await.map_err(to_status)?)))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::Get).await?;
         let req = request.into_inner();
         let id = parse_object_id(&req.object_id).map_err(to_status)?;
         let purpose = parse_purpose(req.purpose).map_err(to_status)?;
+        if let Err(e) = authz::check_purpose(&principal, purpose) {
+            let event = Event::new("object.read").target(id).purpose(purpose.name()).result(format!("refused: {e}"));
+            let _ = self.audit.append(&caller, event).await;
+            return Err(to_status(e));
+        }
         let range = req.range.map(|r| ByteRange { start: r.start, end: r.end }).unwrap_or_default();
         let (record, chunks) = self.retrieve.read(&caller, purpose, &id, range).await.map_err(to_status)?;
         let first = pb::GetResponse { info: Some(object_info(&record)), offset: range.start, data: Bytes::new() };
@@ -370,6 +453,7 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let (_, principal) = self.authorize(&request, Rpc::List).await?;
         let req = request.into_inner();
         let run = async {
             let filter = ListFilter {
@@ -381,7 +465,7 @@ impl pb::recvault_server::Recvault for Service {
                 created_after_ms: req.created_after.as_ref().map(ts_to_ms),
                 created_before_ms: req.created_before.as_ref().map(ts_to_ms),
             };
-            self.retrieve.list(&filter, &req.page_token, req.page_size as usize).await
+            self.retrieve.list(&filter, &req.page_token, req.page_size as usize, training_only(&principal)).await
         };
         let page = run.await.map_err(to_status)?;
         Ok(Response::new(pb::ListResponse {
@@ -394,11 +478,11 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ShredCustomerRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::ShredCustomer).await?;
         let req = request.into_inner();
         let run = async {
             let id = parse_customer(&req.customer_id)?;
-            self.retention.request_shred(&caller, &id, &req.reason, &req.requested_by).await
+            self.retention.request_shred(&caller, &id, &req.reason, &principal.name).await
         };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
@@ -407,10 +491,10 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ApproveShredRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::ApproveShred).await?;
         let req = request.into_inner();
         let run =
-            async { self.retention.approve_shred(&caller, &parse_customer(&req.customer_id)?, &req.approver).await };
+            async { self.retention.approve_shred(&caller, &parse_customer(&req.customer_id)?, &principal.name).await };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
 
@@ -418,7 +502,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::CancelShredRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
-        let caller = actor(&request);
+        let (caller, _) = self.authorize(&request, Rpc::CancelShred).await?;
         let run =
             async { self.retention.cancel_shred(&caller, &parse_customer(&request.get_ref().customer_id)?).await };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
@@ -428,6 +512,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::GetShredStatusRequest>,
     ) -> Result<Response<pb::ShredStatus>, Status> {
+        self.authorize(&request, Rpc::GetShredStatus).await?;
         let run = async { self.retention.shred_status(&parse_customer(&request.get_ref().customer_id)?).await };
         Ok(Response::new(shred_status(run.await.map_err(to_status)?)))
     }
@@ -436,6 +521,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::GetShredStatusRequest>,
     ) -> Result<Response<pb::ShredCertificate>, Status> {
+        self.authorize(&request, Rpc::GetShredCertificate).await?;
         let run = async {
             let id = parse_customer(&request.get_ref().customer_id)?;
             self.retention.certificate(&id).await.map(|c| (id, c))
@@ -449,22 +535,22 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn place_hold(&self, request: Request<pb::PlaceHoldRequest>) -> Result<Response<pb::Hold>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::PlaceHold).await?;
         let req = request.into_inner();
         let run = async {
             let id = parse_customer(&req.customer_id)?;
             let interaction = (!req.interaction_id.is_empty()).then_some(req.interaction_id);
-            self.retention.place_hold(&caller, id, interaction, &req.case_ref, &req.reason, &req.placed_by).await
+            self.retention.place_hold(&caller, id, interaction, &req.case_ref, &req.reason, &principal.name).await
         };
         Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
     }
 
     async fn release_hold(&self, request: Request<pb::ReleaseHoldRequest>) -> Result<Response<pb::Hold>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::ReleaseHold).await?;
         let req = request.into_inner();
         let run = async {
             let id = HoldId::parse(&req.hold_id).map_err(|e| field("hold_id", e))?;
-            self.retention.release_hold(&caller, &id, &req.released_by).await
+            self.retention.release_hold(&caller, &id, &principal.name).await
         };
         Ok(Response::new(hold_info(&run.await.map_err(to_status)?)))
     }
@@ -473,6 +559,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ListHoldsRequest>,
     ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        self.authorize(&request, Rpc::ListHolds).await?;
         let req = request.into_inner();
         let run = async {
             let customer = (!req.customer_id.is_empty()).then(|| parse_customer(&req.customer_id)).transpose()?;
@@ -484,8 +571,9 @@ impl pb::recvault_server::Recvault for Service {
 
     async fn list_retention_policies(
         &self,
-        _request: Request<pb::ListRetentionPoliciesRequest>,
+        request: Request<pb::ListRetentionPoliciesRequest>,
     ) -> Result<Response<pb::ListRetentionPoliciesResponse>, Status> {
+        self.authorize(&request, Rpc::ListRetentionPolicies).await?;
         let policies = self.retention.policies().await.map_err(to_status)?;
         Ok(Response::new(pb::ListRetentionPoliciesResponse { policies: policies.iter().map(policy_info).collect() }))
     }
@@ -494,7 +582,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::SetRetentionPolicyRequest>,
     ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
-        let caller = actor(&request);
+        let (caller, _) = self.authorize(&request, Rpc::SetRetentionPolicy).await?;
         let req = request.into_inner();
         let run = async { self.retention.set_policy(&caller, parse_policy(req.policy)?, req.reapply).await };
         Ok(Response::new(pb::RetentionPolicyChange { objects_updated: run.await.map_err(to_status)? }))
@@ -504,7 +592,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::DeleteRetentionPolicyRequest>,
     ) -> Result<Response<pb::RetentionPolicyChange>, Status> {
-        let caller = actor(&request);
+        let (caller, _) = self.authorize(&request, Rpc::DeleteRetentionPolicy).await?;
         let req = request.into_inner();
         let updated = self.retention.delete_policy(&caller, &req.name, req.reapply).await.map_err(to_status)?;
         Ok(Response::new(pb::RetentionPolicyChange { objects_updated: updated }))
@@ -514,12 +602,13 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::RunRetentionRequest>,
     ) -> Result<Response<pb::RetentionReport>, Status> {
-        let report = self.retention.sweep(&actor(&request), request.get_ref().dry_run).await.map_err(to_status)?;
+        let (caller, _) = self.authorize(&request, Rpc::RunRetention).await?;
+        let report = self.retention.sweep(&caller, request.get_ref().dry_run).await.map_err(to_status)?;
         Ok(Response::new(sweep_report(report)))
     }
 
     async fn set_consent(&self, request: Request<pb::SetConsentRequest>) -> Result<Response<pb::Consent>, Status> {
-        let caller = actor(&request);
+        let (caller, principal) = self.authorize(&request, Rpc::SetConsent).await?;
         let req = request.into_inner();
         let run = async {
             let id = parse_customer(&req.customer_id)?;
@@ -528,12 +617,14 @@ impl pb::recvault_server::Recvault for Service {
                 Ok(pb::TrainingUse::Deny) => false,
                 _ => return Err(Error::Invalid("training_use must be ALLOW or DENY".into())),
             };
-            self.retrieve.set_consent(&caller, &id, allow, &req.updated_by).await
+            let by = if req.updated_by.trim().is_empty() { principal.name.clone() } else { req.updated_by.clone() };
+            self.retrieve.set_consent(&caller, &id, allow, &by).await
         };
         Ok(Response::new(consent_info(&run.await.map_err(to_status)?)))
     }
 
     async fn get_consent(&self, request: Request<pb::GetConsentRequest>) -> Result<Response<pb::Consent>, Status> {
+        self.authorize(&request, Rpc::GetConsent).await?;
         let run = async { self.retrieve.consent(&parse_customer(&request.get_ref().customer_id)?).await };
         Ok(Response::new(consent_info(&run.await.map_err(to_status)?)))
     }
@@ -542,6 +633,7 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::ListAuditRecordsRequest>,
     ) -> Result<Response<pb::ListAuditRecordsResponse>, Status> {
+        self.authorize(&request, Rpc::ListAuditRecords).await?;
         let req = request.into_inner();
         let nonempty = |s: String| (!s.is_empty()).then_some(s);
         let filter = audit::Filter {
@@ -561,6 +653,71 @@ impl pb::recvault_server::Recvault for Service {
         Ok(Response::new(pb::ListAuditRecordsResponse {
             records: records.into_iter().map(audit_record).collect(),
             head: head.to_string(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let (caller, principal) = self.authorize(&request, Rpc::CreateToken).await?;
+        let req = request.into_inner();
+        let run = async {
+            let roles = req.roles.iter().map(|r| parse_role(*r)).collect::<Result<Vec<_>, _>>()?;
+            let ttl = (req.ttl_seconds > 0).then(|| std::time::Duration::from_secs(req.ttl_seconds));
+            let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+            let event = Event::new("token.create")
+                .target(&req.name)
+                .detail("roles", &names)
+                .detail("unredacted", req.unredacted)
+                .detail("ttl_seconds", req.ttl_seconds);
+            self.audit.append(&caller, event.clone()).await?;
+            let created = self.auth.create_token(&principal.name, &req.name, &roles, req.unredacted, ttl).await;
+            if let Err(e) = &created {
+                let _ = self.audit.append(&caller, event.result(format!("failed: {e}"))).await;
+            }
+            created
+        };
+        let new = run.await.map_err(to_status)?;
+        tracing::info!(token_id = %new.record.token_id, name = %new.record.name, "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: new.token.as_str().to_owned(),
+            info: Some(token_info(&new.record)),
+        }))
+    }
+
+    async fn revoke_token(&self, request: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::TokenInfo>, Status> {
+        let (caller, _) = self.authorize(&request, Rpc::RevokeToken).await?;
+        let id = request.into_inner().token_id;
+        let run = async {
+            self.audit.append(&caller, Event::new("token.revoke").target(&id)).await?;
+            self.auth.revoke_token(&id).await
+        };
+        let record = run.await.map_err(to_status)?;
+        tracing::info!(token_id = %record.token_id, name = %record.name, "token revoked");
+        Ok(Response::new(token_info(&record)))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.authorize(&request, Rpc::ListTokens).await?;
+        let tokens = self.auth.tokens().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListTokensResponse { tokens: tokens.iter().map(token_info).collect() }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let (_, p) = self.authorize(&request, Rpc::WhoAmI).await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            principal: p.name.clone(),
+            roles: p.roles.iter().copied().map(role_code).collect(),
+            unredacted: p.unredacted,
+            credential: match &p.credential {
+                authz::Credential::Token { token_id } => format!("token:{token_id}"),
+                authz::Credential::Certificate { subject } => format!("certificate:{subject}"),
+            },
+            allowed_rpcs: Rpc::ALL.into_iter().filter(|r| p.may(*r)).map(|r| r.name().to_owned()).collect(),
         }))
     }
 }

@@ -14,6 +14,7 @@ pub fn to_status(e: Error) -> Status {
         Error::Precondition(_) | Error::CustomerShredded | Error::CustomerPendingShred => Code::FailedPrecondition,
         Error::NotFound(_) => Code::NotFound,
         Error::PermissionDenied(_) => Code::PermissionDenied,
+        Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::TooLarge(_) | Error::StorageFull => Code::ResourceExhausted,
         Error::Busy(_) => Code::Aborted,
         Error::Integrity => Code::DataLoss,

@@ -80,19 +80,28 @@ impl Actor {
         Self { principal: format!("system:{component}"), request_id: uuid::Uuid::new_v4().to_string() }
     }
 
-    /// A caller known only by its address (no authentication yet), with the
-    /// request id it sent (`x-request-id`) if that is usable, else a new one.
-    pub fn peer(addr: Option<std::net::SocketAddr>, request_id: Option<&str>) -> Self {
-        let principal = match addr {
-            Some(a) => format!("anonymous@{}", a.ip()),
-            None => "anonymous".to_owned(),
-        };
-        let request_id = request_id
-            .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        Self { principal, request_id }
+    /// An authenticated caller, with the request id it sent
+    /// (`x-request-id`) if that is usable, else a new one.
+    pub fn new(principal: &str, request_id: Option<&str>) -> Self {
+        Self { principal: principal.to_owned(), request_id: request_id_or_new(request_id) }
     }
+
+    /// A caller that could not be identified, known only by its address
+    /// (recorded when its call is refused).
+    pub fn unauthenticated(addr: Option<std::net::SocketAddr>, request_id: Option<&str>) -> Self {
+        let principal = match addr {
+            Some(a) => format!("unauthenticated@{}", a.ip()),
+            None => "unauthenticated".to_owned(),
+        };
+        Self { principal, request_id: request_id_or_new(request_id) }
+    }
+}
+
+fn request_id_or_new(request_id: Option<&str>) -> String {
+    request_id
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
 /// One event to record. Build with [`Event::new`] and the setters; pass
@@ -794,10 +803,10 @@ mod tests {
 
     #[test]
     fn actor_request_ids_are_sanitised() {
-        let a = Actor::peer(Some("127.0.0.1:9".parse().unwrap()), Some("req-1"));
-        assert_eq!((a.principal.as_str(), a.request_id.as_str()), ("anonymous@127.0.0.1", "req-1"));
+        let a = Actor::unauthenticated(Some("127.0.0.1:9".parse().unwrap()), Some("req-1"));
+        assert_eq!((a.principal.as_str(), a.request_id.as_str()), ("unauthenticated@127.0.0.1", "req-1"));
         for bad in ["", "has space", "\u{1b}[31m", &"x".repeat(65)] {
-            assert_ne!(Actor::peer(None, Some(bad)).request_id, bad);
+            assert_ne!(Actor::new("coach-1", Some(bad)).request_id, bad);
         }
     }
 }

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec,
-    Retention, RetentionPolicy, UploadId,
+    Retention, RetentionPolicy, Role, TokenRecord, UploadId,
 };
 
 fn spec(customer: &str, interaction: &str) -> ObjectSpec {
@@ -100,6 +100,38 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     let allow = Consent { training_use: true, updated_at_ms: 6, ..deny };
     cat.set_consent(&allow).await.unwrap();
     assert_eq!(cat.consent(&carol).await.unwrap(), Some(allow));
+
+    // Tokens: stored by hash, ids unique, revocation idempotent.
+    let token = TokenRecord {
+        token_id: "0123456789abcdef0123456789abcdef".into(),
+        name: "telephony-1".into(),
+        roles: vec![Role::Ingest, Role::Coach],
+        unredacted: true,
+        secret_sha256: [7; 32],
+        created_by: "local-admin".into(),
+        created_at_ms: 10,
+        expires_at_ms: Some(99),
+        revoked_at_ms: None,
+    };
+    cat.create_token(&token).await.unwrap();
+    assert!(matches!(cat.create_token(&token).await, Err(CatalogError::Conflict(_))));
+    assert_eq!(cat.token(&token.token_id).await.unwrap(), Some(token.clone()));
+    assert_eq!(cat.token("ffffffffffffffffffffffffffffffff").await.unwrap(), None);
+    let later = TokenRecord {
+        token_id: "fedcba9876543210fedcba9876543210".into(),
+        roles: vec![Role::Auditor],
+        unredacted: false,
+        expires_at_ms: None,
+        created_at_ms: 11,
+        ..token.clone()
+    };
+    cat.create_token(&later).await.unwrap();
+    let all = cat.tokens().await.unwrap();
+    assert_eq!(all.iter().map(|t| t.token_id.as_str()).collect::<Vec<_>>(), [&later.token_id, &token.token_id]);
+    let revoked = cat.revoke_token(&token.token_id, 20).await.unwrap();
+    assert_eq!(revoked.revoked_at_ms, Some(20));
+    assert_eq!(cat.revoke_token(&token.token_id, 30).await.unwrap().revoked_at_ms, Some(20));
+    assert!(matches!(cat.revoke_token("nope", 30).await, Err(CatalogError::NotFound)));
 
     let alice = new_customer(cat, "crm:alice", 0xA1).await;
     let bob = new_customer(cat, "crm:bob", 0xB0).await;

@@ -12,7 +12,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::model::{
-    Consent, CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, UploadId,
+    Consent, CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, TokenRecord,
+    UploadId,
 };
 
 /// Lifecycle of a customer's keys, mirroring KMS key deletion states.
@@ -314,4 +315,15 @@ pub trait Catalog: Send + Sync + 'static {
     async fn set_consent(&self, consent: &Consent) -> Result<(), CatalogError>;
     /// The customer's recorded consent, if any.
     async fn consent(&self, id: &CustomerId) -> Result<Option<Consent>, CatalogError>;
+
+    /// Stores a new bearer token (its secret's hash only); `Conflict` if
+    /// the id is taken.
+    async fn create_token(&self, token: &TokenRecord) -> Result<(), CatalogError>;
+    /// A token by its public id (revoked and expired ones included).
+    async fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, CatalogError>;
+    /// Every token, newest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, CatalogError>;
+    /// Revokes a token (idempotent: a revoked token keeps its first
+    /// revocation time); `NotFound` if unknown.
+    async fn revoke_token(&self, token_id: &str, now_ms: i64) -> Result<TokenRecord, CatalogError>;
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
-    ObjectSpec, Retention, RetentionPolicy, UploadId,
+    ObjectSpec, Retention, RetentionPolicy, Role, TokenRecord, UploadId,
 };
 
 const SCHEMA: &str = r#"
@@ -57,6 +57,17 @@ CREATE TABLE IF NOT EXISTS holds (
     placed_at_ms   INTEGER NOT NULL,
     released_by    TEXT,
     released_at_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id       TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    roles          TEXT NOT NULL,
+    unredacted     INTEGER NOT NULL,
+    secret_sha256  BLOB NOT NULL,
+    created_by     TEXT NOT NULL,
+    created_at_ms  INTEGER NOT NULL,
+    expires_at_ms  INTEGER,
+    revoked_at_ms  INTEGER
 );
 CREATE INDEX IF NOT EXISTS holds_by_customer ON holds(customer_id, placed_at_ms DESC);
 CREATE TABLE IF NOT EXISTS customer_keys (
@@ -1209,6 +1220,96 @@ impl Catalog for SqliteCatalog {
         })
         .await
     }
+
+    async fn create_token(&self, token: &TokenRecord) -> Result<(), CatalogError> {
+        let t = token.clone();
+        self.run(move |c| {
+            let roles: Vec<&str> = t.roles.iter().map(|r| r.name()).collect();
+            let inserted = c
+                .execute(
+                    "INSERT INTO tokens (token_id, name, roles, unredacted, secret_sha256, created_by, created_at_ms,
+                     expires_at_ms, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)
+                     ON CONFLICT (token_id) DO NOTHING",
+                    params![
+                        t.token_id,
+                        t.name,
+                        roles.join(","),
+                        t.unredacted,
+                        &t.secret_sha256[..],
+                        t.created_by,
+                        t.created_at_ms,
+                        t.expires_at_ms
+                    ],
+                )
+                .map_err(backend)?;
+            if inserted == 0 {
+                return Err(CatalogError::Conflict(format!("token id {} is taken", t.token_id)));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, CatalogError> {
+        let id = token_id.to_owned();
+        self.run(move |c| {
+            c.query_row(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1"), [id], read_token)
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>, CatalogError> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at_ms DESC, token_id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([], read_token).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, token_id: &str, now_ms: i64) -> Result<TokenRecord, CatalogError> {
+        let id = token_id.to_owned();
+        self.run(move |c| {
+            c.execute(
+                "UPDATE tokens SET revoked_at_ms = ?2 WHERE token_id = ?1 AND revoked_at_ms IS NULL",
+                params![id, now_ms],
+            )
+            .map_err(backend)?;
+            c.query_row(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1"), [id], read_token)
+                .optional()
+                .map_err(backend)?
+                .ok_or(CatalogError::NotFound)
+        })
+        .await
+    }
+}
+
+const TOKEN_COLUMNS: &str =
+    "token_id, name, roles, unredacted, secret_sha256, created_by, created_at_ms, expires_at_ms, revoked_at_ms";
+
+fn read_token(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let roles: String = r.get(2)?;
+    let hash: Vec<u8> = r.get(4)?;
+    let mut secret_sha256 = [0u8; 32];
+    // A hash of the wrong length never matches (all zero is no SHA-256).
+    if hash.len() == 32 {
+        secret_sha256.copy_from_slice(&hash);
+    }
+    Ok(TokenRecord {
+        token_id: r.get(0)?,
+        name: r.get(1)?,
+        roles: roles.split(',').filter_map(Role::from_name).collect(),
+        unredacted: r.get(3)?,
+        secret_sha256,
+        created_by: r.get(5)?,
+        created_at_ms: r.get(6)?,
+        expires_at_ms: r.get(7)?,
+        revoked_at_ms: r.get(8)?,
+    })
 }
 
 #[cfg(test)]

@@ -136,13 +136,26 @@ impl Retrieve {
         readable(self.catalog.as_ref(), id).await
     }
 
-    /// Metadata of a committed object.
-    pub async fn stat(&self, id: &ObjectId) -> Result<ObjectRecord, Error> {
-        Ok(self.readable(id).await?.record)
+    /// Metadata of a committed object. With `training_only` (a coach), an
+    /// opted-out customer's objects are refused like their content.
+    pub async fn stat(&self, id: &ObjectId, training_only: bool) -> Result<ObjectRecord, Error> {
+        let record = self.readable(id).await?.record;
+        if training_only && !self.training_use(&record.spec.customer_id).await? {
+            return Err(opted_out(&record.spec.customer_id, "coaching"));
+        }
+        Ok(record)
     }
 
-    /// Committed objects matching `filter`, newest first.
-    pub async fn list(&self, filter: &ListFilter, page_token: &str, page_size: usize) -> Result<Page, Error> {
+    /// Committed objects matching `filter`, newest first. With
+    /// `training_only` (a coach), customers who opted out of training use
+    /// are left out, so a page may hold fewer than `page_size` objects.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        page_token: &str,
+        page_size: usize,
+        training_only: bool,
+    ) -> Result<Page, Error> {
         let limit = match page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -156,15 +169,47 @@ impl Retrieve {
                 Some(_) => {}
             }
         }
-        let after = if page_token.is_empty() { None } else { Some(decode_token(page_token)?) };
-        let mut objects = self.catalog.list_objects(filter, after, limit + 1).await?;
-        let next_page_token = if objects.len() > limit {
-            objects.truncate(limit);
-            objects.last().map(|o| encode_token(&PageCursor { created_at_ms: o.created_at_ms, object_id: o.object_id }))
-        } else {
-            None
-        };
-        Ok(Page { objects, next_page_token })
+        let mut after = if page_token.is_empty() { None } else { Some(decode_token(page_token)?) };
+        if !training_only {
+            let mut objects = self.catalog.list_objects(filter, after, limit + 1).await?;
+            let next_page_token = if objects.len() > limit {
+                objects.truncate(limit);
+                objects.last().map(|o| encode_token(&cursor(o)))
+            } else {
+                None
+            };
+            return Ok(Page { objects, next_page_token });
+        }
+        // Filter by consent, scanning a bounded number of rows per call so
+        // a listing dominated by opted-out customers still answers quickly.
+        let mut consent: std::collections::HashMap<crate::model::CustomerId, bool> = Default::default();
+        let mut objects = Vec::new();
+        let mut scanned = 0;
+        loop {
+            let batch = self.catalog.list_objects(filter, after, limit + 1).await?;
+            let exhausted = batch.len() <= limit;
+            for o in batch {
+                if objects.len() == limit {
+                    return Ok(Page { next_page_token: after.map(|c| encode_token(&c)), objects });
+                }
+                scanned += 1;
+                after = Some(cursor(&o));
+                let id = o.spec.customer_id.clone();
+                let allowed = match consent.get(&id) {
+                    Some(a) => *a,
+                    None => *consent.entry(id.clone()).or_insert(self.training_use(&id).await?),
+                };
+                if allowed {
+                    objects.push(o);
+                }
+            }
+            if exhausted {
+                return Ok(Page { objects, next_page_token: None });
+            }
+            if scanned >= limit * 10 {
+                return Ok(Page { next_page_token: after.map(|c| encode_token(&c)), objects });
+            }
+        }
     }
 
     /// Opens a range of an object for reading. Returns its metadata and a
@@ -186,12 +231,7 @@ impl Retrieve {
         }
         let checked = match check_readable(id, found) {
             Ok(stored) if purpose.is_training() && !self.training_use(&stored.record.spec.customer_id).await? => {
-                Err(Error::PermissionDenied(format!(
-                    "customer {} has opted out of training use: {} reads are refused (legal and \
-                     data-subject-request reads are not affected)",
-                    stored.record.spec.customer_id,
-                    purpose.name()
-                )))
+                Err(opted_out(&stored.record.spec.customer_id, purpose.name()))
             }
             other => other,
         };
@@ -354,6 +394,17 @@ impl RangeReader {
         }
         Ok(())
     }
+}
+
+fn cursor(o: &ObjectRecord) -> PageCursor {
+    PageCursor { created_at_ms: o.created_at_ms, object_id: o.object_id }
+}
+
+fn opted_out(id: &crate::model::CustomerId, purpose: &str) -> Error {
+    Error::PermissionDenied(format!(
+        "customer {id} has opted out of training use: {purpose} reads are refused (legal and \
+         data-subject-request reads are not affected)"
+    ))
 }
 
 fn encode_token(c: &PageCursor) -> String {

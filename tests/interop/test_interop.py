@@ -5,6 +5,7 @@ checks the published wire contract, not our Rust types. The server is the
 real binary on a loopback port with a fresh data directory.
 """
 
+import collections
 import hashlib
 import math
 import os
@@ -48,6 +49,41 @@ from recvault.v1 import recvault_pb2 as pb  # noqa: E402
 from recvault.v1 import recvault_pb2_grpc as rpc  # noqa: E402
 
 
+class _Details(
+    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        metadata = list(d.metadata or []) + [self.header]
+        return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
 @pytest.fixture(scope="module")
 def server():
     assert BINARY.exists(), f"build the server first (cargo build): {BINARY}"
@@ -66,7 +102,20 @@ def server():
         options=[("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)],
     )
     grpc.channel_ready_future(channel).result(timeout=10)
-    yield rpc.RecvaultStub(channel), data
+    # The bootstrap admin token (written 0600 into the data directory)
+    # creates an operator token with every role through the API.
+    admin_token = (Path(data) / "admin.token").read_text().strip()
+    admin = rpc.RecvaultStub(grpc.intercept_channel(channel, BearerToken(admin_token)))
+    made = admin.CreateToken(
+        pb.CreateTokenRequest(
+            name="py-operator",
+            roles=[pb.INGEST, pb.COACH, pb.RETENTION, pb.ADMIN, pb.AUDITOR],
+            unredacted=True,
+        )
+    )
+    assert made.token.startswith("rvt_") and made.info.name == "py-operator"
+    stub = rpc.RecvaultStub(grpc.intercept_channel(channel, BearerToken(made.token)))
+    yield stub, data, channel
     channel.close()
     proc.kill()
     proc.wait()
@@ -123,7 +172,7 @@ def data_msgs(data, start, end, chunk=256 * 1024):
 
 
 def test_stream_resume_range_and_sha(server, recording):
-    stub, data_dir = server
+    stub, data_dir, _ = server
     upload_id = str(uuid.uuid4())
     cut = len(recording) // 2 + 12345
 
@@ -172,10 +221,10 @@ def test_stream_resume_range_and_sha(server, recording):
     assert committed.content_type == "audio/wav"
 
     # Whole object back, then a range across a segment boundary.
-    whole = b"".join(m.data for m in stub.Get(pb.GetRequest(object_id=object_id)))
+    whole = b"".join(m.data for m in stub.Get(pb.GetRequest(object_id=object_id, purpose=pb.QUALITY_REVIEW)))
     assert hashlib.sha256(whole).digest() == hashlib.sha256(recording).digest()
     start, end = 65536 - 100, 3 * 65536 + 7
-    msgs = list(stub.Get(pb.GetRequest(object_id=object_id, range=pb.ByteRange(start=start, end=end))))
+    msgs = list(stub.Get(pb.GetRequest(object_id=object_id, range=pb.ByteRange(start=start, end=end), purpose=pb.QUALITY_REVIEW)))
     assert msgs[0].info.object_id == object_id
     assert b"".join(m.data for m in msgs) == recording[start : end + 1]
 
@@ -193,7 +242,7 @@ def test_stream_resume_range_and_sha(server, recording):
 
 
 def test_errors_carry_grpc_status_codes(server):
-    stub, _ = server
+    stub, _, _ = server
     with pytest.raises(grpc.RpcError) as e:
         stub.Stat(pb.StatRequest(object_id="nope"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -223,11 +272,11 @@ def test_errors_carry_grpc_status_codes(server):
     assert status.state == pb.PENDING_SHRED
     assert status.destroy_after.seconds - status.requested_at.seconds == 7 * 86400
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.Get(pb.GetRequest(object_id=put.object.object_id)))
+        list(stub.Get(pb.GetRequest(object_id=put.object.object_id, purpose=pb.QUALITY_REVIEW)))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "pending shred" in e.value.details()
     assert stub.CancelShred(pb.CancelShredRequest(customer_id="py-cust-2")).state == pb.ACTIVE
-    back = b"".join(r.data for r in stub.Get(pb.GetRequest(object_id=put.object.object_id)))
+    back = b"".join(r.data for r in stub.Get(pb.GetRequest(object_id=put.object.object_id, purpose=pb.QUALITY_REVIEW)))
     assert back == b'{"messages": [{"from": "customer", "text": "hi"}]}'
     info = stub.Stat(pb.StatRequest(object_id=put.object.object_id))
     assert info.retention_policy == "chat-transcripts"
@@ -248,3 +297,17 @@ def test_errors_carry_grpc_status_codes(server):
     actions = {r.action for r in stub.ListAuditRecords(pb.ListAuditRecordsRequest(customer_id="py-cust-2")).records}
     assert {"object.commit", "shred.request", "shred.cancel"} <= actions
     assert int(trail.head.split(":")[0]) >= newest.seq
+
+
+def test_calls_without_credentials_are_refused(server):
+    """No request is served without an identity; a bad token is refused."""
+    _, _, channel = server
+    anonymous = rpc.RecvaultStub(channel)
+    with pytest.raises(grpc.RpcError) as e:
+        anonymous.List(pb.ListRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    forged = rpc.RecvaultStub(grpc.intercept_channel(channel, BearerToken("rvt_" + "0" * 32 + "_" + "1" * 64)))
+    with pytest.raises(grpc.RpcError) as e:
+        forged.WhoAmI(pb.WhoAmIRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "1" * 64 not in e.value.details()

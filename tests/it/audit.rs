@@ -90,7 +90,7 @@ async fn i1_every_event_is_recorded_once_without_secrets() {
     let read = all.records.iter().find(|r| r.action == "object.read" && r.result == "ok").unwrap();
     assert_eq!((read.purpose.as_str(), read.request_id.as_str()), ("coaching", "req-coach-42"));
     assert_eq!(read.target, transcript.object_id);
-    assert!(read.principal.starts_with("anonymous@127.0.0.1"), "{}", read.principal);
+    assert_eq!(read.principal, "test-operator", "the authenticated principal, not an address");
     let refused = all.records.first().unwrap();
     assert!(refused.result.starts_with("refused:"), "{refused:?}");
     let commits: Vec<_> = all.records.iter().filter(|r| r.action == "object.commit").map(|r| &r.target).collect();
@@ -188,12 +188,14 @@ async fn i2_cli_audit_verify_names_the_broken_record() {
         get(&mut c, &o.object_id, None).await.unwrap();
     }
     let url = server.url();
-    let tail = run_cli(&["audit", "tail", "-n", "3", "--server", &url]).await;
+    let token = server.token_for("auditor-1", &[recvault::model::Role::Auditor], false).await;
+    let tail = run_cli(&["audit", "tail", "-n", "3", "--server", &url, "--token", &token]).await;
     assert!(tail.status.success(), "{}", String::from_utf8_lossy(&tail.stderr));
     let out = String::from_utf8(tail.stdout).unwrap();
     assert_eq!(out.lines().count(), 3, "{out}");
     assert!(out.contains("object.read") && out.contains("purpose=quality-review"), "{out}");
-    let search = run_cli(&["audit", "search", "--customer", "aud-cli-2", "--json", "--server", &url]).await;
+    let search =
+        run_cli(&["audit", "search", "--customer", "aud-cli-2", "--json", "--server", &url, "--token", &token]).await;
     let out = String::from_utf8(search.stdout).unwrap();
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
@@ -251,16 +253,6 @@ fn run_cli(args: &[&str]) -> impl std::future::Future<Output = std::process::Out
     async { task.await.expect("cli task") }
 }
 
-async fn read_for(c: &mut Client, object_id: &str, purpose: pb::Purpose) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream =
-        c.get(pb::GetRequest { object_id: object_id.into(), range: None, purpose: purpose as i32 }).await?.into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await? {
-        out.extend_from_slice(&m.data);
-    }
-    Ok(out)
-}
-
 /// Consent: an opt-out refuses coaching and quality-review reads from the
 /// next request on (PERMISSION_DENIED, audited), leaves legal and
 /// data-subject reads alone, and can be set before any content exists and
@@ -285,6 +277,8 @@ async fn consent_opt_out_applies_to_the_next_training_read() {
         "crm-sync",
         "--server",
         &server.url(),
+        "--token",
+        &server.token_for("privacy-officer", &[recvault::model::Role::Retention], false).await,
     ])
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -361,9 +355,18 @@ async fn m2_no_content_or_key_bytes_in_logs_or_status_messages() {
     let data = dir.path().join("data");
     let log = dir.path().join("server.log");
     let server = ChildServer::spawn_with(&data, CHILD_CONFIG, &[("RECVAULT_LOG", "debug")], Some(&log));
-    let mut c = connect(&server.url()).await;
+    let token = server.operator_token().await;
+    let mut c = connect(&server.url(), &token).await;
     let canary = "LOG-CANARY-9b7e card 4111111111111111 mail jane@example.com";
     let mut messages = Vec::new();
+    // A token with the right id and a wrong secret: refused, and neither
+    // secret may surface anywhere.
+    let (id_part, secret) = token.rsplit_once('_').unwrap();
+    let wrong_secret: String = secret.chars().rev().collect();
+    let mut forged = connect(&server.url(), &format!("{id_part}_{wrong_secret}")).await;
+    let refused = forged.who_am_i(pb::WhoAmIRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    messages.push(refused.message().to_owned());
 
     let o = put(&mut c, spec("logs-1", CHAT, "text/plain"), canary.as_bytes()).await.unwrap();
     let call = ingest(&mut c, &new_id(), spec("logs-1", REC, "audio/wav"), &wav(10_000)).await;
@@ -407,11 +410,16 @@ async fn m2_no_content_or_key_bytes_in_logs_or_status_messages() {
         .unwrap()
         .into_inner();
     messages.push(get(&mut c, &call.object_id, None).await.unwrap_err().message().to_owned());
+    let admin_token = server.admin_token();
     drop(server);
 
+    let secrets = [secret, wrong_secret.as_str(), admin_token.trim().rsplit_once('_').unwrap().1];
     for m in &messages {
         for part in ["LOG-CANARY", "4111111111111111", "jane@example.com"] {
             assert!(!m.contains(part), "a status message echoes content: {m}");
+        }
+        for t in secrets {
+            assert!(!m.contains(t), "a status message echoes a token: {m}");
         }
     }
     assert!(!shred.certificate_json.contains("LOG-CANARY"));
@@ -420,6 +428,9 @@ async fn m2_no_content_or_key_bytes_in_logs_or_status_messages() {
     let lossy = String::from_utf8_lossy(&text);
     for part in ["LOG-CANARY", "4111111111111111", "jane@example.com"] {
         assert!(!lossy.contains(part), "content in the log");
+    }
+    for t in secrets {
+        assert!(!lossy.contains(t), "a token secret in the log");
     }
     for key in &needles {
         assert!(!text.windows(key.len()).any(|w| w == key.as_slice()), "raw key bytes in the log");

@@ -9,19 +9,27 @@ use std::process::{Child, Command, Stdio};
 use bytes::Bytes;
 use recvault::api::pb;
 use recvault::api::pb::recvault_client::RecvaultClient;
+use recvault::auth::Authenticator;
 use recvault::clock::{Clock, ManualClock, SystemClock};
 use recvault::config::Config;
+use recvault::model::Role;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-pub type Client = RecvaultClient<Channel>;
+pub type Client = recvault::cli::Client;
+
+/// The role set of the harness's default caller: everything, with the
+/// break-glass grant, so suites that are not about access control can call
+/// every RPC. Access control itself is tested in `access.rs`.
+pub const ALL_ROLES: [Role; 5] = Role::ALL;
 
 /// A server running inside the test process.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub data: tempfile::TempDir,
+    pub auth: Arc<Authenticator>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -56,6 +64,7 @@ impl TestServer {
         tune(&mut cfg);
         let (parts, listener) = recvault::server::bind_with_clock(&cfg, clock).await.expect("server starts");
         let addr = listener.local_addr().expect("addr");
+        let auth = parts.auth.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             recvault::server::serve(&cfg, parts, listener, async {
@@ -64,15 +73,27 @@ impl TestServer {
             .await
             .expect("server runs");
         });
-        Self { addr, data, stop: Some(stop), task: Some(task) }
+        Self { addr, data, auth, stop: Some(stop), task: Some(task) }
+    }
+
+    /// A new token for principal `name` with these roles.
+    pub async fn token_for(&self, name: &str, roles: &[Role], unredacted: bool) -> String {
+        let t = self.auth.create_token("test-harness", name, roles, unredacted, None).await.expect("token");
+        t.token.as_str().to_owned()
+    }
+
+    /// A client acting as principal `name` with these roles.
+    pub async fn client_as(&self, name: &str, roles: &[Role], unredacted: bool) -> Client {
+        connect(&self.url(), &self.token_for(name, roles, unredacted).await).await
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// A client with every role and the break-glass grant.
     pub async fn client(&self) -> Client {
-        connect(&self.url()).await
+        self.client_as("test-operator", &ALL_ROLES, true).await
     }
 
     /// Stops the server and hands back its data directory.
@@ -96,16 +117,34 @@ impl Drop for TestServer {
     }
 }
 
-pub async fn connect(url: &str) -> Client {
+/// A client sending `token`.
+pub async fn connect(url: &str, token: &str) -> Client {
     let channel =
         tonic::transport::Endpoint::from_shared(url.to_owned()).expect("url").connect().await.expect("connect");
-    RecvaultClient::new(channel).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20)
+    with_token(channel, Some(token))
+}
+
+pub fn with_token(channel: Channel, token: Option<&str>) -> Client {
+    RecvaultClient::with_interceptor(channel, recvault::cli::BearerAuth::new(token).expect("token"))
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
 }
 
 /// A server as a child process (for kill -9 and CLI tests).
 pub struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+pub fn role_code(r: Role) -> i32 {
+    (match r {
+        Role::Ingest => pb::Role::Ingest,
+        Role::Coach => pb::Role::Coach,
+        Role::Retention => pb::Role::Retention,
+        Role::Admin => pb::Role::Admin,
+        Role::Auditor => pb::Role::Auditor,
+    }) as i32
 }
 
 /// Config of child servers: shreds complete at once.
@@ -146,11 +185,38 @@ impl ChildServer {
             .nth(3)
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
-        Self { child, addr }
+        Self { child, addr, data_dir: data_dir.to_owned() }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The bootstrap admin token the server wrote into its data directory.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join(recvault::auth::ADMIN_TOKEN_FILE)).expect("admin.token")
+    }
+
+    /// A new token with every role and the break-glass grant, created
+    /// through the server's own API with the admin token.
+    pub async fn operator_token(&self) -> String {
+        let mut admin = connect(&self.url(), &self.admin_token()).await;
+        let roles = ALL_ROLES.iter().map(|r| role_code(*r)).collect();
+        let r = admin
+            .create_token(pb::CreateTokenRequest {
+                name: "test-operator".into(),
+                roles,
+                unredacted: true,
+                ttl_seconds: 0,
+            })
+            .await
+            .expect("create token");
+        r.into_inner().token
+    }
+
+    /// A client with every role and the break-glass grant.
+    pub async fn client(&self) -> Client {
+        connect(&self.url(), &self.operator_token().await).await
     }
 
     pub fn kill9(&mut self) {
@@ -367,6 +433,17 @@ pub async fn get(
             assert_eq!(m.offset, expect_offset, "chunks arrive in order with their offsets");
         }
         expect_offset += m.data.len() as u64;
+        out.extend_from_slice(&m.data);
+    }
+    Ok(out)
+}
+
+/// Reads a whole object with a declared purpose.
+pub async fn read_for(c: &mut Client, object_id: &str, purpose: pb::Purpose) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream =
+        c.get(pb::GetRequest { object_id: object_id.into(), range: None, purpose: purpose as i32 }).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
         out.extend_from_slice(&m.data);
     }
     Ok(out)

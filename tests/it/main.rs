@@ -1,5 +1,6 @@
 //! One integration-test binary (one link, shared build) for every suite.
 
+mod access;
 mod audit;
 mod common;
 mod grpc;

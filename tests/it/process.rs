@@ -20,7 +20,7 @@ async fn a1_acked_bytes_survive_kill_9_and_resume_bit_exact() {
     // Kill the server twice, at different points of the stream.
     for cut in [1_000_000usize, 4_500_000] {
         let mut server = ChildServer::spawn(data.path());
-        let mut c = connect(&server.url()).await;
+        let mut c = server.client().await;
         let mut s = Stream::start(&mut c).await.unwrap();
         let (oid, durable, committed) = s.open(&upload_id, spec("crash-1", REC, "audio/wav")).await.unwrap();
         assert!(!committed);
@@ -36,7 +36,7 @@ async fn a1_acked_bytes_survive_kill_9_and_resume_bit_exact() {
         server.kill9();
     }
     let server = ChildServer::spawn(data.path());
-    let mut c = connect(&server.url()).await;
+    let mut c = server.client().await;
     let mut s = Stream::start(&mut c).await.unwrap();
     let (_, durable, _) = s.open(&upload_id, spec("crash-1", REC, "audio/wav")).await.unwrap();
     assert!(durable >= acked);
@@ -48,10 +48,18 @@ async fn a1_acked_bytes_survive_kill_9_and_resume_bit_exact() {
     assert!(files_under(&data.path().join("spool")).is_empty(), "the journal is removed at commit");
 }
 
-fn cli(server: &str, args: &[&str]) -> Output {
+/// Where the CLI under test points, and the token it sends.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    token: String,
+}
+
+fn cli(target: &Target, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_recvault"))
         .args(args)
-        .env("RECVAULT_SERVER", server)
+        .env("RECVAULT_SERVER", &target.url)
+        .env("RECVAULT_TOKEN", &target.token)
         .output()
         .expect("run the CLI")
 }
@@ -72,7 +80,7 @@ fn fails(out: Output) -> String {
 async fn cli_put_get_range_stat_ls_shred() {
     let data = tempfile::tempdir().unwrap();
     let server = ChildServer::spawn(data.path());
-    let url = server.url();
+    let url = Target { url: server.url(), token: server.operator_token().await };
     let work = tempfile::tempdir().unwrap();
     let audio = wav(2_000_000);
     let wav_path = work.path().join("call.wav");
@@ -107,11 +115,11 @@ async fn cli_put_get_range_stat_ls_shred() {
     .unwrap();
 
     let out = work.path().join("back.wav");
-    ok(cli(&url, &["get", &rec_id, "-o", out.to_str().unwrap()]));
+    ok(cli(&url, &["get", &rec_id, "--purpose", "legal", "-o", out.to_str().unwrap()]));
     assert_eq!(std::fs::read(&out).unwrap(), audio);
-    let img_back = cli(&url, &["get", &img_id]);
+    let img_back = cli(&url, &["get", &img_id, "--purpose", "legal"]);
     assert_eq!(ok_bytes(img_back), image);
-    let range = ok_bytes(cli(&url, &["get", &rec_id, "--range", "100000-299999"]));
+    let range = ok_bytes(cli(&url, &["get", &rec_id, "--purpose", "legal", "--range", "100000-299999"]));
     assert_eq!(range, audio[100_000..300_000]);
 
     let stat = ok(cli(&url, &["stat", &rec_id]));
@@ -119,7 +127,7 @@ async fn cli_put_get_range_stat_ls_shred() {
     let ls = ok(cli(&url, &["ls", "--customer", "cli-1"]));
     assert_eq!(ls.lines().count(), 2, "{ls}");
 
-    let err = fails(cli(&url, &["get", "not-an-id"]));
+    let err = fails(cli(&url, &["get", "not-an-id", "--purpose", "legal"]));
     assert!(err.contains("invalid argument"), "{err}");
     let err = fails(cli(&url, &["put", wav_path.to_str().unwrap(), "--customer", "cli-1", "--kind", "image"]));
     assert!(err.contains("--content-type"), "{err}");
@@ -128,7 +136,7 @@ async fn cli_put_get_range_stat_ls_shred() {
         &["put", wav_path.to_str().unwrap(), "--customer", "cli-1", "--kind", "image", "--content-type", "image/png"],
     ));
     assert!(err.contains("invalid argument") && err.contains("audio/wav"), "{err}");
-    let err = fails(cli("http://127.0.0.1:1", &["stat", &rec_id]));
+    let err = fails(cli(&Target { url: "http://127.0.0.1:1".into(), token: url.token.clone() }, &["stat", &rec_id]));
     assert!(err.contains("cannot reach"), "{err}");
 
     // Legal hold and retention commands.
@@ -154,19 +162,22 @@ async fn cli_put_get_range_stat_ls_shred() {
     let cert_path = work.path().join("cert.json");
     ok(cli(&url, &["certificate", "get", "--customer", "cli-1", "-o", cert_path.to_str().unwrap()]));
     let data_arg = data.path().to_str().unwrap();
-    let valid =
-        ok(cli("http://127.0.0.1:1", &["certificate", "verify", cert_path.to_str().unwrap(), "--data-dir", data_arg]));
+    let valid = ok(cli(
+        &Target { url: "http://127.0.0.1:1".into(), token: url.token.clone() },
+        &["certificate", "verify", cert_path.to_str().unwrap(), "--data-dir", data_arg],
+    ));
     assert!(valid.starts_with("valid: customer cli-1") && valid.contains("2 object(s)"), "{valid}");
     let tampered = std::fs::read_to_string(&cert_path)
         .unwrap()
         .replace("\"objects_unrecoverable\": 2", "\"objects_unrecoverable\": 1");
     std::fs::write(&cert_path, tampered).unwrap();
     let err = fails(cli(
-        "http://127.0.0.1:1",
+        &Target { url: "http://127.0.0.1:1".into(), token: url.token.clone() },
         &["certificate", "verify", cert_path.to_str().unwrap(), "--data-dir", data_arg],
     ));
     assert!(err.contains("INVALID"), "{err}");
-    let err = fails(cli(&url, &["get", &rec_id, "-o", out.with_extension("again").to_str().unwrap()]));
+    let err =
+        fails(cli(&url, &["get", &rec_id, "--purpose", "legal", "-o", out.with_extension("again").to_str().unwrap()]));
     assert!(err.contains("customer shredded"), "{err}");
     assert!(!out.with_extension("again").exists() && !work.path().join("back.again.partial").exists());
 }

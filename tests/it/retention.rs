@@ -221,19 +221,22 @@ async fn holds_block_expiry_and_shredding_until_released() {
 #[tokio::test]
 async fn two_person_rule() {
     let server = TestServer::start_with(|cfg| cfg.retention.shred_requires_approval = true).await;
-    let mut c = server.client().await;
+    // H4: the two people are two authenticated principals; the names
+    // typed into the requests do not count.
+    let mut c = server.client_as("alice", &ALL_ROLES, true).await;
+    let mut bob = server.client_as("bob", &[recvault::model::Role::Retention], false).await;
     put(&mut c, spec("tp-1", CHAT, "text/plain"), b"hi").await.unwrap();
     let s = shred(&mut c, "tp-1", "alice").await.unwrap();
     assert_eq!(s.state, pb::CustomerState::PendingShred as i32, "grace 0 but unapproved: pending");
     assert!(s.requires_approval);
     let err = c
-        .approve_shred(pb::ApproveShredRequest { customer_id: "tp-1".into(), approver: "alice".into() })
+        .approve_shred(pb::ApproveShredRequest { customer_id: "tp-1".into(), approver: "bob".into() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("different person"), "{}", err.message());
-    let s = c
-        .approve_shred(pb::ApproveShredRequest { customer_id: "tp-1".into(), approver: "bob".into() })
+    let s = bob
+        .approve_shred(pb::ApproveShredRequest { customer_id: "tp-1".into(), approver: String::new() })
         .await
         .unwrap()
         .into_inner();
@@ -263,10 +266,14 @@ async fn state_table_every_rpc_in_every_state() {
         ("PlaceHold", [OK, OK, FP]),
         ("ReleaseHold", [OK, OK, FP]),
         ("ListHolds", [OK, OK, OK]),
+        ("SetConsent", [OK, OK, OK]),
+        ("GetConsent", [OK, OK, OK]),
+        ("ListAuditRecords (by customer)", [OK, OK, OK]),
     ];
     let doc = include_str!("../../docs/STATES.md");
     let server = TestServer::start_with(|cfg| cfg.retention.shred_requires_approval = true).await;
-    let mut c = server.client().await;
+    let mut c = server.client_as("alice", &ALL_ROLES, true).await;
+    let mut bob = server.client_as("bob", &ALL_ROLES, true).await;
     let mut n = 0;
     for (rpc, expected) in table {
         let name = |code: Code| if code == OK { "OK".to_string() } else { format!("{code:?}") };
@@ -293,7 +300,7 @@ async fn state_table_every_rpc_in_every_state() {
                 shred(&mut c, &customer, "alice").await.unwrap();
             }
             if state == 2 {
-                c.approve_shred(pb::ApproveShredRequest { customer_id: customer.clone(), approver: "bob".into() })
+                bob.approve_shred(pb::ApproveShredRequest { customer_id: customer.clone(), approver: "bob".into() })
                     .await
                     .unwrap();
             }
@@ -318,7 +325,7 @@ async fn state_table_every_rpc_in_every_state() {
                     c.list(pb::ListRequest { customer_id: customer.clone(), ..Default::default() }).await.map(drop)
                 }
                 "ShredCustomer" => shred(&mut c, &customer, "carol").await.map(drop),
-                "ApproveShred" => c
+                "ApproveShred" => bob
                     .approve_shred(pb::ApproveShredRequest { customer_id: customer.clone(), approver: "bob".into() })
                     .await
                     .map(drop),
@@ -346,13 +353,31 @@ async fn state_table_every_rpc_in_every_state() {
                     .list_holds(pb::ListHoldsRequest { customer_id: customer.clone(), include_released: true })
                     .await
                     .map(drop),
+                "SetConsent" => c
+                    .set_consent(pb::SetConsentRequest {
+                        customer_id: customer.clone(),
+                        training_use: pb::TrainingUse::Deny as i32,
+                        updated_by: String::new(),
+                    })
+                    .await
+                    .map(drop),
+                "GetConsent" => {
+                    c.get_consent(pb::GetConsentRequest { customer_id: customer.clone() }).await.map(drop)
+                }
+                "ListAuditRecords (by customer)" => c
+                    .list_audit_records(pb::ListAuditRecordsRequest {
+                        customer_id: customer.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
                 other => panic!("no driver for {other}"),
             };
             let code = got.as_ref().err().map(|e| e.code()).unwrap_or(OK);
             assert_eq!(code, *want, "{rpc} in state {}: {got:?}", ["ACTIVE", "PENDING_SHRED", "SHREDDED"][state]);
         }
     }
-    assert_eq!(n, 42);
+    assert_eq!(n, 51);
 }
 
 /// Every key the data directory could leak for one customer: its customer
@@ -418,7 +443,7 @@ async fn l3_no_key_or_plaintext_residue_after_shred_and_expiry() {
         "{CHILD_CONFIG}[[retention.policy]]\nname = \"short\"\nkind = \"chat-transcript\"\nretain = \"1s\"\ntag = \"ttl=short\"\n"
     );
     let server = ChildServer::spawn_with(&data, &config, &[("RECVAULT_LOG", "debug")], Some(&log));
-    let mut c = connect(&server.url()).await;
+    let mut c = server.client().await;
     let marker = b"RESIDUE-CANARY-51c0ffee";
     let text = |n: usize| {
         let mut t = Vec::new();
@@ -485,7 +510,7 @@ async fn a3_kill9_between_destroy_and_tombstone_converges() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut server = ChildServer::spawn_with(&data, CHILD_CONFIG, &[("FAILPOINTS", "shred-after-destroy=pause")], None);
-    let mut c = connect(&server.url()).await;
+    let mut c = server.client().await;
     let audio = wav(40_000);
     let o = ingest(&mut c, &new_id(), spec("crash-s", REC, "audio/wav"), &audio).await;
     let other = ingest(&mut c, &new_id(), spec("crash-keep", REC, "audio/wav"), &audio).await;
@@ -517,7 +542,7 @@ async fn a3_kill9_between_destroy_and_tombstone_converges() {
     drop(db);
 
     let server = ChildServer::spawn(&data);
-    let mut c = connect(&server.url()).await;
+    let mut c = server.client().await;
     let mut status = None;
     for _ in 0..600 {
         let s = c.get_shred_status(pb::GetShredStatusRequest { customer_id: "crash-s".into() }).await.unwrap();
@@ -567,8 +592,15 @@ async fn e2_shred_stops_a_read_in_progress() {
     let mut c = server.client().await;
     let audio = wav(12 << 20); // 24 MiB: more than the HTTP/2 windows hold
     let o = ingest(&mut c, &new_id(), spec("e2-s", REC, "audio/wav"), &audio).await;
-    let mut stream =
-        c.get(pb::GetRequest { object_id: o.object_id.clone(), ..Default::default() }).await.unwrap().into_inner();
+    let mut stream = c
+        .get(pb::GetRequest {
+            object_id: o.object_id.clone(),
+            purpose: pb::Purpose::Legal as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut received = 0usize;
     while received < (1 << 20) {
         received += stream.message().await.unwrap().expect("more").data.len();
@@ -670,7 +702,7 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
     let src = parts.catalog.object(&source.object_id).await.unwrap().unwrap();
     assert_eq!((stored.customer_ref, stored.key_version), (src.customer_ref, src.key_version));
     parts.retention.request_shred(&actor, &customer, "erasure", "dpo").await.unwrap();
-    assert!(parts.retrieve.stat(&derived.object_id).await.is_err());
+    assert!(parts.retrieve.stat(&derived.object_id, false).await.is_err());
     let tomb = parts.catalog.object(&derived.object_id).await.unwrap().unwrap();
     assert!(tomb.wrapped_dek.is_empty(), "the shred destroyed the derived item's data key");
     assert!(
