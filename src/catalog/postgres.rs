@@ -1585,4 +1585,144 @@ mod tests {
         })
         .await;
     }
+
+    fn upload_for(customer: &CustomerRecord, at: i64) -> (UploadRecord, ObjectRecord) {
+        let spec = ObjectSpec {
+            customer_id: customer.customer_id.clone(),
+            kind: ContentKind::CallRecording,
+            content_type: "audio/wav".into(),
+            interaction: Interaction { interaction_id: format!("call-{at}"), ..Default::default() },
+        };
+        let upload = UploadRecord {
+            upload_id: UploadId::new_random(),
+            object_id: ObjectId::new_random(),
+            customer_ref: customer.customer_ref,
+            spec: spec.clone(),
+            key_version: 1,
+            wrapped_dek: vec![0x5A; 61],
+            nonce_prefix: [0; 7],
+            created_at_ms: at,
+            committed: false,
+        };
+        let object = ObjectRecord {
+            object_id: upload.object_id,
+            upload_id: upload.upload_id,
+            spec,
+            size: 1,
+            sha256: [1; 32],
+            created_at_ms: at,
+            retention: Retention { policy: "p".into(), expires_at_ms: Some(at) },
+            derived_from: None,
+        };
+        (upload, object)
+    }
+
+    /// What SQLite's single writer gives for free: concurrent first
+    /// ingests, sweeps on two replicas, and commits racing a shred neither
+    /// deadlock nor double-count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_serialise_like_sqlite() {
+        with_catalog(|catalog, admin, schema| async move {
+            let id = CustomerId::parse("crm:racer").unwrap();
+            let creates = (0..8).map(|i| {
+                let (catalog, id) = (catalog.clone(), id.clone());
+                tokio::spawn(async move {
+                    let customer = CustomerRecord {
+                        customer_ref: CustomerRef::new_random(),
+                        customer_id: id,
+                        state: CustomerState::Active,
+                        active_version: 1,
+                        canary: vec![i; 61],
+                        created_at_ms: 1,
+                    };
+                    let key = CustomerKeyRecord {
+                        customer_ref: customer.customer_ref,
+                        version: 1,
+                        root_key_id: "test".into(),
+                        wrapped_key: vec![i; 61],
+                    };
+                    catalog.create_customer(&customer, &key).await.unwrap()
+                })
+            });
+            let created = futures::future::join_all(creates).await;
+            let first = created[0].as_ref().unwrap().clone();
+            assert!(created.iter().all(|c| c.as_ref().unwrap() == &first), "one customer wins");
+            let keys: i64 =
+                admin.query_one(&format!("SELECT COUNT(*) FROM {schema}.customer_keys"), &[]).await.unwrap().get(0);
+            assert_eq!(keys, 1);
+
+            // Two sweeps at once take disjoint batches.
+            for at in 0..20 {
+                let (upload, object) = upload_for(&first, at);
+                catalog.create_upload(&upload).await.unwrap();
+                catalog.commit_upload(&object).await.unwrap();
+            }
+            let sweeps = (0..4).map(|_| {
+                let catalog = catalog.clone();
+                tokio::spawn(async move { catalog.expire_objects(1_000, 5).await.unwrap() })
+            });
+            let mut expired: Vec<ObjectId> = futures::future::join_all(sweeps)
+                .await
+                .into_iter()
+                .flat_map(|r| r.unwrap())
+                .map(|e| e.object_id)
+                .collect();
+            expired.extend(catalog.expire_objects(1_000, 100).await.unwrap().into_iter().map(|e| e.object_id));
+            let total = expired.len();
+            expired.sort();
+            expired.dedup();
+            assert_eq!((total, expired.len()), (20, 20), "every object expired exactly once");
+
+            // Commits racing a shred: each either lands before it (and is
+            // then destroyed with the customer) or is refused.
+            let pending: Vec<_> = (100..110).map(|at| upload_for(&first, at)).collect();
+            for (upload, _) in &pending {
+                catalog.create_upload(upload).await.unwrap();
+            }
+            let commits = pending.iter().map(|(_, object)| {
+                let (catalog, object) = (catalog.clone(), object.clone());
+                tokio::spawn(async move { catalog.commit_upload(&object).await })
+            });
+            let request = ShredRequest {
+                reason: "race".into(),
+                requested_by: "a".into(),
+                requested_at_ms: 1,
+                destroy_after_ms: 1,
+                requires_approval: false,
+            };
+            let shred = {
+                let (catalog, id) = (catalog.clone(), id.clone());
+                tokio::spawn(async move {
+                    catalog.request_shred(&id, &request).await?;
+                    catalog.destroy_customer_keys(&id, 2).await
+                })
+            };
+            for result in futures::future::join_all(commits).await {
+                match result.unwrap() {
+                    Ok(_) | Err(CatalogError::CustomerState(_)) | Err(CatalogError::NotFound) => {}
+                    Err(e) => panic!("a commit racing the shred failed otherwise: {e}"),
+                }
+            }
+            let ticket = shred.await.unwrap().unwrap();
+            let destroyed = ticket.destroyed.expect("destroyed");
+            let live: i64 = admin
+                .query_one(
+                    &format!(
+                        "SELECT COUNT(*) FROM {schema}.objects WHERE shredded = {LIVE} OR wrapped_dek IS NOT NULL"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(live, 0, "no object outlives the destroy with its data key");
+            let shredded: i64 = admin
+                .query_one(&format!("SELECT COUNT(*) FROM {schema}.objects WHERE shredded = {SHREDDED}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(destroyed.objects, shredded as u64, "the ticket counts what was destroyed");
+        })
+        .await;
+    }
 }
