@@ -315,7 +315,13 @@ impl PostgresCatalog {
             Err(e) => Err(pool_err(e)),
         };
         if let Err(e) = result {
-            tracing::warn!(tables, error = %e, "vacuum after erasure failed; dead tuples keep destroyed keys until autovacuum");
+            // The message is ours and the error has no DETAIL (see
+            // `backend`), so no key bytes can reach the log.
+            tracing::warn!(
+                tables,
+                error = %e,
+                "vacuum after erasure failed; dead tuples keep destroyed keys until autovacuum"
+            );
         }
     }
 }
@@ -604,7 +610,8 @@ impl Catalog for PostgresCatalog {
         let tx = client.transaction().await.map_err(backend)?;
         tx.execute(
             "INSERT INTO uploads
-             (upload_id, object_id, customer_ref, spec, key_version, wrapped_dek, nonce_prefix, created_at_ms, committed)
+             (upload_id, object_id, customer_ref, spec, key_version, wrapped_dek, nonce_prefix, created_at_ms,
+              committed)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE) ON CONFLICT DO NOTHING",
             &[
                 &upload_id,
@@ -683,7 +690,8 @@ impl Catalog for PostgresCatalog {
                 "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                      content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
                      started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+                         $20, $21)",
                 &[
                     &upload.object_id.to_string(),
                     &upload_id,
@@ -1102,7 +1110,8 @@ impl Catalog for PostgresCatalog {
         client
             .execute(
                 &format!(
-                    "UPDATE objects SET retention_policy = $2, expires_at_ms = $3 WHERE object_id = $1 AND shredded = {LIVE}"
+                    "UPDATE objects SET retention_policy = $2, expires_at_ms = $3
+                     WHERE object_id = $1 AND shredded = {LIVE}"
                 ),
                 &[
                     &id.to_string(),
