@@ -1,12 +1,13 @@
 //! Metadata and key store behind one trait: customers and their wrapped
 //! keys, uploads in progress, committed objects with their wrapped data keys.
 //!
-//! SQLite is the embedded default; the trait is shaped so PostgreSQL can
-//! implement it (every method is one transaction, no cursors held across
-//! calls). One conformance suite (`conformance`) runs against every
-//! implementation.
+//! SQLite is the embedded default; PostgreSQL (`postgres`) serves
+//! deployments that share one database between replicas. Every method is
+//! one transaction, no cursors held across calls. One conformance suite
+//! (`conformance`) runs against every implementation.
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -361,9 +361,7 @@ async fn state_table_every_rpc_in_every_state() {
                     })
                     .await
                     .map(drop),
-                "GetConsent" => {
-                    c.get_consent(pb::GetConsentRequest { customer_id: customer.clone() }).await.map(drop)
-                }
+                "GetConsent" => c.get_consent(pb::GetConsentRequest { customer_id: customer.clone() }).await.map(drop),
                 "ListAuditRecords (by customer)" => c
                     .list_audit_records(pb::ListAuditRecordsRequest {
                         customer_id: customer.clone(),
