@@ -11,7 +11,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use recvault::api::pb;
 use recvault::api::pb::recvault_client::RecvaultClient;
+use recvault::cli::BearerAuth;
 use recvault::config::Config;
+use recvault::model::Role;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -75,10 +77,11 @@ async fn main() {
     let cfg = Config { data_dir: dir.path().join("data"), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     let (parts, listener) = recvault::server::bind(&cfg).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let token = parts.auth.create_token("bench", "bench-ingest", &[Role::Ingest], false, None).await.unwrap();
     let serve_cfg = cfg.clone();
     tokio::spawn(async move { recvault::server::serve(&serve_cfg, parts, listener, std::future::pending()).await });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut client = RecvaultClient::new(channel);
+    let mut client = RecvaultClient::with_interceptor(channel, BearerAuth::new(Some(token.token.as_str())).unwrap());
 
     let (tx, rx) = mpsc::channel(8);
     let t = Instant::now();

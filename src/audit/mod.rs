@@ -426,9 +426,9 @@ impl AuditLog {
         self.inner.lock().expect("audit lock").head
     }
 
-    /// Whether a record of `action` for this customer with result `ok`
-    /// exists (steps recorded exactly once across crashes use this).
-    pub async fn recorded(&self, action: &'static str, customer: &CustomerId) -> Result<bool, Error> {
+    /// The first record of `action` for this customer with result `ok`, if
+    /// any (steps recorded exactly once across crashes use this).
+    pub async fn find(&self, action: &'static str, customer: &CustomerId) -> Result<Option<Head>, Error> {
         let this = self.clone();
         let customer = customer.to_string();
         tokio::task::spawn_blocking(move || {
@@ -436,10 +436,12 @@ impl AuditLog {
             inner
                 .conn
                 .query_row(
-                    "SELECT EXISTS (SELECT 1 FROM records WHERE action = ?1 AND customer_id = ?2 AND result = 'ok')",
+                    "SELECT seq, hash FROM records WHERE action = ?1 AND customer_id = ?2 AND result = 'ok'
+                     ORDER BY seq LIMIT 1",
                     params![action, customer],
-                    |r| r.get::<_, bool>(0),
+                    |r| Ok(Head { seq: r.get::<_, i64>(0)? as u64, hash: hash_col(r, 1)? }),
                 )
+                .optional()
                 .map_err(unavailable)
         })
         .await

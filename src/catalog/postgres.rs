@@ -35,10 +35,11 @@ use crate::model::{
 /// keys are `STORAGE PLAIN`: never compressed nor moved out of line, so no
 /// copy of one lands in a TOAST table that the shred's VACUUM would have to
 /// reach separately.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial catalog",
-    r#"
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial catalog",
+        r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BYTEA NOT NULL
@@ -148,7 +149,25 @@ CREATE INDEX objects_by_interaction ON objects(interaction_id, created_at_ms DES
 CREATE INDEX objects_by_expiry ON objects(expires_at_ms) WHERE shredded = 0;
 CREATE INDEX objects_by_customer_ref ON objects(customer_ref);
 "#,
-)];
+    ),
+    (
+        2,
+        "bearer tokens",
+        r#"
+CREATE TABLE tokens (
+    token_id      TEXT COLLATE "C" PRIMARY KEY,
+    name          TEXT NOT NULL,
+    roles         TEXT NOT NULL,
+    unredacted    BOOLEAN NOT NULL,
+    secret_sha256 BYTEA NOT NULL,
+    created_by    TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT,
+    revoked_at_ms BIGINT
+);
+"#,
+    ),
+];
 
 const LIVE: i16 = 0;
 const SHREDDED: i16 = 1;
