@@ -1,4 +1,4 @@
-//! Silencing of marked-sensitive spans of call audio in any byte window of the plaintext, without a second copy.
+//! Silences marked-sensitive spans of call audio in any byte window of the plaintext, in place.
 //!
 //! Playback is served by byte range, so a span (in milliseconds) is mapped to
 //! the bytes of the frames it touches and those bytes are overwritten with the
@@ -485,7 +485,9 @@ mod tests {
     fn object(header: &[u8], data_bytes: usize, trailer: &[u8]) -> Vec<u8> {
         let mut o = header.to_vec();
         o.extend(
-            (0..data_bytes).map(|i| (i % 251) as u8 | 0x01).map(|b| if b == 0x80 || b == 0xFF { 0x11 } else { b }),
+            (0..data_bytes)
+                .map(|i| (i % 251) as u8 | 0x01)
+                .map(|b| if matches!(b, 0x80 | 0xD5 | 0xFF) { 0x11 } else { b }),
         );
         o.extend_from_slice(trailer);
         o
