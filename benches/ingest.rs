@@ -77,7 +77,7 @@ async fn main() {
     let cfg = Config { data_dir: dir.path().join("data"), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     let (parts, listener) = recvault::server::bind(&cfg).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let token = parts.auth.create_token("bench", "bench-ingest", &[Role::Ingest], false, None).await.unwrap();
+    let token = parts.auth.create_token("bench", "bench", &[Role::Ingest, Role::Coach], false, None).await.unwrap();
     let serve_cfg = cfg.clone();
     tokio::spawn(async move { recvault::server::serve(&serve_cfg, parts, listener, std::future::pending()).await });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
@@ -135,7 +135,11 @@ async fn main() {
 
     let t = Instant::now();
     let mut stream = client
-        .get(pb::GetRequest { object_id: info.object_id.clone(), ..Default::default() })
+        .get(pb::GetRequest {
+            object_id: info.object_id.clone(),
+            purpose: pb::Purpose::QualityReview as i32,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -31,6 +31,7 @@ pub struct Config {
     /// proxy, say). Loopback is always allowed.
     pub allow_plaintext: bool,
     pub auth: AuthSection,
+    pub catalog: CatalogSection,
     pub ingest: IngestSection,
     pub retention: RetentionSection,
     pub consent: ConsentSection,
@@ -50,6 +51,62 @@ pub struct TlsSection {
     pub client_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub require_client_cert: bool,
+}
+
+/// Where metadata and wrapped keys live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogSection {
+    /// `sqlite` (catalog.sqlite in the data directory) or `postgres`
+    /// (shared by replicas; docs/POSTGRES.md).
+    pub backend: CatalogBackend,
+    /// PostgreSQL connection string ("host=db user=recvault dbname=recvault").
+    /// Prefer `url_file` when it carries a password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A file holding the connection string; refused if group or others can
+    /// read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+    /// PostgreSQL schema holding recvault's tables (created if missing).
+    pub schema: String,
+}
+
+impl Default for CatalogSection {
+    fn default() -> Self {
+        Self { backend: CatalogBackend::Sqlite, url: None, url_file: None, schema: "recvault".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogBackend {
+    Sqlite,
+    Postgres,
+}
+
+impl CatalogSection {
+    /// The PostgreSQL connection string, read from `url_file` if given.
+    pub fn connection_string(&self) -> anyhow::Result<zeroize::Zeroizing<String>> {
+        match (&self.url, &self.url_file) {
+            (Some(u), None) => Ok(zeroize::Zeroizing::new(u.clone())),
+            (None, Some(path)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta =
+                    std::fs::metadata(path).map_err(|e| anyhow::anyhow!("catalog.url_file {}: {e}", path.display()))?;
+                anyhow::ensure!(
+                    meta.permissions().mode() & 0o077 == 0,
+                    "catalog.url_file {} is readable by group or others; run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                );
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("catalog.url_file {}: {e}", path.display()))?;
+                Ok(zeroize::Zeroizing::new(text.trim().to_owned()))
+            }
+            _ => anyhow::bail!("catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +257,7 @@ impl Default for Config {
             tls: None,
             allow_plaintext: false,
             auth: AuthSection::default(),
+            catalog: CatalogSection::default(),
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
             consent: ConsentSection::default(),
@@ -244,6 +302,12 @@ impl Config {
             anyhow::ensure!(
                 !t.require_client_cert || t.client_ca_file.is_some(),
                 "tls.require_client_cert needs tls.client_ca_file (the CA that signs client certificates)"
+            );
+        }
+        if self.catalog.backend == CatalogBackend::Postgres {
+            anyhow::ensure!(
+                self.catalog.url.is_some() != self.catalog.url_file.is_some(),
+                "catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"
             );
         }
         for c in &self.auth.certificates {

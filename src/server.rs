@@ -16,9 +16,10 @@ use crate::api::{self, MAX_CHUNK, pb};
 use crate::audit::{Actor, AuditLog};
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
+use crate::catalog::postgres::PostgresCatalog;
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{CatalogBackend, Config};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::keys::KeyService;
 use crate::keys::root_file::FileRootKey;
@@ -69,10 +70,20 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     let data = &cfg.data_dir;
     ensure_private_dir(data)?;
     let root = FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let catalog: Arc<dyn Catalog> = Arc::new(
-        SqliteCatalog::open(&data.join("catalog.sqlite"))
-            .map_err(|e| anyhow::anyhow!("cannot open the catalog: {e}"))?,
-    );
+    let catalog: Arc<dyn Catalog> = match cfg.catalog.backend {
+        CatalogBackend::Sqlite => Arc::new(
+            SqliteCatalog::open(&data.join("catalog.sqlite"))
+                .map_err(|e| anyhow::anyhow!("cannot open the catalog: {e}"))?,
+        ),
+        CatalogBackend::Postgres => {
+            let url = cfg.catalog.connection_string()?;
+            Arc::new(
+                PostgresCatalog::connect(&url, &cfg.catalog.schema)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL catalog: {e}"))?,
+            )
+        }
+    };
     let keys = Arc::new(
         KeyService::unseal(Arc::new(root), catalog.clone())
             .await

@@ -4,6 +4,7 @@ mod access;
 mod audit;
 mod common;
 mod grpc;
+mod postgres;
 mod process;
 mod retention;
 mod vectors;
