@@ -7,6 +7,8 @@
 //! about [`READ_BATCH`] bytes. Nothing is returned before it is
 //! authenticated; every integrity failure is the same opaque error.
 
+pub mod redact;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
