@@ -5,17 +5,22 @@
 //! an ASCII byte, so spans are always char boundaries and the text between placeholders is copied byte for byte.
 //!
 //! Trade-offs, in order of what a leak costs:
-//! - Cards win every tie. Any run of 13–19 digits (with or without space/dash groups in the usual 4-4-4-4,
-//!   4-6-5 or 4-6-4 shapes, or any grouping behind a known issuer prefix) that passes Luhn is masked, even
-//!   when it was an order number: about one in ten random 16-digit numbers passes Luhn, and masking those is
-//!   the price of never showing a PAN to a coach. A phone number written as one long digit run can therefore
-//!   come out as `[card]` instead of `[phone]`; it is masked either way.
+//! - Cards win every tie. Any run of 13–19 digits (unbroken, or split by spaces, dashes, dots or slashes in
+//!   the usual 4-4-4-4, 4-6-5 or 4-6-4 shapes, or in any grouping behind a known issuer prefix) that passes
+//!   Luhn is masked, even when it was an order number or an IMEI (which uses Luhn too): about one in ten
+//!   random 16-digit numbers passes Luhn, and masking those is the price of never showing a PAN to a coach.
+//!   A phone number written as one long digit run can therefore come out as `[card]` instead of `[phone]`;
+//!   it is masked either way.
 //! - Phones are the least structured kind, so they need a shape: a `+` or `00` international prefix, a
 //!   parenthesised area code, a national trunk `0`, the North American 3-3-4 layout, or Iberian 9-digit
 //!   layouts. Dates (2026-11-25, 25.11.2026), times, amounts, version strings, IP addresses, postcodes and
 //!   numbers glued to letters (`ORD-2026-118842`) are rejected; a number right after words like "order",
 //!   "invoice", "tracking" or "Bestellung" is not taken as a domestic phone. Unusual domestic layouts
-//!   without any of these cues are missed rather than guessed.
+//!   (`21 123 4567`, a bare 7-digit `555 0132`) are missed unless a word like "call" or "Telefon" comes
+//!   right before them; a bare `0` plus 9–11 digits is taken as a trunk-prefixed phone even if it was a
+//!   reference nobody labelled.
+//! - E-mail addresses must be written out with ASCII domains: `jane at example dot com` and IDN domains
+//!   (`müller.de`) are missed.
 //! - IBANs (either case) must pass mod-97; national ids must pass their check digits where they have
 //!   them (CPF, DNI/NIE) and the issuing rules where they do not (SSN ranges, NI prefixes).
 
@@ -381,70 +386,26 @@ fn find_cards(bytes: &[u8], chunk: &Chunk, found: &mut Vec<Span>) {
 // ---------------------------------------------------------------------------------------------------------
 // Phones.
 
-/// Words after which a bare number is a reference, not a phone (English, German, Portuguese, French, Spanish).
+/// Words right before a number that make it a reference, not a phone (English, German, Portuguese, French,
+/// Spanish). Specific phrases rather than bare words, so "customer service on 0800 ..." stays a phone.
+#[rustfmt::skip]
 const NOT_PHONE_CUES: &[&str] = &[
-    "order",
-    "invoice",
-    "tracking",
-    "ticket",
-    "case",
-    "ref",
-    "account",
-    "customer",
-    "parcel",
-    "serial",
-    "bestell",
-    "rechnung",
-    "sendung",
-    "kunden",
-    "auftrag",
-    "pedido",
-    "fatura",
-    "factura",
-    "encomenda",
-    "commande",
-    "facture",
-    "colis",
-    "suivi",
-    "dossier",
-    "nº",
-    "no.",
-    "#",
-    "version",
-    "build",
+    "order", "invoice", "tracking", "ticket", "case no", "case number", "case #", "ref ", "ref.", "ref:",
+    "reference", "referencia", "référence", "réf", "account no", "account number", "customer no",
+    "customer number", "parcel", "serial", "imei", "bestell", "rechnung", "sendung", "kundennummer", "kunden-nr",
+    "auftrag", "steuer", "pedido", "fatura", "factura", "encomenda", "protocolo", "commande", "facture", "colis",
+    "suivi", "dossier", "nº", "n°", "no.", "nr.", "#", "version", "build",
 ];
 
+/// How close a reference cue must be to the number to count (bytes): "order ... call me on 0161 ..." is a phone.
+const REFERENCE_REACH: usize = 24;
+
 /// Words after which a bare digit run is a phone.
+#[rustfmt::skip]
 const PHONE_CUES: &[&str] = &[
-    "phone",
-    "call",
-    "mobile",
-    "cell",
-    "tel",
-    "tél",
-    "whatsapp",
-    "sms",
-    "text me",
-    "fax",
-    "handy",
-    "rufnummer",
-    "erreichen",
-    "telemóvel",
-    "telemovel",
-    "número",
-    "numero",
-    "celular",
-    "móvil",
-    "movil",
-    "llam",
-    "ligue",
-    "ligar",
-    "contacto",
-    "contato",
-    "portable",
-    "appel",
-    "numéro",
-    "joindre",
+    "phone", "call", "mobile", "cell", "tel", "tél", "whatsapp", "sms", "text me", "fax", "handy", "rufnummer",
+    "erreichen", "telemóvel", "telemovel", "número", "numero", "celular", "móvil", "movil", "llam", "ligue",
+    "ligar", "contacto", "contato", "portable", "appel", "numéro", "joindre",
 ];
 
 /// Where the last of `cues` ends in `context`, so the cue nearest the number decides ("número do pedido").
@@ -488,7 +449,7 @@ fn find_phone(bytes: &[u8], chunk: &Chunk, found: &mut Vec<Span>) {
     } else {
         let context = text_before(bytes, start, 40);
         let cue = last_cue(&context, PHONE_CUES);
-        let reference = last_cue(&context, NOT_PHONE_CUES) > cue;
+        let reference = last_cue(&context, NOT_PHONE_CUES).filter(|&at| at + REFERENCE_REACH >= context.len()) > cue;
         let cued = cue.is_some() && !reference;
         let shaped = (paren && (7..=12).contains(&n))
             // National trunk prefix (UK 07700 900123, DE 030 12345678, FR 01 23 45 67 89, PT/ES do not use one).
@@ -799,6 +760,10 @@ mod tests {
             ("dni 12345678Z", "dni [national-id]"),
             ("on 2026-11-25 at 14:30", "on 2026-11-25 at 14:30"),
             ("total 1,234.56", "total 1,234.56"),
+            ("customer service on 0800 123 4567", "customer service on [phone]"),
+            ("order 0161 496 0000 arrived", "order 0161 496 0000 arrived"),
+            ("order 7712, but call me on 0161 496 0000", "order 7712, but call me on [phone]"),
+            ("version 2.14.3, build 10.0.19045.2965", "version 2.14.3, build 10.0.19045.2965"),
             ("card 4111 1111 1111 1112 is not Luhn", "card 4111 1111 1111 1112 is not Luhn"),
             ("ssn 666-45-6789 000-45-6789 900-45-6789", "ssn 666-45-6789 000-45-6789 900-45-6789"),
             ("iban DE88 3704 0044 0532 0130 00", "iban DE88 3704 0044 0532 0130 00"),
@@ -897,10 +862,19 @@ mod tests {
         }
 
         #[test]
-        fn embedded_cards_are_masked(prefix in "[a-z0-9 .:-]{0,12}", body in "[0-9]{12,18}", suffix in "[a-z0-9 .:-]{0,12}") {
+        fn embedded_cards_are_masked(
+            prefix in "[a-z0-9 .:-]{0,12}",
+            body in "[0-9]{12,18}",
+            suffix in "[a-z0-9 .:-]{0,12}",
+        ) {
             // Complete `body` to a Luhn-valid number and write it in groups of four.
             let mut digits: Vec<u8> = body.bytes().map(|b| b - b'0').collect();
-            let check = (0..10).find(|&c| { let mut d = digits.clone(); d.push(c); luhn(&d) }).unwrap_or(0);
+            let check = (0..10).find(|&c| {
+                let mut d = digits.clone();
+                d.push(c);
+                luhn(&d)
+            });
+            let check = check.unwrap_or(0);
             digits.push(check);
             let card: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
             let grouped: Vec<&str> = card.as_bytes().chunks(4).map(|c| std::str::from_utf8(c).unwrap()).collect();
