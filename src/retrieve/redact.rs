@@ -610,7 +610,7 @@ fn dni_letter(d: &[u8], mut j: usize, bytes: &[u8]) -> Option<usize> {
 fn find_emails(bytes: &[u8], found: &mut Vec<Span>) {
     let local = |b: u8| is_alnum(b) || b"._%+-'".contains(&b);
     let domain = |b: u8| is_alnum(b) || b == b'.' || b == b'-';
-    for at in memchr_all(bytes, b'@') {
+    for at in positions_of(bytes, b'@') {
         // RFC 5321 limits: 64 bytes of local part, 255 of domain; the bounds also keep `a@a@a@...` linear.
         let mut start = at;
         while start > 0 && at - start < 64 && local(bytes[start - 1]) {
@@ -640,7 +640,7 @@ fn find_emails(bytes: &[u8], found: &mut Vec<Span>) {
     }
 }
 
-fn memchr_all(bytes: &[u8], needle: u8) -> impl Iterator<Item = usize> + '_ {
+fn positions_of(bytes: &[u8], needle: u8) -> impl Iterator<Item = usize> + '_ {
     bytes.iter().enumerate().filter(move |(_, b)| **b == needle).map(|(i, _)| i)
 }
 
@@ -685,15 +685,16 @@ fn iban_valid(chars: &[u8]) -> bool {
 fn find_ibans(bytes: &[u8], found: &mut Vec<Span>) {
     for i in 0..bytes.len().saturating_sub(4) {
         // Customers type IBANs in lower case too; mod-97 keeps that from matching ordinary words.
-        let head = bytes[i..i + 4].to_ascii_uppercase();
-        if !(head[0].is_ascii_uppercase()
-            && head[1].is_ascii_uppercase()
+        let head = &bytes[i..i + 4];
+        if !(head[0].is_ascii_alphabetic()
+            && head[1].is_ascii_alphabetic()
             && head[2].is_ascii_digit()
             && head[3].is_ascii_digit())
             || before(bytes, i).is_some_and(is_alnum)
         {
             continue;
         }
+        let head = head.to_ascii_uppercase();
         // Collect up to 34 IBAN chars, allowing one space (or dash) between them as printed in groups of four.
         let mut chars = head.clone();
         let mut ends = vec![i + 1, i + 2, i + 3, i + 4];
