@@ -7,6 +7,7 @@
 //! about [`READ_BATCH`] bytes. Nothing is returned before it is
 //! authenticated; every integrity failure is the same opaque error.
 
+pub mod redact;
 pub mod silence;
 
 use std::sync::Arc;
