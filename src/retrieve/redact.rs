@@ -330,7 +330,7 @@ fn luhn(digits: &[u8]) -> bool {
             if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d }
         })
         .sum();
-    sum.is_multiple_of(10)
+    sum % 10 == 0
 }
 
 /// Issuer prefixes of the common schemes (Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay, Maestro),
@@ -525,9 +525,7 @@ fn find_lettered_ids(bytes: &[u8], found: &mut Vec<Span>) {
         }
         let end = if bytes[i].is_ascii_alphabetic() { nino_at(bytes, i).or_else(|| nie_at(bytes, i)) } else { None };
         let end = end.or_else(|| if bytes[i].is_ascii_digit() { dni_at(bytes, i) } else { None });
-        if let Some(end) = end
-            && !bytes.get(end).is_some_and(|&b| is_alnum(b))
-        {
+        if let Some(end) = end.filter(|&end| !bytes.get(end).is_some_and(|&b| is_alnum(b))) {
             found.push(Span { kind: Kind::NationalId, start: i, end });
         }
     }
