@@ -94,6 +94,7 @@ async fn main() {
                 kind: pb::ContentKind::CallRecording as i32,
                 content_type: "audio/wav".into(),
                 interaction: None,
+                sensitive_spans: Vec::new(),
             }),
         })),
     })

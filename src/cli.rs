@@ -63,6 +63,15 @@ pub enum Command {
     /// A customer's consent to training use (coaching, quality review).
     #[command(subcommand)]
     Consent(ConsentCmd),
+    /// Mark time spans of a call recording sensitive: silenced for coaches.
+    MarkSensitive {
+        object_id: String,
+        /// START-END in milliseconds (repeatable).
+        #[arg(long = "span", value_parser = parse_span, required = true)]
+        spans: Vec<pb::TimeSpan>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Bearer tokens (role admin): create, revoke, list.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -248,6 +257,10 @@ pub struct PutArgs {
     /// Upload id to resume or retry an earlier put (default: a new one).
     #[arg(long)]
     pub upload_id: Option<String>,
+    /// A time span of the recording coaches must not hear, START-END in
+    /// milliseconds (repeatable), e.g. a card number read out.
+    #[arg(long = "sensitive", value_parser = parse_span)]
+    pub sensitive: Vec<pb::TimeSpan>,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -507,6 +520,16 @@ fn parse_purpose(s: &str) -> Result<crate::model::Purpose, String> {
         .ok_or_else(|| format!("unknown purpose {s:?}: use coaching, quality-review, legal or data-subject-request"))
 }
 
+fn parse_span(s: &str) -> Result<pb::TimeSpan, String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("span {s:?}: write START-END in milliseconds"))?;
+    let num = |v: &str| v.trim().parse::<u64>().map_err(|_| format!("span {s:?}: {v:?} is not a number of ms"));
+    let (start_ms, end_ms) = (num(a)?, num(b)?);
+    if end_ms <= start_ms {
+        return Err(format!("span {s:?}: the end must be after the start"));
+    }
+    Ok(pb::TimeSpan { start_ms, end_ms })
+}
+
 fn parse_role(s: &str) -> Result<crate::model::Role, String> {
     crate::model::Role::from_name(s)
         .ok_or_else(|| format!("unknown role {s:?}: use ingest, coach, retention, admin or auditor"))
@@ -649,6 +672,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(c) => audit(c).await,
         Command::Consent(c) => consent(c).await,
         Command::Token(c) => token(c).await,
+        Command::MarkSensitive { object_id, spans, server } => {
+            let info = connect(&server)
+                .await?
+                .mark_sensitive(pb::MarkSensitiveRequest { object_id, spans })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for s in &info.sensitive_spans {
+                println!("{}-{}", s.start_ms, s.end_ms);
+            }
+            Ok(())
+        }
         Command::Whoami(s) => whoami(s).await,
     }
 }
@@ -795,6 +830,7 @@ async fn put(a: PutArgs) -> anyhow::Result<()> {
             started_at: None,
             tags: a.tags.iter().cloned().collect(),
         }),
+        sensitive_spans: a.sensitive.clone(),
     };
     let bar = if std::io::stderr().is_terminal() && size >= 8 << 20 {
         let bar = indicatif::ProgressBar::new(size);

@@ -366,6 +366,51 @@ pub struct ObjectSpec {
     /// Normalised MIME type (lowercase essence, parameters kept).
     pub content_type: String,
     pub interaction: Interaction,
+    /// Time spans of a recording that coaches must not hear (a card number
+    /// read out): silenced on playback without the unredacted grant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive_spans: Vec<TimeSpan>,
+}
+
+/// A half-open span of a recording's time line, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TimeSpan {
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// Most sensitive spans one object may carry.
+pub const MAX_SENSITIVE_SPANS: usize = 1000;
+
+impl TimeSpan {
+    /// Checks spans from a caller: each ends after it starts, and there are
+    /// not too many.
+    pub fn validate(spans: &[TimeSpan]) -> Result<(), InvalidInput> {
+        if spans.len() > MAX_SENSITIVE_SPANS {
+            return Err(invalid(format!("at most {MAX_SENSITIVE_SPANS} sensitive spans per object")));
+        }
+        if let Some(bad) = spans.iter().find(|s| s.end_ms <= s.start_ms) {
+            return Err(invalid(format!(
+                "a sensitive span must end after it starts (got {}..{} ms)",
+                bad.start_ms, bad.end_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The union of two span lists, sorted, overlapping spans merged.
+    pub fn merge(a: &[TimeSpan], b: &[TimeSpan]) -> Vec<TimeSpan> {
+        let mut all: Vec<TimeSpan> = a.iter().chain(b).copied().collect();
+        all.sort();
+        let mut out: Vec<TimeSpan> = Vec::with_capacity(all.len());
+        for s in all {
+            match out.last_mut() {
+                Some(last) if s.start_ms <= last.end_ms => last.end_ms = last.end_ms.max(s.end_ms),
+                _ => out.push(s),
+            }
+        }
+        out
+    }
 }
 
 /// A committed object as the catalog knows it.
@@ -578,6 +623,7 @@ mod tests {
             kind: ContentKind::CallRecording,
             content_type: "audio/wav".into(),
             interaction: Interaction::default(),
+            sensitive_spans: Vec::new(),
         };
         let day = 86_400_000;
         assert_eq!(
@@ -593,6 +639,15 @@ mod tests {
         assert!(p("", ContentKind::Image, 1).validate().is_err());
         assert!(p("x", ContentKind::Image, 0).validate().is_err());
         assert!(p("x", ContentKind::Image, 1).validate().is_ok());
+    }
+
+    #[test]
+    fn sensitive_spans_merge_and_validate() {
+        let s = |a, b| TimeSpan { start_ms: a, end_ms: b };
+        assert_eq!(TimeSpan::merge(&[s(5, 9), s(0, 2)], &[s(8, 12), s(20, 21)]), vec![s(0, 2), s(5, 12), s(20, 21)]);
+        assert!(TimeSpan::validate(&[s(1, 2)]).is_ok());
+        assert!(TimeSpan::validate(&[s(2, 2)]).is_err());
+        assert!(TimeSpan::validate(&vec![s(1, 2); MAX_SENSITIVE_SPANS + 1]).is_err());
     }
 
     #[test]

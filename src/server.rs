@@ -26,7 +26,7 @@ use crate::keys::root_file::FileRootKey;
 use crate::retention::certificate::SigningKey;
 use crate::retention::policy::Policies;
 use crate::retention::{Retention, RetentionConfig, RetentionDeps};
-use crate::retrieve::Retrieve;
+use crate::retrieve::{Retrieve, RetrieveDeps};
 use crate::revocation::Revocations;
 use crate::store::Store;
 
@@ -109,13 +109,16 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     let ingest =
         Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone(), audit.clone());
     let retrieve = Arc::new(Retrieve::new(
-        catalog.clone(),
-        keys.clone(),
-        store.clone(),
-        revocations.clone(),
-        audit.clone(),
+        RetrieveDeps {
+            catalog: catalog.clone(),
+            keys: keys.clone(),
+            store: store.clone(),
+            revocations: revocations.clone(),
+            audit: audit.clone(),
+            clock: clock.clone(),
+            ingest: ingest.clone(),
+        },
         cfg.consent.default_training_use == crate::config::TrainingUse::Allow,
-        clock.clone(),
     ));
     let r = &cfg.retention;
     let retention = Arc::new(Retention::new(

@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::ingest::{ClientMsg, Ingest, ServerMsg};
 use crate::model::{
     ContentKind, CustomerId, Direction, Hold, HoldId, Interaction, InvalidInput, ObjectId, ObjectRecord, ObjectSpec,
-    Purpose, RetentionPolicy, Role, TokenRecord, UploadId,
+    Purpose, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
 use crate::retention::{Retention, ShredStatus, SweepReport};
 use crate::retrieve::{ByteRange, Retrieve};
@@ -201,6 +201,7 @@ fn parse_spec(spec: Option<pb::ObjectSpec>) -> Result<ObjectSpec, Error> {
     let spec = spec.ok_or_else(|| Error::Invalid("spec is required (customer_id, kind, content_type)".into()))?;
     let customer_id = CustomerId::parse(&spec.customer_id).map_err(|e| field("customer_id", e))?;
     let kind = parse_kind(spec.kind, "kind")?;
+    let sensitive_spans = spec.sensitive_spans.iter().map(time_span).collect();
     let i = spec.interaction.unwrap_or_default();
     let interaction = Interaction {
         interaction_id: i.interaction_id,
@@ -211,7 +212,15 @@ fn parse_spec(spec: Option<pb::ObjectSpec>) -> Result<ObjectSpec, Error> {
         started_at_ms: i.started_at.as_ref().map(ts_to_ms),
         tags: i.tags.into_iter().collect::<BTreeMap<_, _>>(),
     };
-    Ok(ObjectSpec { customer_id, kind, content_type: spec.content_type, interaction })
+    Ok(ObjectSpec { customer_id, kind, content_type: spec.content_type, interaction, sensitive_spans })
+}
+
+fn time_span(s: &pb::TimeSpan) -> TimeSpan {
+    TimeSpan { start_ms: s.start_ms, end_ms: s.end_ms }
+}
+
+fn span_info(s: &TimeSpan) -> pb::TimeSpan {
+    pb::TimeSpan { start_ms: s.start_ms, end_ms: s.end_ms }
 }
 
 fn parse_sha(b: &[u8]) -> Result<Option<[u8; 32]>, Error> {
@@ -267,6 +276,7 @@ pub fn object_info(o: &ObjectRecord) -> pb::ObjectInfo {
         expires_at: o.retention.expires_at_ms.map(ms_to_ts),
         retention_policy: o.retention.policy.clone(),
         derived_from: o.derived_from.map(|d| d.to_string()).unwrap_or_default(),
+        sensitive_spans: o.spec.sensitive_spans.iter().map(span_info).collect(),
     }
 }
 
@@ -445,7 +455,8 @@ impl pb::recvault_server::Recvault for Service {
             return Err(to_status(e));
         }
         let range = req.range.map(|r| ByteRange { start: r.start, end: r.end }).unwrap_or_default();
-        let (record, chunks) = self.retrieve.read(&caller, purpose, &id, range).await.map_err(to_status)?;
+        let (record, chunks) =
+            self.retrieve.read(&caller, purpose, &id, range, !principal.unredacted).await.map_err(to_status)?;
         let first = pb::GetResponse { info: Some(object_info(&record)), offset: range.start, data: Bytes::new() };
         let rest =
             chunks.map(|c| c.map(|(offset, data)| pb::GetResponse { info: None, offset, data }).map_err(to_status));
@@ -472,6 +483,20 @@ impl pb::recvault_server::Recvault for Service {
             objects: page.objects.iter().map(object_info).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
         }))
+    }
+
+    async fn mark_sensitive(
+        &self,
+        request: Request<pb::MarkSensitiveRequest>,
+    ) -> Result<Response<pb::ObjectInfo>, Status> {
+        let (caller, _) = self.authorize(&request, Rpc::MarkSensitive).await?;
+        let req = request.into_inner();
+        let run = async {
+            let id = parse_object_id(&req.object_id)?;
+            let spans: Vec<TimeSpan> = req.spans.iter().map(time_span).collect();
+            self.retrieve.mark_sensitive(&caller, &id, &spans).await
+        };
+        Ok(Response::new(object_info(&run.await.map_err(to_status)?)))
     }
 
     async fn shred_customer(

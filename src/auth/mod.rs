@@ -28,6 +28,7 @@ pub enum Rpc {
     Stat,
     Get,
     List,
+    MarkSensitive,
     ShredCustomer,
     ApproveShred,
     CancelShred,
@@ -50,12 +51,13 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 24] = [
+    pub const ALL: [Rpc; 25] = [
         Self::Ingest,
         Self::Put,
         Self::Stat,
         Self::Get,
         Self::List,
+        Self::MarkSensitive,
         Self::ShredCustomer,
         Self::ApproveShred,
         Self::CancelShred,
@@ -85,6 +87,7 @@ impl Rpc {
             Self::Stat => "Stat",
             Self::Get => "Get",
             Self::List => "List",
+            Self::MarkSensitive => "MarkSensitive",
             Self::ShredCustomer => "ShredCustomer",
             Self::ApproveShred => "ApproveShred",
             Self::CancelShred => "CancelShred",
@@ -115,12 +118,13 @@ pub fn allowed(role: Role, rpc: Rpc) -> bool {
     use Rpc::*;
     match role {
         // Upload only: not even metadata of what was stored.
-        Role::Ingest => matches!(rpc, Ingest | Put | WhoAmI),
-        Role::Coach => matches!(rpc, Stat | Get | List | GetConsent | WhoAmI),
+        Role::Ingest => matches!(rpc, Ingest | Put | MarkSensitive | WhoAmI),
+        Role::Coach => matches!(rpc, Stat | Get | List | MarkSensitive | GetConsent | WhoAmI),
         // Metadata, policies, holds, shreds and consent; never content.
         Role::Retention => matches!(
             rpc,
             Stat | List
+                | MarkSensitive
                 | ShredCustomer
                 | ApproveShred
                 | CancelShred

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Hold, HoldId, Interaction, ObjectId, ObjectRecord, ObjectSpec,
-    Retention, RetentionPolicy, Role, TokenRecord, UploadId,
+    Retention, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
 
 fn spec(customer: &str, interaction: &str) -> ObjectSpec {
@@ -23,6 +23,7 @@ fn spec(customer: &str, interaction: &str) -> ObjectSpec {
             tags: [("lang".to_string(), "en".to_string())].into(),
             ..Default::default()
         },
+        sensitive_spans: Vec::new(),
     }
 }
 
@@ -255,6 +256,14 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert!(upload.spec.interaction.tags.is_empty(), "the upload row is scrubbed too");
     assert_eq!(cat.expired_objects(None, 10).await.unwrap(), vec![a2.object_id]);
     assert!(cat.list_objects(&only_alice, None, 10).await.unwrap().iter().all(|o| o.object_id != a2.object_id));
+    // Sensitive spans merge; an erased object takes none.
+    let span = |a, b| TimeSpan { start_ms: a, end_ms: b };
+    assert_eq!(cat.add_sensitive_spans(&a3.object_id, &[span(5, 9)]).await.unwrap(), vec![span(5, 9)]);
+    let merged = cat.add_sensitive_spans(&a3.object_id, &[span(8, 12), span(0, 1)]).await.unwrap();
+    assert_eq!(merged, vec![span(0, 1), span(5, 12)]);
+    assert_eq!(cat.object(&a3.object_id).await.unwrap().unwrap().record.spec.sensitive_spans, merged);
+    assert!(matches!(cat.add_sensitive_spans(&a2.object_id, &[span(0, 1)]).await, Err(CatalogError::NotFound)));
+    assert!(tomb.record.spec.sensitive_spans.is_empty());
     // Re-fixing retention moves a3's expiry out.
     cat.set_retention(&a3.object_id, &Retention { policy: "chats".into(), expires_at_ms: Some(99_999) }).await.unwrap();
     assert_eq!(cat.object(&a3.object_id).await.unwrap().unwrap().record.retention.expires_at_ms, Some(99_999));

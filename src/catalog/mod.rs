@@ -13,8 +13,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::model::{
-    Consent, CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, TokenRecord,
-    UploadId,
+    Consent, CustomerId, CustomerRef, Hold, HoldId, ObjectId, ObjectRecord, ObjectSpec, RetentionPolicy, TimeSpan,
+    TokenRecord, UploadId,
 };
 
 /// Lifecycle of a customer's keys, mirroring KMS key deletion states.
@@ -288,6 +288,9 @@ pub trait Catalog: Send + Sync + 'static {
     /// Deletes a policy (`NotFound` if absent; `Conflict` if it comes from
     /// the config file and `from_config` is false).
     async fn delete_policy(&self, name: &str, from_config: bool) -> Result<(), CatalogError>;
+    /// Adds sensitive spans to a live object (merged with those it has) and
+    /// returns them all; `NotFound` for an unknown or erased object.
+    async fn add_sensitive_spans(&self, id: &ObjectId, spans: &[TimeSpan]) -> Result<Vec<TimeSpan>, CatalogError>;
     /// Re-fixes the expiry of a live object (a `--reapply`).
     async fn set_retention(&self, id: &ObjectId, retention: &crate::model::Retention) -> Result<(), CatalogError>;
 

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
-    ObjectSpec, Retention, RetentionPolicy, Role, TokenRecord, UploadId,
+    ObjectSpec, Retention, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
 
 /// Versioned migrations, applied in order at `connect` and recorded in
@@ -152,8 +152,9 @@ CREATE INDEX objects_by_customer_ref ON objects(customer_ref);
     ),
     (
         2,
-        "bearer tokens",
+        "bearer tokens, sensitive spans",
         r#"
+ALTER TABLE objects ADD COLUMN sensitive_spans TEXT;
 CREATE TABLE tokens (
     token_id      TEXT COLLATE "C" PRIMARY KEY,
     name          TEXT NOT NULL,
@@ -177,7 +178,7 @@ const EXPIRED: i16 = 2;
 /// id, upload id, customer, kind and times).
 const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
      sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
-     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL";
+     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL, sensitive_spans = NULL";
 
 /// Objects no active hold covers (`o` is the objects row).
 const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
@@ -186,7 +187,7 @@ const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \
      o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek, o.retention_policy, o.expires_at_ms, \
-     o.expired_at_ms, o.derived_from";
+     o.expired_at_ms, o.derived_from, o.sensitive_spans";
 
 /// Tables whose dead tuples can hold a destroyed wrapped key (or the
 /// canary) after an erasure commits.
@@ -411,6 +412,11 @@ fn upload_from_row(row: &Row) -> Result<UploadRecord, CatalogError> {
     })
 }
 
+/// Spans as stored: a JSON array, or NULL for none.
+fn spans_json(spans: &[TimeSpan]) -> Result<Option<String>, CatalogError> {
+    if spans.is_empty() { Ok(None) } else { serde_json::to_string(spans).map(Some).map_err(invalid) }
+}
+
 fn object_from_row(row: &Row) -> Result<ObjectRecord, CatalogError> {
     let tags: Option<String> = get(row, "tags")?;
     let sha: Option<Vec<u8>> = get(row, "sha256")?;
@@ -431,6 +437,10 @@ fn object_from_row(row: &Row) -> Result<ObjectRecord, CatalogError> {
                 started_at_ms: get(row, "started_at_ms")?,
                 tags: tags.map(|t| serde_json::from_str(&t).unwrap_or_default()).unwrap_or_default(),
             },
+            sensitive_spans: get::<Option<String>>(row, "sensitive_spans")?
+                .map(|s| serde_json::from_str(&s).map_err(invalid))
+                .transpose()?
+                .unwrap_or_default(),
         },
         size: get::<Option<i64>>(row, "size")?.unwrap_or(0) as u64,
         sha256: sha.and_then(|s| s.try_into().ok()).unwrap_or([0; 32]),
@@ -729,9 +739,10 @@ impl Catalog for PostgresCatalog {
             tx.execute(
                 "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                      content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
-                     started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from)
+                     started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from,
+                     sensitive_spans)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-                         $20, $21)",
+                         $20, $21, $22)",
                 &[
                     &upload.object_id.to_string(),
                     &upload_id,
@@ -754,6 +765,7 @@ impl Catalog for PostgresCatalog {
                     &Some(o.retention.policy.as_str()).filter(|p| !p.is_empty()),
                     &o.retention.expires_at_ms,
                     &o.derived_from.map(|d| d.to_string()),
+                    &spans_json(&o.spec.sensitive_spans)?,
                 ],
             )
             .await
@@ -1145,6 +1157,30 @@ impl Catalog for PostgresCatalog {
         tx.commit().await.map_err(backend)
     }
 
+    async fn add_sensitive_spans(&self, id: &ObjectId, spans: &[TimeSpan]) -> Result<Vec<TimeSpan>, CatalogError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(backend)?;
+        let id = id.to_string();
+        let row = tx
+            .query_opt(
+                &format!("SELECT sensitive_spans FROM objects WHERE object_id = $1 AND shredded = {LIVE} FOR UPDATE"),
+                &[&id],
+            )
+            .await
+            .map_err(backend)?
+            .ok_or(CatalogError::NotFound)?;
+        let current: Vec<TimeSpan> = get::<Option<String>>(&row, "sensitive_spans")?
+            .map(|s| serde_json::from_str(&s).map_err(invalid))
+            .transpose()?
+            .unwrap_or_default();
+        let merged = TimeSpan::merge(&current, spans);
+        tx.execute("UPDATE objects SET sensitive_spans = $2 WHERE object_id = $1", &[&id, &spans_json(&merged)?])
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(merged)
+    }
+
     async fn set_retention(&self, id: &ObjectId, retention: &Retention) -> Result<(), CatalogError> {
         let client = self.pool.get().await.map_err(pool_err)?;
         client
@@ -1221,6 +1257,7 @@ impl Catalog for PostgresCatalog {
                 kind: kind_from(get(row, "kind")?),
                 content_type: String::new(),
                 interaction: Interaction::default(),
+                sensitive_spans: Vec::new(),
             };
             tx.execute(
                 "UPDATE uploads SET spec = $2 WHERE object_id = $1 AND customer_ref = $3",
@@ -1701,6 +1738,7 @@ mod tests {
             kind: ContentKind::CallRecording,
             content_type: "audio/wav".into(),
             interaction: Interaction { interaction_id: format!("call-{at}"), ..Default::default() },
+            sensitive_spans: Vec::new(),
         };
         let upload = UploadRecord {
             upload_id: UploadId::new_random(),

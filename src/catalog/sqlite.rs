@@ -17,7 +17,7 @@ use super::{
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
-    ObjectSpec, Retention, RetentionPolicy, Role, TokenRecord, UploadId,
+    ObjectSpec, Retention, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
 
 const SCHEMA: &str = r#"
@@ -136,6 +136,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("objects", "expires_at_ms", "INTEGER"),
     ("objects", "expired_at_ms", "INTEGER"),
     ("objects", "derived_from", "TEXT"),
+    ("objects", "sensitive_spans", "TEXT"),
 ];
 
 const INDEXES_ON_ADDED: &str = "
@@ -151,7 +152,7 @@ const EXPIRED: i64 = 2;
 /// id, upload id, customer, kind and times).
 const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
      sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
-     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL";
+     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL, sensitive_spans = NULL";
 
 /// Objects no active hold covers (`o` is the objects row).
 const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
@@ -267,7 +268,7 @@ fn upload_from_row(row: &Row<'_>) -> rusqlite::Result<UploadRecord> {
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \
      o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek, o.retention_policy, o.expires_at_ms, \
-     o.expired_at_ms, o.derived_from";
+     o.expired_at_ms, o.derived_from, o.sensitive_spans";
 
 fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
     let kind: u8 = row.get("kind")?;
@@ -289,6 +290,7 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
                 started_at_ms: row.get("started_at_ms")?,
                 tags: tags.map(|t| serde_json::from_str(&t).unwrap_or_default()).unwrap_or_default(),
             },
+            sensitive_spans: json_col(row.get("sensitive_spans")?)?.unwrap_or_default(),
         },
         size: row.get::<_, Option<i64>>("size")?.unwrap_or(0) as u64,
         sha256: sha.and_then(|s| s.try_into().ok()).unwrap_or([0; 32]),
@@ -302,6 +304,11 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
             .map(|s| parse_col(&s, ObjectId::parse))
             .transpose()?,
     })
+}
+
+/// Spans as stored: a JSON array, or NULL for none.
+fn spans_json(spans: &[TimeSpan]) -> Result<Option<String>, CatalogError> {
+    if spans.is_empty() { Ok(None) } else { serde_json::to_string(spans).map(Some).map_err(backend) }
 }
 
 fn json_col<T: serde::de::DeserializeOwned>(value: Option<String>) -> rusqlite::Result<Option<T>> {
@@ -563,9 +570,10 @@ impl Catalog for SqliteCatalog {
                 tx.execute(
                     "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                          content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
-                         started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from)
+                         started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from,
+                         sensitive_spans)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                                 ?19, ?20, ?21)",
+                                 ?19, ?20, ?21, ?22)",
                     params![
                         upload.object_id.to_string(),
                         o.upload_id.to_string(),
@@ -587,7 +595,8 @@ impl Catalog for SqliteCatalog {
                         upload.wrapped_dek,
                         Some(o.retention.policy.as_str()).filter(|p| !p.is_empty()),
                         o.retention.expires_at_ms,
-                        o.derived_from.map(|d| d.to_string())
+                        o.derived_from.map(|d| d.to_string()),
+                        spans_json(&o.spec.sensitive_spans)?
                     ],
                 )
                 .map_err(backend)?;
@@ -988,6 +997,32 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
+    async fn add_sensitive_spans(&self, id: &ObjectId, spans: &[TimeSpan]) -> Result<Vec<TimeSpan>, CatalogError> {
+        let (id, spans) = (id.to_string(), spans.to_vec());
+        self.run(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row(
+                    &format!("SELECT sensitive_spans FROM objects WHERE object_id = ?1 AND shredded = {LIVE}"),
+                    [&id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?
+                .ok_or(CatalogError::NotFound)?;
+            let current: Vec<TimeSpan> = json_col(current).map_err(backend)?.unwrap_or_default();
+            let merged = TimeSpan::merge(&current, &spans);
+            tx.execute(
+                "UPDATE objects SET sensitive_spans = ?2 WHERE object_id = ?1",
+                params![id, spans_json(&merged)?],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(merged)
+        })
+        .await
+    }
+
     async fn set_retention(&self, id: &ObjectId, retention: &Retention) -> Result<(), CatalogError> {
         let (id, r) = (id.to_string(), retention.clone());
         self.run(move |c| {
@@ -1055,6 +1090,7 @@ impl Catalog for SqliteCatalog {
                     kind: ContentKind::from_code(kind).unwrap_or(ContentKind::CallRecording),
                     content_type: String::new(),
                     interaction: Interaction::default(),
+                    sensitive_spans: Vec::new(),
                 };
                 tx.execute(
                     "UPDATE uploads SET spec = ?2 WHERE object_id = ?1 AND customer_ref = ?3",

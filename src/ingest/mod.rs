@@ -265,6 +265,8 @@ impl Ingest {
     fn check_spec(&self, spec: &mut ObjectSpec) -> Result<(), Error> {
         spec.content_type = sniff::normalise_content_type(spec.kind, &spec.content_type)?;
         spec.interaction.validate()?;
+        crate::model::TimeSpan::validate(&spec.sensitive_spans)?;
+        spec.sensitive_spans = crate::model::TimeSpan::merge(&spec.sensitive_spans, &[]);
         Ok(())
     }
 
@@ -791,6 +793,7 @@ impl Ingest {
             kind,
             content_type: content_type.to_owned(),
             interaction: parent.record.spec.interaction.clone(),
+            sensitive_spans: parent.record.spec.sensitive_spans.clone(),
         };
         self.put_object(actor, upload_id, spec, data, None, Some((*source, parent.record.retention))).await
     }

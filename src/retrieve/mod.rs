@@ -53,6 +53,27 @@ pub struct Retrieve {
     /// Training use of customers with no recorded consent.
     default_training_use: bool,
     clock: Arc<dyn crate::clock::Clock>,
+    /// Stores redacted renditions (derived items, under the source's
+    /// customer key).
+    ingest: Arc<crate::ingest::Ingest>,
+}
+
+/// Largest transcript redacted in memory (transcripts are capped at 16 MiB
+/// by default; this bounds memory if the cap is raised).
+const MAX_REDACT_BYTES: u64 = 64 << 20;
+
+/// The rendition's upload id: fixed per source and redaction version, so
+/// every coach gets the one stored rendition (idempotent creation) and a
+/// better redactor gets a new one.
+fn rendition_upload_id(source: &ObjectId) -> crate::model::UploadId {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"recvault redacted rendition v1\n".as_slice(), source.as_bytes()].concat(),
+    );
+    let mut b: [u8; 16] = d.as_ref()[..16].try_into().expect("16 bytes");
+    b[6] = (b[6] & 0x0f) | 0x80; // a version nibble that no random v4 id has
+    b[8] = (b[8] & 0x3f) | 0x80;
+    crate::model::UploadId::from_bytes(b)
 }
 
 /// The object if its content may be read now: committed, not expired, its
@@ -76,17 +97,23 @@ fn check_readable(id: &ObjectId, stored: Option<StoredObject>) -> Result<StoredO
     Ok(stored)
 }
 
+/// The parts the retrieval service works on.
+pub struct RetrieveDeps {
+    pub catalog: Arc<dyn Catalog>,
+    pub keys: Arc<KeyService>,
+    pub store: Store,
+    pub revocations: Arc<Revocations>,
+    pub audit: AuditLog,
+    pub clock: Arc<dyn crate::clock::Clock>,
+    pub ingest: Arc<crate::ingest::Ingest>,
+}
+
 impl Retrieve {
-    pub fn new(
-        catalog: Arc<dyn Catalog>,
-        keys: Arc<KeyService>,
-        store: Store,
-        revocations: Arc<Revocations>,
-        audit: AuditLog,
-        default_training_use: bool,
-        clock: Arc<dyn crate::clock::Clock>,
-    ) -> Self {
-        Self { catalog, keys, store, revocations, audit, default_training_use, clock }
+    /// `default_training_use`: whether customers with no recorded consent
+    /// may be used for training (opt-out) or not (opt-in).
+    pub fn new(deps: RetrieveDeps, default_training_use: bool) -> Self {
+        let RetrieveDeps { catalog, keys, store, revocations, audit, clock, ingest } = deps;
+        Self { catalog, keys, store, revocations, audit, default_training_use, clock, ingest }
     }
 
     /// Records a customer's consent to training use (audited first; no
@@ -219,13 +246,25 @@ impl Retrieve {
     /// stream of `(offset, plaintext)` chunks covering exactly the range.
     /// The read is audited with its purpose before any key is touched, and
     /// refused if the record cannot be written.
+    ///
+    /// With `redacted` (a caller without the unredacted grant), a call
+    /// recording's sensitive spans are silenced in every chunk (PCM and
+    /// G.711 only; other formats with spans are refused), and a chat
+    /// transcript is served as its redacted rendition: card numbers, IBANs,
+    /// e-mail addresses, phone numbers and national ids masked
+    /// ([`redact`]). The rendition is made once, stored as a derived item of
+    /// the transcript (encrypted under the same customer key, so a shred or
+    /// the transcript's expiry covers it) and read like any object; the
+    /// returned record is the rendition's, with `derived_from` naming the
+    /// transcript.
     pub async fn read(
         &self,
         actor: &Actor,
         purpose: Purpose,
         id: &ObjectId,
         range: ByteRange,
-    ) -> Result<(ObjectRecord, impl Stream<Item = Result<(u64, Bytes), Error>> + Send + 'static), Error> {
+        redacted: bool,
+    ) -> Result<(ObjectRecord, ReadStream), Error> {
         let epoch = self.revocations.epoch();
         let mut event = Event::new("object.read").target(id).purpose(purpose.name());
         let found = self.catalog.object(id).await?;
@@ -245,26 +284,134 @@ impl Retrieve {
                 return Err(e);
             }
         };
-        let record = stored.record.clone();
-        let size = record.size;
-        let end_incl = match range.end {
-            Some(end) if end < range.start => {
-                return Err(Error::Invalid(format!("range end {end} is before its start {}", range.start)));
-            }
-            Some(end) => end.min(size.saturating_sub(1)),
-            None => size.saturating_sub(1),
+        if redacted
+            && stored.record.spec.kind == crate::model::ContentKind::ChatTranscript
+            && stored.record.derived_from.is_none()
+        {
+            let rendition = self.redacted_rendition(&stored).await?;
+            return Box::pin(self.read(actor, purpose, &rendition, range, false)).await;
+        }
+        let end_incl = checked_range(&stored.record, range)?;
+        let spans: Vec<silence::Span> = match stored.record.spec.kind {
+            crate::model::ContentKind::CallRecording if redacted => stored
+                .record
+                .spec
+                .sensitive_spans
+                .iter()
+                .map(|s| silence::Span { start_ms: s.start_ms, end_ms: s.end_ms })
+                .collect(),
+            _ => Vec::new(),
         };
-        if size > 0 && range.start >= size {
-            return Err(Error::OutOfRange(format!(
-                "range starts at byte {} but object {id} has {size} bytes",
-                range.start
+        let event = event.detail("range", [range.start, end_incl]);
+        let event = if spans.is_empty() { event } else { event.detail("silenced_spans", spans.len()) };
+        self.audit.append(actor, event.clone()).await?;
+        if spans.is_empty() {
+            return self.open_range(stored, range.start, end_incl, epoch).await;
+        }
+        // Sensitive audio: silenced on the fly in every chunk, computed from
+        // the recording's own header; a format that cannot be silenced in
+        // place is refused rather than served unmasked.
+        let layout = match self.audio_layout(&stored).await? {
+            Ok(layout) => layout,
+            Err(silence::Unsupported(why)) => {
+                let e = Error::Precondition(why);
+                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                return Err(e);
+            }
+        };
+        let (record, stream) = self.open_range(stored, range.start, end_incl, epoch).await?;
+        let masked = futures::StreamExt::map(stream, move |chunk| {
+            chunk.map(|(offset, data)| {
+                let mut buf = data.to_vec();
+                silence::silence_window(&layout, &spans, offset, &mut buf);
+                (offset, Bytes::from(buf))
+            })
+        });
+        Ok((record, Box::pin(masked)))
+    }
+
+    /// How a recording's samples lie, from its first bytes (at most 64 KiB
+    /// are decrypted for this).
+    async fn audio_layout(
+        &self,
+        stored: &StoredObject,
+    ) -> Result<Result<silence::AudioLayout, silence::Unsupported>, Error> {
+        let head_len = stored.record.size.min(64 << 10);
+        let mut head = Vec::with_capacity(head_len as usize);
+        if head_len > 0 {
+            let (_, mut chunks) =
+                Box::pin(self.read_unaudited(stored, ByteRange { start: 0, end: Some(head_len - 1) })).await?;
+            while let Some((_, chunk)) = futures::StreamExt::next(&mut chunks).await.transpose()? {
+                head.extend_from_slice(&chunk);
+            }
+        }
+        Ok(silence::layout(&stored.record.spec.content_type, &head))
+    }
+
+    /// Marks time spans of a call recording as sensitive (audited first;
+    /// applies from the next read on).
+    pub async fn mark_sensitive(
+        &self,
+        actor: &Actor,
+        id: &ObjectId,
+        spans: &[crate::model::TimeSpan],
+    ) -> Result<ObjectRecord, Error> {
+        let stored = self.readable(id).await?;
+        let kind = stored.record.spec.kind;
+        if kind != crate::model::ContentKind::CallRecording {
+            return Err(Error::Invalid(format!(
+                "object {id} is a {kind}: only call recordings have a time line to mark sensitive"
             )));
         }
-        if size == 0 && range.start > 0 {
-            return Err(Error::OutOfRange(format!("object {id} is empty")));
+        if spans.is_empty() {
+            return Err(Error::Invalid("spans: give at least one span to mark sensitive".into()));
         }
-        let event = event.detail("range", [range.start, end_incl]);
-        self.audit.append(actor, event).await?;
+        crate::model::TimeSpan::validate(spans)?;
+        let event = Event::new("object.mark_sensitive")
+            .customer(&stored.record.spec.customer_id)
+            .target(id)
+            .detail("spans", spans.len());
+        self.audit.append(actor, event.clone()).await?;
+        let merged = match self.catalog.add_sensitive_spans(id, spans).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.audit.append(actor, event.result(format!("failed: {e}"))).await;
+                return Err(match e {
+                    crate::catalog::CatalogError::NotFound => Error::NotFound(format!("object {id} not found")),
+                    other => other.into(),
+                });
+            }
+        };
+        tracing::info!(object_id = %id, spans = merged.len(), "sensitive spans marked");
+        let mut record = stored.record;
+        record.spec.sensitive_spans = merged;
+        Ok(record)
+    }
+
+    /// A read by the service itself (the caller records it).
+    async fn read_unaudited(
+        &self,
+        stored: &StoredObject,
+        range: ByteRange,
+    ) -> Result<(ObjectRecord, ReadStream), Error> {
+        let epoch = self.revocations.epoch();
+        let end_incl = checked_range(&stored.record, range)?;
+        self.open_range(stored.clone(), range.start, end_incl, epoch).await
+    }
+
+    /// Unwraps the data key, checks the header against the catalog and
+    /// returns the segment reader over `[start, end_incl]`.
+    async fn open_range(
+        &self,
+        stored: StoredObject,
+        start: u64,
+        end_incl: u64,
+        epoch: u64,
+    ) -> Result<(ObjectRecord, ReadStream), Error> {
+        let record = stored.record.clone();
+        let id = &record.object_id;
+        let size = record.size;
+        let range = ByteRange { start, end: Some(end_incl) };
         let dek = self
             .keys
             .data_key(&stored.customer_ref, &record.spec.customer_id, id, stored.key_version, &stored.wrapped_dek)
@@ -305,9 +452,94 @@ impl Retrieve {
                 Some(chunk) => Ok(Some((chunk, r))),
             }
         });
-        Ok((record, stream))
+        Ok((record, Box::pin(stream)))
+    }
+
+    /// The id of the transcript's redacted rendition, made now if it does
+    /// not exist yet. The service reads the transcript for this itself
+    /// (recorded as `object.derive` by `system:redaction`); the caller
+    /// never receives the unredacted bytes.
+    async fn redacted_rendition(&self, source: &StoredObject) -> Result<ObjectId, Error> {
+        let upload_id = rendition_upload_id(&source.record.object_id);
+        if let Some(u) = self.catalog.upload(&upload_id).await?
+            && u.committed
+        {
+            return Ok(u.object_id);
+        }
+        let record = &source.record;
+        if record.size > MAX_REDACT_BYTES {
+            return Err(Error::TooLarge(format!(
+                "transcript {} has {} bytes, more than the {MAX_REDACT_BYTES} bytes redaction works on; \
+                 only a reader with the unredacted grant can read it",
+                record.object_id, record.size
+            )));
+        }
+        let system = Actor::system("redaction");
+        let event = Event::new("object.derive")
+            .customer(&record.spec.customer_id)
+            .target(record.object_id)
+            .detail("rendition", "redacted-v1");
+        self.audit.append(&system, event).await?;
+        let (_, mut chunks) = Box::pin(self.read_unaudited(source, ByteRange { start: 0, end: None })).await?;
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(record.size as usize));
+        while let Some((_, chunk)) = futures::StreamExt::next(&mut chunks).await.transpose()? {
+            plain.extend_from_slice(&chunk);
+        }
+        let masked = redact_transcript(&record.spec.content_type, &plain)?;
+        let derived = self
+            .ingest
+            .put_derived(
+                &system,
+                upload_id,
+                &record.object_id,
+                record.spec.kind,
+                &record.spec.content_type,
+                Bytes::from(masked),
+            )
+            .await?;
+        tracing::info!(source = %record.object_id, rendition = %derived.object_id, "redacted rendition stored");
+        Ok(derived.object_id)
     }
 }
+
+/// The inclusive end of `range` within the object, or why it is refused.
+fn checked_range(record: &ObjectRecord, range: ByteRange) -> Result<u64, Error> {
+    let (id, size) = (record.object_id, record.size);
+    let end_incl = match range.end {
+        Some(end) if end < range.start => {
+            return Err(Error::Invalid(format!("range end {end} is before its start {}", range.start)));
+        }
+        Some(end) => end.min(size.saturating_sub(1)),
+        None => size.saturating_sub(1),
+    };
+    if size > 0 && range.start >= size {
+        return Err(Error::OutOfRange(format!(
+            "range starts at byte {} but object {id} has {size} bytes",
+            range.start
+        )));
+    }
+    if size == 0 && range.start > 0 {
+        return Err(Error::OutOfRange(format!("object {id} is empty")));
+    }
+    Ok(end_incl)
+}
+
+/// A transcript with its sensitive values masked: every string of a JSON
+/// transcript, or the whole text.
+fn redact_transcript(content_type: &str, plain: &[u8]) -> Result<Vec<u8>, Error> {
+    let unreadable = || Error::Integrity;
+    if content_type.starts_with("application/json") {
+        let mut value: serde_json::Value = serde_json::from_slice(plain).map_err(|_| unreadable())?;
+        redact::redact_json(&mut value);
+        serde_json::to_vec(&value).map_err(Error::internal)
+    } else {
+        let text = std::str::from_utf8(plain).map_err(|_| unreadable())?;
+        Ok(redact::redact(text).text.into_bytes())
+    }
+}
+
+/// Decrypted `(offset, plaintext)` chunks of a read.
+pub type ReadStream = std::pin::Pin<Box<dyn Stream<Item = Result<(u64, Bytes), Error>> + Send + 'static>>;
 
 struct RangeReader {
     store: Store,

@@ -88,6 +88,13 @@ async fn call(c: &mut Client, rpc: Rpc, fx: &Fixture, n: usize) -> Result<(), to
         Rpc::Stat => c.stat(pb::StatRequest { object_id: fx.object_id.clone() }).await.map(drop),
         Rpc::Get => get(c, &fx.object_id, None).await.map(drop),
         Rpc::List => c.list(pb::ListRequest { customer_id: fx.customer.clone(), ..Default::default() }).await.map(drop),
+        Rpc::MarkSensitive => c
+            .mark_sensitive(pb::MarkSensitiveRequest {
+                object_id: fx.object_id.clone(),
+                spans: vec![pb::TimeSpan { start_ms: 0, end_ms: 1 }],
+            })
+            .await
+            .map(drop),
         Rpc::ShredCustomer => c
             .shred_customer(pb::ShredCustomerRequest {
                 customer_id: customer,
@@ -428,4 +435,151 @@ async fn purposes_consent_and_token_lifecycle() {
     for r in &trail.records {
         assert!(!r.detail_json.contains(&made.token[4..]), "no token in the trail");
     }
+}
+
+/// Issue #5 point 3 through the API: a coach reads a transcript's redacted
+/// rendition (made once, stored as a derived item under the same customer
+/// key); the break-glass grant reads the original; a shred takes both.
+#[tokio::test]
+async fn coaches_read_redacted_transcripts() {
+    let server = TestServer::start().await;
+    let mut ingest = server.client_as("chat-platform", &[Role::Ingest], false).await;
+    let mut coach = server.client_as("coach-1", &[Role::Coach], false).await;
+    let mut dpo = server.client_as("dpo-1", &[Role::Retention], true).await;
+    let text = "Customer: my card is 4111 1111 1111 1111, mail me at jane.doe@example.com or call +44 20 7946 0958\n";
+    let plain = put(&mut ingest, spec("red-1", CHAT, "text/plain"), text.as_bytes()).await.unwrap();
+    let json = br#"{"messages":[{"from":"customer","text":"IBAN DE89 3704 0044 0532 0130 00 please"}]}"#;
+    let structured = put(&mut ingest, spec("red-1", CHAT, "application/json"), json).await.unwrap();
+
+    let seen = String::from_utf8(read_for(&mut coach, &plain.object_id, pb::Purpose::Coaching).await.unwrap()).unwrap();
+    assert!(seen.contains("[card]") && seen.contains("[email]") && seen.contains("[phone]"), "{seen}");
+    for secret in ["4111", "jane.doe", "7946"] {
+        assert!(!seen.contains(secret), "{secret} reached a coach: {seen}");
+    }
+    assert!(seen.starts_with("Customer: my card is [card], mail me at [email]"), "{seen}");
+    let seen_json = read_for(&mut coach, &structured.object_id, pb::Purpose::QualityReview).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&seen_json).unwrap();
+    assert_eq!(v["messages"][0]["text"], "IBAN [iban] please");
+
+    // The rendition is one stored object, derived from the transcript.
+    let mut s = coach
+        .get(pb::GetRequest { object_id: plain.object_id.clone(), range: None, purpose: pb::Purpose::Coaching as i32 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap().info.unwrap();
+    assert_eq!(first.derived_from, plain.object_id);
+    assert_ne!(first.object_id, plain.object_id);
+    let again = read_for(&mut coach, &plain.object_id, pb::Purpose::Coaching).await.unwrap();
+    assert_eq!(String::from_utf8(again).unwrap(), seen);
+    let listed = dpo
+        .list(pb::ListRequest { customer_id: "red-1".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .objects;
+    assert_eq!(listed.iter().filter(|o| o.derived_from == plain.object_id).count(), 1, "made once");
+
+    // The break-glass grant reads the original.
+    assert_eq!(read_for(&mut dpo, &plain.object_id, pb::Purpose::Legal).await.unwrap(), text.as_bytes());
+
+    // One shred covers the transcript and its rendition.
+    dpo.shred_customer(pb::ShredCustomerRequest {
+        customer_id: "red-1".into(),
+        reason: "erasure".into(),
+        requested_by: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        read_for(&mut coach, &first.object_id, pb::Purpose::Coaching).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let data = server.data.path().to_owned();
+    for needle in [b"[card]".as_slice(), b"4111 1111", b"jane.doe"] {
+        assert!(
+            files_containing(&data, needle).is_empty(),
+            "{} left in the data directory",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}
+
+/// Issue #5 point 4: spans marked sensitive at ingest or later are silenced
+/// for coaches, on the fly, in whole reads and seeks alike; the break-glass
+/// grant hears the original; a format that cannot be silenced in place is
+/// refused to coaches rather than served unmasked.
+#[tokio::test]
+async fn coaches_hear_silence_over_sensitive_spans() {
+    let server = TestServer::start().await;
+    let mut pbx = server.client_as("pbx-1", &[Role::Ingest], false).await;
+    let mut coach = server.client_as("coach-1", &[Role::Coach], false).await;
+    let mut dpo = server.client_as("dpo-1", &[Role::Retention], true).await;
+    const REC: pb::ContentKind = pb::ContentKind::CallRecording;
+
+    // 10 s of 8 kHz G.711 mu-law; the caller read a card number out at
+    // 3.0-7.5 s, marked when the recording was stored.
+    let ulaw: Vec<u8> = (0..80_000u32).map(|i| (i % 200) as u8 + 1).collect();
+    let mut s = spec("sens-1", REC, "audio/basic");
+    s.sensitive_spans = vec![pb::TimeSpan { start_ms: 3000, end_ms: 7500 }];
+    let o = put(&mut pbx, s, &ulaw).await.unwrap();
+    assert_eq!(o.sensitive_spans.len(), 1);
+    let heard = read_for(&mut coach, &o.object_id, pb::Purpose::Coaching).await.unwrap();
+    assert_eq!(heard.len(), ulaw.len());
+    assert!(heard[24_000..60_000].iter().all(|b| *b == 0xFF), "mu-law silence over the span");
+    assert_eq!(&heard[..24_000], &ulaw[..24_000]);
+    assert_eq!(&heard[60_000..], &ulaw[60_000..]);
+    // A seek into the middle of the span is silenced too.
+    let mid = get(&mut coach, &o.object_id, Some((30_000, Some(30_099)))).await.unwrap();
+    assert!(mid.iter().all(|b| *b == 0xFF));
+    assert_eq!(read_for(&mut dpo, &o.object_id, pb::Purpose::Legal).await.unwrap(), ulaw, "break-glass hears all");
+
+    // A WAV marked after it was stored: the next read is silenced.
+    let audio = wav(80_000); // 10 s, 16-bit mono 8 kHz, 44-byte header
+    let w = ingest(&mut pbx, &new_id(), spec("sens-1", REC, "audio/wav"), &audio).await;
+    assert_eq!(read_for(&mut coach, &w.object_id, pb::Purpose::Coaching).await.unwrap(), audio);
+    let marked = coach
+        .mark_sensitive(pb::MarkSensitiveRequest {
+            object_id: w.object_id.clone(),
+            spans: vec![pb::TimeSpan { start_ms: 1000, end_ms: 2000 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(marked.sensitive_spans, vec![pb::TimeSpan { start_ms: 1000, end_ms: 2000 }]);
+    let heard = read_for(&mut coach, &w.object_id, pb::Purpose::Coaching).await.unwrap();
+    let span = 44 + 16_000..44 + 32_000;
+    assert!(heard[span.clone()].iter().all(|b| *b == 0), "PCM silence over 1-2 s");
+    assert_eq!(&heard[..span.start], &audio[..span.start], "the header and the rest are untouched");
+    assert_eq!(&heard[span.end..], &audio[span.end..]);
+
+    // Bad spans and non-recordings are refused with a reason.
+    let bad = coach
+        .mark_sensitive(pb::MarkSensitiveRequest {
+            object_id: w.object_id.clone(),
+            spans: vec![pb::TimeSpan { start_ms: 5, end_ms: 5 }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let chat = put(&mut pbx, spec("sens-1", CHAT, "text/plain"), b"hi").await.unwrap();
+    let bad = coach
+        .mark_sensitive(pb::MarkSensitiveRequest {
+            object_id: chat.object_id.clone(),
+            spans: vec![pb::TimeSpan { start_ms: 0, end_ms: 5 }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // MP3 cannot be silenced in place: refused to coaches, not leaked.
+    let mut mp3 = b"ID3\x04\x00\x00\x00\x00\x00\x00".to_vec();
+    mp3.extend(std::iter::repeat_n(0x55u8, 4000));
+    let mut s = spec("sens-1", REC, "audio/mpeg");
+    s.sensitive_spans = vec![pb::TimeSpan { start_ms: 0, end_ms: 500 }];
+    let m = put(&mut pbx, s, &mp3).await.unwrap();
+    let refused = read_for(&mut coach, &m.object_id, pb::Purpose::Coaching).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("cannot be silenced"), "{}", refused.message());
+    assert_eq!(read_for(&mut dpo, &m.object_id, pb::Purpose::Legal).await.unwrap(), mp3);
 }

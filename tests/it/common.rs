@@ -246,6 +246,7 @@ pub fn spec(customer: &str, kind: pb::ContentKind, content_type: &str) -> pb::Ob
             started_at: None,
             tags: [("site".to_owned(), "lisbon".to_owned())].into(),
         }),
+        sensitive_spans: Vec::new(),
     }
 }
 

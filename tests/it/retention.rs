@@ -674,6 +674,7 @@ async fn derived_items_share_the_customer_key_and_its_fate() {
         kind: recvault::model::ContentKind::ChatTranscript,
         content_type: "text/plain".into(),
         interaction: recvault::model::Interaction { interaction_id: "chat-7".into(), ..Default::default() },
+        sensitive_spans: Vec::new(),
     };
     let source = parts
         .ingest
