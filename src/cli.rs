@@ -564,18 +564,7 @@ fn print_token(t: &pb::TokenInfo) {
 async fn token(c: TokenCmd) -> anyhow::Result<()> {
     match c {
         TokenCmd::Create { name, roles, unredacted, ttl, server } => {
-            let roles = roles
-                .into_iter()
-                .map(|r| {
-                    (match r {
-                        crate::model::Role::Ingest => pb::Role::Ingest,
-                        crate::model::Role::Coach => pb::Role::Coach,
-                        crate::model::Role::Retention => pb::Role::Retention,
-                        crate::model::Role::Admin => pb::Role::Admin,
-                        crate::model::Role::Auditor => pb::Role::Auditor,
-                    }) as i32
-                })
-                .collect();
+            let roles = roles.into_iter().map(crate::api::role_code).collect();
             let r = connect(&server)
                 .await?
                 .create_token(pb::CreateTokenRequest {

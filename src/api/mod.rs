@@ -93,7 +93,8 @@ impl Service {
     }
 }
 
-fn role_code(r: Role) -> i32 {
+/// A role as its wire enum value.
+pub fn role_code(r: Role) -> i32 {
     let code = match r {
         Role::Ingest => pb::Role::Ingest,
         Role::Coach => pb::Role::Coach,

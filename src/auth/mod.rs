@@ -171,12 +171,6 @@ impl Principal {
         (rpc == Rpc::Get && self.unredacted) || self.roles.iter().any(|r| allowed(*r, rpc))
     }
 
-    /// Whether this caller must see only consented customers' content, and
-    /// transcripts redacted: a coach without the break-glass grant.
-    pub fn coaching_only(&self) -> bool {
-        !self.unredacted
-    }
-
     fn roles_text(&self) -> String {
         let mut names: Vec<&str> = self.roles.iter().map(|r| r.name()).collect();
         if self.unredacted {

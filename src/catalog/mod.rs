@@ -17,6 +17,17 @@ use crate::model::{
     TokenRecord, UploadId,
 };
 
+/// SQL both backends share, so they scrub and hold the same way. Clears
+/// every content-derived column of an object (its tombstone keeps id,
+/// upload id, customer, kind and times).
+const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
+     sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
+     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL, sensitive_spans = NULL";
+
+/// Objects no active hold covers (`o` is the objects row).
+const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
+     AND h.customer_id = o.customer_id AND (h.interaction_id IS NULL OR h.interaction_id = o.interaction_id))";
+
 /// Lifecycle of a customer's keys, mirroring KMS key deletion states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CustomerState {

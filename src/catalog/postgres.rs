@@ -19,7 +19,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, Destroyed, ExpiredObject, ExpiryCount,
-    ListFilter, PageCursor, ShredRequest, ShredTicket, StoredObject, StoredPolicy, UploadRecord,
+    ListFilter, NOT_HELD, PageCursor, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject, StoredPolicy,
+    UploadRecord,
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
@@ -173,16 +174,6 @@ CREATE TABLE tokens (
 const LIVE: i16 = 0;
 const SHREDDED: i16 = 1;
 const EXPIRED: i16 = 2;
-
-/// Clears every content-derived column of an object (its tombstone keeps
-/// id, upload id, customer, kind and times).
-const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
-     sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
-     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL, sensitive_spans = NULL";
-
-/// Objects no active hold covers (`o` is the objects row).
-const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
-     AND h.customer_id = o.customer_id AND (h.interaction_id IS NULL OR h.interaction_id = o.interaction_id))";
 
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \

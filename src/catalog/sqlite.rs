@@ -13,7 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, Destroyed, ExpiredObject, ExpiryCount,
-    ListFilter, PageCursor, ShredRequest, ShredTicket, StoredObject, StoredPolicy, UploadRecord,
+    ListFilter, NOT_HELD, PageCursor, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject, StoredPolicy,
+    UploadRecord,
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
@@ -147,16 +148,6 @@ CREATE INDEX IF NOT EXISTS objects_by_customer_ref ON objects(customer_ref);
 const LIVE: i64 = 0;
 const SHREDDED: i64 = 1;
 const EXPIRED: i64 = 2;
-
-/// Clears every content-derived column of an object (its tombstone keeps
-/// id, upload id, customer, kind and times).
-const SCRUB_OBJECT: &str = "wrapped_dek = NULL, key_version = NULL, content_type = NULL, size = NULL, \
-     sha256 = NULL, interaction_id = NULL, channel = NULL, agent_id = NULL, queue = NULL, direction = NULL, \
-     started_at_ms = NULL, tags = NULL, retention_policy = NULL, expires_at_ms = NULL, sensitive_spans = NULL";
-
-/// Objects no active hold covers (`o` is the objects row).
-const NOT_HELD: &str = "NOT EXISTS (SELECT 1 FROM holds h WHERE h.released_at_ms IS NULL \
-     AND h.customer_id = o.customer_id AND (h.interaction_id IS NULL OR h.interaction_id = o.interaction_id))";
 
 /// The SQLite catalog. One connection behind a mutex; every call runs on
 /// the blocking pool.

@@ -322,9 +322,10 @@ impl Retrieve {
         let (record, stream) = self.open_range(stored, range.start, end_incl, epoch).await?;
         let masked = futures::StreamExt::map(stream, move |chunk| {
             chunk.map(|(offset, data)| {
-                let mut buf = data.to_vec();
+                // The chunk is ours alone (freshly decrypted): no copy.
+                let mut buf = data.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
                 silence::silence_window(&layout, &spans, offset, &mut buf);
-                (offset, Bytes::from(buf))
+                (offset, buf.freeze())
             })
         });
         Ok((record, Box::pin(masked)))

@@ -282,6 +282,14 @@ async fn h1_every_role_against_every_rpc_over_tls() {
     assert!(trail.records.iter().any(|r| r.principal.starts_with("unauthenticated@127.0.0.1")));
 }
 
+/// Whether a TLS client with these settings fails to connect or to call.
+async fn refused(addr: std::net::SocketAddr, tls: ClientTlsConfig, token: Option<&str>) -> bool {
+    match Endpoint::from_shared(format!("https://{addr}")).unwrap().tls_config(tls).unwrap().connect().await {
+        Err(_) => true,
+        Ok(ch) => with_token(ch, token).who_am_i(pb::WhoAmIRequest {}).await.is_err(),
+    }
+}
+
 /// A client certificate from another CA never gets through the handshake.
 #[tokio::test]
 async fn h5_a_certificate_from_another_ca_is_refused() {
@@ -317,31 +325,11 @@ async fn h5_a_certificate_from_another_ca_is_refused() {
         .ca_certificate(Certificate::from_pem(&pki.ca_pem))
         .domain_name("localhost")
         .identity(Identity::from_pem(cert, key));
-    let refused = match Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-    {
-        Err(_) => true,
-        Ok(ch) => with_token(ch, None).who_am_i(pb::WhoAmIRequest {}).await.is_err(),
-    };
-    assert!(refused, "a certificate signed by another CA must not authenticate");
+    assert!(refused(server.addr, tls, None).await, "a certificate signed by another CA must not authenticate");
     // require_client_cert: a token alone does not get past the handshake.
     let token = server.token_for("coach-2", &[Role::Coach], false).await;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca_pem)).domain_name("localhost");
-    let refused = match Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-    {
-        Err(_) => true,
-        Ok(ch) => with_token(ch, Some(&token)).who_am_i(pb::WhoAmIRequest {}).await.is_err(),
-    };
-    assert!(refused);
+    assert!(refused(server.addr, tls, Some(&token)).await);
 }
 
 /// Purposes are bound to roles; an opt-out removes a customer from every

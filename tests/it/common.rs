@@ -137,16 +137,6 @@ pub struct ChildServer {
     pub data_dir: PathBuf,
 }
 
-pub fn role_code(r: Role) -> i32 {
-    (match r {
-        Role::Ingest => pb::Role::Ingest,
-        Role::Coach => pb::Role::Coach,
-        Role::Retention => pb::Role::Retention,
-        Role::Admin => pb::Role::Admin,
-        Role::Auditor => pb::Role::Auditor,
-    }) as i32
-}
-
 /// Config of child servers: shreds complete at once.
 pub const CHILD_CONFIG: &str = "[retention]\nshred_grace = \"0s\"\n";
 
@@ -201,7 +191,7 @@ impl ChildServer {
     /// through the server's own API with the admin token.
     pub async fn operator_token(&self) -> String {
         let mut admin = connect(&self.url(), &self.admin_token()).await;
-        let roles = ALL_ROLES.iter().map(|r| role_code(*r)).collect();
+        let roles = ALL_ROLES.iter().map(|r| recvault::api::role_code(*r)).collect();
         let r = admin
             .create_token(pb::CreateTokenRequest {
                 name: "test-operator".into(),
