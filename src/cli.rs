@@ -63,6 +63,32 @@ pub enum Command {
     /// A customer's consent to training use (coaching, quality review).
     #[command(subcommand)]
     Consent(ConsentCmd),
+    /// Find objects by interaction metadata (newest first, with the total).
+    Search {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many objects (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Draw interactions for coaching: --count N at random, or
+    /// --per-agent K / --per-queue K; the same --seed draws the same sample.
+    Sample {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, conflicts_with_all = ["per_agent", "per_queue"])]
+        count: Option<u32>,
+        #[arg(long, conflicts_with = "per_queue")]
+        per_agent: Option<u32>,
+        #[arg(long)]
+        per_queue: Option<u32>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Mark time spans of a call recording sensitive: silenced for coaches.
     MarkSensitive {
         object_id: String,
@@ -77,6 +103,75 @@ pub enum Command {
     Token(TokenCmd),
     /// Who the server takes you to be, and what you may call.
     Whoami(ServerArg),
+}
+
+/// What `search` and `sample` look for; all given must match.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
+    #[arg(long)]
+    pub customer: Option<String>,
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Option<ContentKind>,
+    #[arg(long)]
+    pub interaction: Option<String>,
+    #[arg(long)]
+    pub agent: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// inbound, outbound or internal
+    #[arg(long, value_parser = parse_direction)]
+    pub direction: Option<Direction>,
+    /// KEY=VALUE (repeatable: every tag must match).
+    #[arg(long = "tag", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// Interactions started at or after this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub since: Option<std::time::SystemTime>,
+    /// Interactions started before this time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    pub until: Option<std::time::SystemTime>,
+}
+
+fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+impl FilterArgs {
+    fn to_pb(&self) -> pb::SearchFilter {
+        pb::SearchFilter {
+            customer_id: self.customer.clone().unwrap_or_default(),
+            kind: self.kind.map(|k| i32::from(k.code())).unwrap_or(0),
+            interaction_id: self.interaction.clone().unwrap_or_default(),
+            agent_id: self.agent.clone().unwrap_or_default(),
+            queue: self.queue.clone().unwrap_or_default(),
+            channel: self.channel.clone().unwrap_or_default(),
+            direction: self.direction.map(|d| i32::from(d.code())).unwrap_or(0),
+            started_after: self.since.map(timestamp),
+            started_before: self.until.map(timestamp),
+            tags: self.tags.iter().cloned().collect(),
+            created_after: None,
+            created_before: None,
+        }
+    }
+}
+
+fn print_object(out: &mut impl Write, indent: &str, o: &pb::ObjectInfo) -> std::io::Result<()> {
+    let i = o.interaction.clone().unwrap_or_default();
+    writeln!(
+        out,
+        "{indent}{}  {:15}  {:>12}  {}  {}  interaction={} agent={} queue={}",
+        o.object_id,
+        kind_name(o.kind),
+        o.size,
+        format_time(&o.created_at),
+        o.content_type,
+        i.interaction_id,
+        i.agent_id,
+        i.queue
+    )
 }
 
 #[derive(Debug, Subcommand)]
@@ -661,6 +756,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(c) => audit(c).await,
         Command::Consent(c) => consent(c).await,
         Command::Token(c) => token(c).await,
+        Command::Search { filter, limit, server } => {
+            let r = connect(&server)
+                .await?
+                .search(pb::SearchRequest { filter: Some(filter.to_pb()), page_size: limit, page_token: String::new() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            for o in &r.objects {
+                print_object(&mut out, "", o)?;
+            }
+            eprintln!("{} shown of {} matching", r.objects.len(), r.total);
+            Ok(())
+        }
+        Command::Sample { filter, count, per_agent, per_queue, seed, server } => {
+            let (stratify, count, per_stratum) = match (count, per_agent, per_queue) {
+                (_, Some(k), _) => (pb::Stratify::PerAgent, 0, k),
+                (_, _, Some(k)) => (pb::Stratify::PerQueue, 0, k),
+                (n, None, None) => (pb::Stratify::None, n.unwrap_or(10), 0),
+            };
+            let r = connect(&server)
+                .await?
+                .sample(pb::SampleRequest {
+                    filter: Some(filter.to_pb()),
+                    count,
+                    stratify: stratify as i32,
+                    per_stratum,
+                    seed,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            for g in &r.groups {
+                let stratum = if g.stratum.is_empty() { String::new() } else { format!("  [{}]", g.stratum) };
+                writeln!(out, "interaction {}{stratum}", g.interaction_id)?;
+                for o in &g.objects {
+                    print_object(&mut out, "  ", o)?;
+                }
+            }
+            eprintln!("{} interactions drawn from {} (seed {seed})", r.groups.len(), r.population);
+            Ok(())
+        }
         Command::MarkSensitive { object_id, spans, server } => {
             let info = connect(&server)
                 .await?

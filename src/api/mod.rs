@@ -24,7 +24,8 @@ use crate::model::{
     Purpose, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
 use crate::retention::{Retention, ShredStatus, SweepReport};
-use crate::retrieve::{ByteRange, Retrieve};
+use crate::retrieve::sample::Strata;
+use crate::retrieve::{ByteRange, Retrieve, SampleDraw};
 use status::to_status;
 
 /// Generated protobuf and gRPC code of `proto/recvault/v1`.
@@ -214,6 +215,33 @@ fn parse_spec(spec: Option<pb::ObjectSpec>) -> Result<ObjectSpec, Error> {
         tags: i.tags.into_iter().collect::<BTreeMap<_, _>>(),
     };
     Ok(ObjectSpec { customer_id, kind, content_type: spec.content_type, interaction, sensitive_spans })
+}
+
+fn parse_search_filter(f: Option<pb::SearchFilter>) -> Result<ListFilter, Error> {
+    let f = f.unwrap_or_default();
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    for (k, v) in &f.tags {
+        // The same rule as at ingest; keys also become JSON path members.
+        crate::model::Interaction { tags: [(k.clone(), v.clone())].into(), ..Default::default() }
+            .validate()
+            .map_err(|e| field("filter.tags", e))?;
+    }
+    Ok(ListFilter {
+        customer_id: (!f.customer_id.is_empty()).then(|| parse_customer(&f.customer_id)).transpose()?,
+        interaction_id: some(f.interaction_id),
+        kind: (f.kind != 0).then(|| parse_kind(f.kind, "filter.kind")).transpose()?,
+        created_after_ms: f.created_after.as_ref().map(ts_to_ms),
+        created_before_ms: f.created_before.as_ref().map(ts_to_ms),
+        agent_id: some(f.agent_id),
+        queue: some(f.queue),
+        channel: some(f.channel),
+        direction: (f.direction != 0).then(|| Direction::from_code(u8::try_from(f.direction).unwrap_or(0))),
+        started_after_ms: f.started_after.as_ref().map(ts_to_ms),
+        started_before_ms: f.started_before.as_ref().map(ts_to_ms),
+        tags: f.tags.into_iter().collect(),
+        originals_only: false,
+        training_use: None,
+    })
 }
 
 fn time_span(s: &pb::TimeSpan) -> TimeSpan {
@@ -476,6 +504,7 @@ impl pb::recvault_server::Recvault for Service {
                 kind: (req.kind != 0).then(|| parse_kind(req.kind, "kind")).transpose()?,
                 created_after_ms: req.created_after.as_ref().map(ts_to_ms),
                 created_before_ms: req.created_before.as_ref().map(ts_to_ms),
+                ..Default::default()
             };
             self.retrieve.list(&filter, &req.page_token, req.page_size as usize, training_only(&principal)).await
         };
@@ -498,6 +527,58 @@ impl pb::recvault_server::Recvault for Service {
             self.retrieve.mark_sensitive(&caller, &id, &spans).await
         };
         Ok(Response::new(object_info(&run.await.map_err(to_status)?)))
+    }
+
+    async fn search(&self, request: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
+        let (_, principal) = self.authorize(&request, Rpc::Search).await?;
+        let req = request.into_inner();
+        let run = async {
+            let filter = parse_search_filter(req.filter)?;
+            self.retrieve.search(filter, &req.page_token, req.page_size as usize, training_only(&principal)).await
+        };
+        let (page, total) = run.await.map_err(to_status)?;
+        Ok(Response::new(pb::SearchResponse {
+            objects: page.objects.iter().map(object_info).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            total,
+        }))
+    }
+
+    async fn sample(&self, request: Request<pb::SampleRequest>) -> Result<Response<pb::SampleResponse>, Status> {
+        let (_, principal) = self.authorize(&request, Rpc::Sample).await?;
+        let req = request.into_inner();
+        let run = async {
+            let strata = match pb::Stratify::try_from(req.stratify) {
+                Ok(pb::Stratify::None) => Strata::None,
+                Ok(pb::Stratify::PerAgent) => Strata::Agent,
+                Ok(pb::Stratify::PerQueue) => Strata::Queue,
+                Err(_) => return Err(Error::Invalid("stratify must be STRATIFY_NONE, PER_AGENT or PER_QUEUE".into())),
+            };
+            if strata == Strata::None && !(1..=1000).contains(&req.count) {
+                return Err(Error::Invalid(format!("count must be 1-1000 for a uniform draw, got {}", req.count)));
+            }
+            if strata != Strata::None && !(1..=100).contains(&req.per_stratum) {
+                return Err(Error::Invalid(format!(
+                    "per_stratum must be 1-100 for a stratified draw, got {}",
+                    req.per_stratum
+                )));
+            }
+            let draw =
+                SampleDraw { strata, count: req.count as usize, per_stratum: req.per_stratum as usize, seed: req.seed };
+            self.retrieve.sample(parse_search_filter(req.filter)?, draw, training_only(&principal)).await
+        };
+        let (groups, population) = run.await.map_err(to_status)?;
+        Ok(Response::new(pb::SampleResponse {
+            groups: groups
+                .iter()
+                .map(|g| pb::InteractionGroup {
+                    interaction_id: g.key.clone(),
+                    stratum: g.stratum.clone(),
+                    objects: g.objects.iter().map(object_info).collect(),
+                })
+                .collect(),
+            population,
+        }))
     }
 
     async fn shred_customer(

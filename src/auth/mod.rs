@@ -29,6 +29,8 @@ pub enum Rpc {
     Get,
     List,
     MarkSensitive,
+    Search,
+    Sample,
     ShredCustomer,
     ApproveShred,
     CancelShred,
@@ -51,13 +53,15 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 25] = [
+    pub const ALL: [Rpc; 27] = [
         Self::Ingest,
         Self::Put,
         Self::Stat,
         Self::Get,
         Self::List,
         Self::MarkSensitive,
+        Self::Search,
+        Self::Sample,
         Self::ShredCustomer,
         Self::ApproveShred,
         Self::CancelShred,
@@ -88,6 +92,8 @@ impl Rpc {
             Self::Get => "Get",
             Self::List => "List",
             Self::MarkSensitive => "MarkSensitive",
+            Self::Search => "Search",
+            Self::Sample => "Sample",
             Self::ShredCustomer => "ShredCustomer",
             Self::ApproveShred => "ApproveShred",
             Self::CancelShred => "CancelShred",
@@ -119,12 +125,13 @@ pub fn allowed(role: Role, rpc: Rpc) -> bool {
     match role {
         // Upload only: not even metadata of what was stored.
         Role::Ingest => matches!(rpc, Ingest | Put | MarkSensitive | WhoAmI),
-        Role::Coach => matches!(rpc, Stat | Get | List | MarkSensitive | GetConsent | WhoAmI),
+        Role::Coach => matches!(rpc, Stat | Get | List | MarkSensitive | Search | Sample | GetConsent | WhoAmI),
         // Metadata, policies, holds, shreds and consent; never content.
         Role::Retention => matches!(
             rpc,
             Stat | List
                 | MarkSensitive
+                | Search
                 | ShredCustomer
                 | ApproveShred
                 | CancelShred

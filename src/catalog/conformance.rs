@@ -186,6 +186,45 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     let images = ListFilter { kind: Some(ContentKind::Image), ..Default::default() };
     assert!(cat.list_objects(&images, None, 10).await.unwrap().is_empty());
 
+    // Search filters and counts: metadata, tags, originals, consent.
+    assert_eq!(cat.count_objects(&ListFilter::default()).await.unwrap(), 4);
+    assert_eq!(cat.count_objects(&only_alice).await.unwrap(), 3);
+    let tagged = ListFilter {
+        agent_id: Some("agent-7".into()),
+        tags: vec![("lang".into(), "en".into())],
+        originals_only: true,
+        ..Default::default()
+    };
+    assert_eq!(cat.count_objects(&tagged).await.unwrap(), 4);
+    let other_tag = ListFilter { tags: vec![("lang".into(), "pt".into())], ..Default::default() };
+    assert_eq!(cat.count_objects(&other_tag).await.unwrap(), 0);
+    let other_agent = ListFilter { agent_id: Some("agent-8".into()), ..Default::default() };
+    assert!(cat.list_objects(&other_agent, None, 10).await.unwrap().is_empty());
+    let ids = |v: Vec<ObjectRecord>| v.into_iter().map(|o| o.object_id).collect::<Vec<_>>();
+    let bob_out = Consent {
+        customer_id: bob.customer_id.clone(),
+        training_use: false,
+        updated_by: "crm".into(),
+        updated_at_ms: 7,
+    };
+    cat.set_consent(&bob_out).await.unwrap();
+    let opt_out_default = ListFilter { training_use: Some(true), ..Default::default() };
+    assert_eq!(
+        ids(cat.list_objects(&opt_out_default, None, 10).await.unwrap()),
+        vec![a3.object_id, a2.object_id, a1.object_id],
+        "an opted-out customer vanishes"
+    );
+    let opt_in_default = ListFilter { training_use: Some(false), ..Default::default() };
+    assert_eq!(cat.count_objects(&opt_in_default).await.unwrap(), 0, "with opt-in, nobody who did not opt in");
+    let alice_in = Consent {
+        customer_id: alice.customer_id.clone(),
+        training_use: true,
+        updated_by: "crm".into(),
+        updated_at_ms: 8,
+    };
+    cat.set_consent(&alice_in).await.unwrap();
+    assert_eq!(cat.count_objects(&opt_in_default).await.unwrap(), 3);
+
     let stored = cat.object(&a1.object_id).await.unwrap().unwrap();
     assert_eq!(stored.record, a1);
     assert_eq!(stored.wrapped_dek, vec![0xC1; 61]);

@@ -111,6 +111,19 @@ pub struct ListFilter {
     pub kind: Option<crate::model::ContentKind>,
     pub created_after_ms: Option<i64>,
     pub created_before_ms: Option<i64>,
+    pub agent_id: Option<String>,
+    pub queue: Option<String>,
+    pub channel: Option<String>,
+    pub direction: Option<crate::model::Direction>,
+    pub started_after_ms: Option<i64>,
+    pub started_before_ms: Option<i64>,
+    /// Every one of these tags.
+    pub tags: Vec<(String, String)>,
+    /// Leave out derived items (redacted renditions).
+    pub originals_only: bool,
+    /// Only customers whose consent allows training use; the value is the
+    /// default for customers with no recorded consent.
+    pub training_use: Option<bool>,
 }
 
 /// Keyset pagination position: list continues strictly after it (newest
@@ -252,6 +265,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// A committed object (or its tombstone after a shred: `customer_state`
     /// tells, and `wrapped_dek` is then empty).
     async fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>, CatalogError>;
+    /// How many committed, readable objects match `filter`.
+    async fn count_objects(&self, filter: &ListFilter) -> Result<u64, CatalogError>;
     /// Committed, readable objects matching `filter`, newest first.
     async fn list_objects(
         &self,

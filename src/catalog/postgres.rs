@@ -403,6 +403,61 @@ fn upload_from_row(row: &Row) -> Result<UploadRecord, CatalogError> {
     })
 }
 
+type SqlArgs = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The WHERE clause (and its arguments) of a listing: live objects of
+/// active customers matching `filter`, after the page cursor.
+fn filter_sql(filter: &ListFilter, after: Option<PageCursor>) -> (String, SqlArgs) {
+    let mut sql = format!("o.shredded = {LIVE} AND c.state = 'active'");
+    let mut args: SqlArgs = Vec::new();
+    let mut push = |sql: &mut String, clause: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        sql.push_str(&format!(" AND {clause} ${}", args.len()));
+    };
+    let text = |s: &Option<String>| s.clone().map(|v| Box::new(v) as Box<dyn ToSql + Sync + Send>);
+    let int = |v: Option<i64>| v.map(|v| Box::new(v) as Box<dyn ToSql + Sync + Send>);
+    for (clause, value) in [
+        ("o.customer_id =", filter.customer_id.as_ref().map(|c| Box::new(c.as_str().to_owned()) as Box<_>)),
+        ("o.interaction_id =", text(&filter.interaction_id)),
+        ("o.kind =", filter.kind.map(|k| Box::new(i16::from(k.code())) as Box<_>)),
+        ("o.created_at_ms >=", int(filter.created_after_ms)),
+        ("o.created_at_ms <", int(filter.created_before_ms)),
+        ("o.agent_id =", text(&filter.agent_id)),
+        ("o.queue =", text(&filter.queue)),
+        ("o.channel =", text(&filter.channel)),
+        ("o.direction =", filter.direction.map(|d| Box::new(i16::from(d.code())) as Box<_>)),
+        ("o.started_at_ms >=", int(filter.started_after_ms)),
+        ("o.started_at_ms <", int(filter.started_before_ms)),
+    ] {
+        if let Some(v) = value {
+            push(&mut sql, clause, v);
+        }
+    }
+    for (k, v) in &filter.tags {
+        args.push(Box::new(k.clone()));
+        args.push(Box::new(v.clone()));
+        sql.push_str(&format!(" AND (o.tags::jsonb ->> ${}) = ${}", args.len() - 1, args.len()));
+    }
+    if filter.originals_only {
+        sql.push_str(" AND o.derived_from IS NULL");
+    }
+    match filter.training_use {
+        Some(true) => sql.push_str(
+            " AND NOT EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = o.customer_id AND NOT k.training_use)",
+        ),
+        Some(false) => {
+            sql.push_str(" AND EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = o.customer_id AND k.training_use)")
+        }
+        None => {}
+    }
+    if let Some(cur) = after {
+        args.push(Box::new(cur.created_at_ms));
+        args.push(Box::new(cur.object_id.to_string()));
+        sql.push_str(&format!(" AND (o.created_at_ms, o.object_id) < (${}, ${})", args.len() - 1, args.len()));
+    }
+    (sql, args)
+}
+
 /// Spans as stored: a JSON array, or NULL for none.
 fn spans_json(spans: &[TimeSpan]) -> Result<Option<String>, CatalogError> {
     if spans.is_empty() { Ok(None) } else { serde_json::to_string(spans).map(Some).map_err(invalid) }
@@ -812,40 +867,27 @@ impl Catalog for PostgresCatalog {
         after: Option<PageCursor>,
         limit: usize,
     ) -> Result<Vec<ObjectRecord>, CatalogError> {
-        let mut sql = format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref
-             WHERE o.shredded = {LIVE} AND c.state = 'active'"
-        );
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |sql: &mut String, clause: &str, v: Box<dyn ToSql + Sync + Send>| {
-            args.push(v);
-            sql.push_str(&format!(" AND {clause} ${}", args.len()));
-        };
-        if let Some(id) = &filter.customer_id {
-            push(&mut sql, "o.customer_id =", Box::new(id.as_str().to_owned()));
-        }
-        if let Some(id) = &filter.interaction_id {
-            push(&mut sql, "o.interaction_id =", Box::new(id.clone()));
-        }
-        if let Some(kind) = filter.kind {
-            push(&mut sql, "o.kind =", Box::new(i16::from(kind.code())));
-        }
-        if let Some(t) = filter.created_after_ms {
-            push(&mut sql, "o.created_at_ms >=", Box::new(t));
-        }
-        if let Some(t) = filter.created_before_ms {
-            push(&mut sql, "o.created_at_ms <", Box::new(t));
-        }
-        if let Some(cur) = after {
-            args.push(Box::new(cur.created_at_ms));
-            args.push(Box::new(cur.object_id.to_string()));
-            sql.push_str(&format!(" AND (o.created_at_ms, o.object_id) < (${}, ${})", args.len() - 1, args.len()));
-        }
+        let (filter_sql, mut args) = filter_sql(filter, after);
         args.push(Box::new(limit_param(limit)));
-        sql.push_str(&format!(" ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT ${}", args.len()));
+        let sql = format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref
+             WHERE {filter_sql} ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT ${}",
+            args.len()
+        );
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
         let client = self.pool.get().await.map_err(pool_err)?;
         client.query(&sql, &params).await.map_err(backend)?.iter().map(object_from_row).collect()
+    }
+
+    async fn count_objects(&self, filter: &ListFilter) -> Result<u64, CatalogError> {
+        let (filter_sql, args) = filter_sql(filter, None);
+        let sql = format!(
+            "SELECT COUNT(*) FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref WHERE {filter_sql}"
+        );
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let n: i64 = client.query_one(&sql, &params).await.map_err(backend)?.try_get(0).map_err(backend)?;
+        Ok(n as u64)
     }
 
     async fn request_shred(&self, id: &CustomerId, request: &ShredRequest) -> Result<ShredTicket, CatalogError> {

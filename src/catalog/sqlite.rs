@@ -297,6 +297,61 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
     })
 }
 
+/// The WHERE clause (and its arguments) of a listing: live objects of
+/// active customers matching `filter`, after the page cursor.
+fn filter_sql(filter: &ListFilter, after: Option<PageCursor>) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = format!("o.shredded = {LIVE} AND c.state = 'active'");
+    let mut args: Vec<Value> = Vec::new();
+    let mut push = |sql: &mut String, clause: &str, v: Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+    };
+    let text = |s: &Option<String>| s.clone().map(Value::from);
+    for (clause, value) in [
+        ("o.customer_id =", filter.customer_id.as_ref().map(|c| Value::from(c.as_str().to_owned()))),
+        ("o.interaction_id =", text(&filter.interaction_id)),
+        ("o.kind =", filter.kind.map(|k| Value::from(i64::from(k.code())))),
+        ("o.created_at_ms >=", filter.created_after_ms.map(Value::from)),
+        ("o.created_at_ms <", filter.created_before_ms.map(Value::from)),
+        ("o.agent_id =", text(&filter.agent_id)),
+        ("o.queue =", text(&filter.queue)),
+        ("o.channel =", text(&filter.channel)),
+        ("o.direction =", filter.direction.map(|d| Value::from(i64::from(d.code())))),
+        ("o.started_at_ms >=", filter.started_after_ms.map(Value::from)),
+        ("o.started_at_ms <", filter.started_before_ms.map(Value::from)),
+    ] {
+        if let Some(v) = value {
+            push(&mut sql, clause, v);
+        }
+    }
+    for (k, v) in &filter.tags {
+        // Tag keys are [A-Za-z0-9._:-] (validated at ingest), so quoting
+        // the key as a JSON path member is safe.
+        args.push(Value::from(k.clone()));
+        args.push(Value::from(v.clone()));
+        sql.push_str(&format!(" AND json_extract(o.tags, '$.\"' || ?{} || '\"') = ?{}", args.len() - 1, args.len()));
+    }
+    if filter.originals_only {
+        sql.push_str(" AND o.derived_from IS NULL");
+    }
+    match filter.training_use {
+        Some(true) => sql.push_str(
+            " AND NOT EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = o.customer_id AND k.training_use = 0)",
+        ),
+        Some(false) => sql.push_str(
+            " AND EXISTS (SELECT 1 FROM consent k WHERE k.customer_id = o.customer_id AND k.training_use = 1)",
+        ),
+        None => {}
+    }
+    if let Some(cur) = after {
+        args.push(cur.created_at_ms.into());
+        args.push(cur.object_id.to_string().into());
+        sql.push_str(&format!(" AND (o.created_at_ms, o.object_id) < (?{}, ?{})", args.len() - 1, args.len()));
+    }
+    (sql, args)
+}
+
 /// Spans as stored: a JSON array, or NULL for none.
 fn spans_json(spans: &[TimeSpan]) -> Result<Option<String>, CatalogError> {
     if spans.is_empty() { Ok(None) } else { serde_json::to_string(spans).map(Some).map_err(backend) }
@@ -648,41 +703,28 @@ impl Catalog for SqliteCatalog {
         after: Option<PageCursor>,
         limit: usize,
     ) -> Result<Vec<ObjectRecord>, CatalogError> {
-        let filter = filter.clone();
+        let (mut sql, args) = filter_sql(filter, after);
+        sql.push_str(&format!(" ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT {limit}"));
         self.run(move |c| {
-            let mut sql = format!(
-                "SELECT {OBJECT_COLUMNS} FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref
-                 WHERE o.shredded = 0 AND c.state = 'active'"
+            let sql = format!(
+                "SELECT {OBJECT_COLUMNS} FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref WHERE {sql}"
             );
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            let mut push = |clause: &str, v: rusqlite::types::Value| {
-                args.push(v);
-                sql.push_str(&format!(" AND {clause} ?{}", args.len()));
-            };
-            if let Some(id) = &filter.customer_id {
-                push("o.customer_id =", id.as_str().to_owned().into());
-            }
-            if let Some(id) = &filter.interaction_id {
-                push("o.interaction_id =", id.clone().into());
-            }
-            if let Some(kind) = filter.kind {
-                push("o.kind =", i64::from(kind.code()).into());
-            }
-            if let Some(t) = filter.created_after_ms {
-                push("o.created_at_ms >=", t.into());
-            }
-            if let Some(t) = filter.created_before_ms {
-                push("o.created_at_ms <", t.into());
-            }
-            if let Some(cur) = after {
-                args.push(cur.created_at_ms.into());
-                args.push(cur.object_id.to_string().into());
-                sql.push_str(&format!(" AND (o.created_at_ms, o.object_id) < (?{}, ?{})", args.len() - 1, args.len()));
-            }
-            sql.push_str(&format!(" ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT {limit}"));
             let mut stmt = c.prepare(&sql).map_err(backend)?;
             let rows = stmt.query_map(rusqlite::params_from_iter(args), object_from_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn count_objects(&self, filter: &ListFilter) -> Result<u64, CatalogError> {
+        let (sql, args) = filter_sql(filter, None);
+        self.run(move |c| {
+            let sql = format!(
+                "SELECT COUNT(*) FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref WHERE {sql}"
+            );
+            c.query_row(&sql, rusqlite::params_from_iter(args), |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(backend)
         })
         .await
     }

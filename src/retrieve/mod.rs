@@ -8,6 +8,7 @@
 //! authenticated; every integrity failure is the same opaque error.
 
 pub mod redact;
+pub mod sample;
 pub mod silence;
 
 use std::sync::Arc;
@@ -56,6 +57,31 @@ pub struct Retrieve {
     /// Stores redacted renditions (derived items, under the source's
     /// customer key).
     ingest: Arc<crate::ingest::Ingest>,
+}
+
+/// Most objects a sample is drawn from; a larger population must be
+/// narrowed by the filter.
+const MAX_SAMPLE_POPULATION: usize = 100_000;
+/// Most objects returned per interaction of a sample.
+const MAX_GROUP: usize = 100;
+
+/// How to draw a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleDraw {
+    pub strata: sample::Strata,
+    /// Interactions to draw (uniform draw).
+    pub count: usize,
+    /// Interactions per agent or queue (stratified draw).
+    pub per_stratum: usize,
+    pub seed: u64,
+}
+
+/// One drawn interaction with its objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleGroup {
+    pub key: String,
+    pub stratum: String,
+    pub objects: Vec<ObjectRecord>,
 }
 
 /// Largest transcript redacted in memory (transcripts are capped at 16 MiB
@@ -199,47 +225,106 @@ impl Retrieve {
                 Some(_) => {}
             }
         }
-        let mut after = if page_token.is_empty() { None } else { Some(decode_token(page_token)?) };
-        if !training_only {
-            let mut objects = self.catalog.list_objects(filter, after, limit + 1).await?;
-            let next_page_token = if objects.len() > limit {
-                objects.truncate(limit);
-                objects.last().map(|o| encode_token(&cursor(o)))
-            } else {
-                None
-            };
-            return Ok(Page { objects, next_page_token });
+        let mut filter = filter.clone();
+        if training_only {
+            filter.training_use = Some(self.default_training_use);
         }
-        // Filter by consent, scanning a bounded number of rows per call so
-        // a listing dominated by opted-out customers still answers quickly.
-        let mut consent: std::collections::HashMap<crate::model::CustomerId, bool> = Default::default();
-        let mut objects = Vec::new();
-        let mut scanned = 0;
+        self.page(&filter, page_token, limit).await
+    }
+
+    async fn page(&self, filter: &ListFilter, page_token: &str, limit: usize) -> Result<Page, Error> {
+        let after = if page_token.is_empty() { None } else { Some(decode_token(page_token)?) };
+        let mut objects = self.catalog.list_objects(filter, after, limit + 1).await?;
+        let next_page_token = if objects.len() > limit {
+            objects.truncate(limit);
+            objects.last().map(|o| encode_token(&cursor(o)))
+        } else {
+            None
+        };
+        Ok(Page { objects, next_page_token })
+    }
+
+    /// What a caller may search and sample: originals only (a rendition
+    /// is reached through its source), and for a coach only customers who
+    /// allow training use.
+    fn scoped(&self, mut filter: ListFilter, training_only: bool) -> ListFilter {
+        filter.originals_only = true;
+        if training_only {
+            filter.training_use = Some(self.default_training_use);
+        }
+        filter
+    }
+
+    /// Objects matching `filter`, newest first, one page, with the total.
+    pub async fn search(
+        &self,
+        filter: ListFilter,
+        page_token: &str,
+        page_size: usize,
+        training_only: bool,
+    ) -> Result<(Page, u64), Error> {
+        let limit = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let filter = self.scoped(filter, training_only);
+        let total = self.catalog.count_objects(&filter).await?;
+        Ok((self.page(&filter, page_token, limit).await?, total))
+    }
+
+    /// Draws interactions matching `filter` ([`sample::draw`]) and returns
+    /// each with its objects, and the number of interactions drawn from.
+    pub async fn sample(
+        &self,
+        filter: ListFilter,
+        draw: SampleDraw,
+        training_only: bool,
+    ) -> Result<(Vec<SampleGroup>, u64), Error> {
+        let filter = self.scoped(filter, training_only);
+        let mut candidates = Vec::new();
+        let mut singles = std::collections::HashMap::new();
+        let mut after = None;
         loop {
-            let batch = self.catalog.list_objects(filter, after, limit + 1).await?;
-            let exhausted = batch.len() <= limit;
-            for o in batch {
-                if objects.len() == limit {
-                    return Ok(Page { next_page_token: after.map(|c| encode_token(&c)), objects });
-                }
-                scanned += 1;
-                after = Some(cursor(&o));
-                let id = o.spec.customer_id.clone();
-                let allowed = match consent.get(&id) {
-                    Some(a) => *a,
-                    None => *consent.entry(id.clone()).or_insert(self.training_use(&id).await?),
-                };
-                if allowed {
-                    objects.push(o);
+            let page = self.catalog.list_objects(&filter, after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(cursor(last));
+            for o in page {
+                let i = &o.spec.interaction;
+                let key = if i.interaction_id.is_empty() { o.object_id.to_string() } else { i.interaction_id.clone() };
+                candidates.push(sample::Candidate {
+                    key: key.clone(),
+                    agent_id: i.agent_id.clone(),
+                    queue: i.queue.clone(),
+                });
+                if i.interaction_id.is_empty() {
+                    singles.insert(key, o);
                 }
             }
-            if exhausted {
-                return Ok(Page { objects, next_page_token: None });
-            }
-            if scanned >= limit * 10 {
-                return Ok(Page { next_page_token: after.map(|c| encode_token(&c)), objects });
+            if candidates.len() > MAX_SAMPLE_POPULATION {
+                return Err(Error::TooLarge(format!(
+                    "more than {MAX_SAMPLE_POPULATION} objects match: narrow the filter (time range, queue, agent)"
+                )));
             }
         }
+        let population = candidates.iter().map(|c| c.key.as_str()).collect::<std::collections::HashSet<_>>().len();
+        let drawn = sample::draw(&candidates, draw.strata, draw.count, draw.per_stratum, draw.seed);
+        let mut groups = Vec::with_capacity(drawn.len());
+        for (key, stratum) in drawn {
+            let objects = match singles.remove(&key) {
+                Some(o) => vec![o],
+                None => {
+                    let of_interaction = ListFilter {
+                        interaction_id: Some(key.clone()),
+                        originals_only: true,
+                        training_use: filter.training_use,
+                        ..Default::default()
+                    };
+                    self.catalog.list_objects(&of_interaction, None, MAX_GROUP).await?
+                }
+            };
+            groups.push(SampleGroup { key, stratum, objects });
+        }
+        Ok((groups, population as u64))
     }
 
     /// Opens a range of an object for reading. Returns its metadata and a

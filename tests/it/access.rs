@@ -88,6 +88,8 @@ async fn call(c: &mut Client, rpc: Rpc, fx: &Fixture, n: usize) -> Result<(), to
         Rpc::Stat => c.stat(pb::StatRequest { object_id: fx.object_id.clone() }).await.map(drop),
         Rpc::Get => get(c, &fx.object_id, None).await.map(drop),
         Rpc::List => c.list(pb::ListRequest { customer_id: fx.customer.clone(), ..Default::default() }).await.map(drop),
+        Rpc::Search => c.search(pb::SearchRequest::default()).await.map(drop),
+        Rpc::Sample => c.sample(pb::SampleRequest { count: 1, seed: n as u64, ..Default::default() }).await.map(drop),
         Rpc::MarkSensitive => c
             .mark_sensitive(pb::MarkSensitiveRequest {
                 object_id: fx.object_id.clone(),

@@ -2,6 +2,7 @@
 
 mod access;
 mod audit;
+mod coaching;
 mod common;
 mod grpc;
 mod postgres;
