@@ -568,7 +568,7 @@ mod tests {
         for bit in [0, 8, 8 * 5, 8 * 13, 8 * 30, 8 * ENVELOPE_LEN - 1] {
             let mut bad = wrapped.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            let err = root.unwrap(&bad, b"customer 1").await.err().expect("refused");
+            let err = root.unwrap(&bad, b"customer 1").await.expect_err("refused");
             assert!(matches!(err, KeyError::DecryptionFailed), "bit {bit}: {err:?}");
             assert_eq!(err.to_string(), "decryption failed");
         }
@@ -638,7 +638,7 @@ mod tests {
         std::fs::write(&path, "s3cret-pin\n").unwrap();
         for mode in [0o640, 0o604, 0o644] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            let err = read_pin(&path).err().expect("refused").to_string();
+            let err = read_pin(&path).expect_err("refused").to_string();
             assert!(err.contains("chmod 600") && !err.contains("s3cret"), "{err}");
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
