@@ -32,6 +32,7 @@ pub struct Config {
     pub allow_plaintext: bool,
     pub auth: AuthSection,
     pub catalog: CatalogSection,
+    pub root_key: RootKeySection,
     pub ingest: IngestSection,
     pub retention: RetentionSection,
     pub consent: ConsentSection,
@@ -106,6 +107,79 @@ impl CatalogSection {
             }
             _ => anyhow::bail!("catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"),
         }
+    }
+}
+
+/// Who holds the root key that wraps every customer key (docs/KEYS.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RootKeySection {
+    /// `file` (root.key in the data directory) or `pkcs11` (a key inside an
+    /// HSM or token that never leaves it).
+    pub provider: RootKeyProvider,
+    /// pkcs11: the module (shared library) of the token's vendor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<PathBuf>,
+    /// pkcs11: label of the token holding the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_label: Option<String>,
+    /// pkcs11: file holding the user PIN; refused if group or others can read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
+    /// pkcs11: label of the AES-256 key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_label: Option<String>,
+    /// pkcs11: generate the key inside the token if no key has `key_label`.
+    pub create_key: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootKeyProvider {
+    #[default]
+    File,
+    Pkcs11,
+}
+
+impl RootKeySection {
+    /// The PKCS#11 settings, when `provider = "pkcs11"`; every key named.
+    pub fn pkcs11(&self) -> anyhow::Result<Option<crate::keys::Pkcs11Settings>> {
+        if self.provider != RootKeyProvider::Pkcs11 {
+            return Ok(None);
+        }
+        let missing = |key: &str| anyhow::anyhow!("root_key.provider = \"pkcs11\" needs root_key.{key}");
+        let non_empty = |v: &Option<String>, key: &str| -> anyhow::Result<String> {
+            match v {
+                Some(s) if !s.trim().is_empty() => Ok(s.clone()),
+                Some(_) => anyhow::bail!("root_key.{key} must not be empty"),
+                None => Err(missing(key)),
+            }
+        };
+        let token_label = non_empty(&self.token_label, "token_label")?;
+        anyhow::ensure!(token_label.len() <= 32, "root_key.token_label is longer than 32 bytes (the PKCS#11 limit)");
+        Ok(Some(crate::keys::Pkcs11Settings {
+            module: self.module.clone().ok_or_else(|| missing("module"))?,
+            token_label,
+            pin_file: self.pin_file.clone().ok_or_else(|| missing("pin_file"))?,
+            key_label: non_empty(&self.key_label, "key_label")?,
+            create_key: self.create_key,
+        }))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.provider == RootKeyProvider::File {
+            let set = [
+                ("module", self.module.is_some()),
+                ("token_label", self.token_label.is_some()),
+                ("pin_file", self.pin_file.is_some()),
+                ("key_label", self.key_label.is_some()),
+                ("create_key", self.create_key),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, is_set)| *is_set) {
+                anyhow::bail!("root_key.{key} is used only with root_key.provider = \"pkcs11\"");
+            }
+        }
+        self.pkcs11().map(|_| ())
     }
 }
 
@@ -258,6 +332,7 @@ impl Default for Config {
             allow_plaintext: false,
             auth: AuthSection::default(),
             catalog: CatalogSection::default(),
+            root_key: RootKeySection::default(),
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
             consent: ConsentSection::default(),
@@ -310,6 +385,7 @@ impl Config {
                 "catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"
             );
         }
+        self.root_key.validate()?;
         for c in &self.auth.certificates {
             anyhow::ensure!(
                 !c.subject.is_empty() && (!c.roles.is_empty() || c.unredacted),
@@ -423,6 +499,37 @@ mod tests {
             "[[auth.certificate]]\nsubject = \"x\"\nroles = [\"superuser\"]",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn root_key_provider_is_file_by_default_and_pkcs11_needs_every_key() {
+        assert_eq!(Config::default().root_key.provider, RootKeyProvider::File);
+        assert!(Config::default().root_key.pkcs11().unwrap().is_none());
+        let cfg = Config::from_toml(
+            "[root_key]\nprovider = \"pkcs11\"\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\n\
+             token_label = \"recvault\"\npin_file = \"/etc/recvault/hsm.pin\"\nkey_label = \"root-1\"\n\
+             create_key = true\n",
+        )
+        .unwrap();
+        let p = cfg.root_key.pkcs11().unwrap().expect("pkcs11 settings");
+        assert_eq!(p.token_label, "recvault");
+        assert_eq!(p.key_label, "root-1");
+        assert!(p.create_key);
+        for (bad, expect) in [
+            ("[root_key]\nprovider = \"pkcs11\"\ntoken_label = \"t\"\npin_file = \"p\"\nkey_label = \"k\"", "module"),
+            ("[root_key]\nprovider = \"pkcs11\"\nmodule = \"m\"\npin_file = \"p\"\nkey_label = \"k\"", "token_label"),
+            ("[root_key]\nprovider = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\nkey_label = \"k\"", "pin_file"),
+            (
+                "[root_key]\nprovider = \"pkcs11\"\nmodule = \"m\"\ntoken_label = \"t\"\npin_file = \"p\"\nkey_label = \"\"",
+                "key_label",
+            ),
+            ("[root_key]\nkey_label = \"k\"", "only with"),
+            ("[root_key]\nprovider = \"kms\"", "kms"),
+            ("[root_key]\npin = \"1234\"", "pin"),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(expect), "{bad}: {err}");
         }
     }
 

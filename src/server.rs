@@ -21,8 +21,8 @@ use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{CatalogBackend, Config};
 use crate::ingest::{Ingest, IngestConfig};
-use crate::keys::KeyService;
 use crate::keys::root_file::FileRootKey;
+use crate::keys::{KeyService, Pkcs11RootKey, RootKey};
 use crate::retention::certificate::SigningKey;
 use crate::retention::policy::Policies;
 use crate::retention::{Retention, RetentionConfig, RetentionDeps};
@@ -69,7 +69,15 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     cfg.validate()?;
     let data = &cfg.data_dir;
     ensure_private_dir(data)?;
-    let root = FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Either provider stays sealed until the known-answer check below passes.
+    let root: Arc<dyn RootKey> = match cfg.root_key.pkcs11()? {
+        None => {
+            Arc::new(FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        Some(settings) => {
+            Arc::new(Pkcs11RootKey::open(settings).await.map_err(|e| anyhow::anyhow!("pkcs11 root key: {e}"))?)
+        }
+    };
     let catalog: Arc<dyn Catalog> = match cfg.catalog.backend {
         CatalogBackend::Sqlite => Arc::new(
             SqliteCatalog::open(&data.join("catalog.sqlite"))
@@ -85,9 +93,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         }
     };
     let keys = Arc::new(
-        KeyService::unseal(Arc::new(root), catalog.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+        KeyService::unseal(root, catalog.clone()).await.map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
     );
     let signer =
         Arc::new(SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?);

@@ -2,6 +2,7 @@
 //! root-wrapped in the catalog) → one data key per object (stored
 //! customer-key-wrapped in the catalog, never in the object).
 
+pub mod pkcs11;
 pub mod root_file;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::crypto::secret::{CustomerKey, DataKey, SecretKey};
 use crate::crypto::wrap;
 use crate::model::{CustomerId, CustomerRef, ObjectId, now_ms};
 
+pub use pkcs11::{Pkcs11RootKey, Pkcs11Settings};
 pub use root_file::FileRootKey;
 
 /// A holder of the root key. The local key file implements it today; a
@@ -77,8 +79,8 @@ impl KeyService {
         };
         if !ok {
             return Err(KeyError::Sealed(format!(
-                "the root key ({}) does not match this data directory's catalog: the key file was replaced \
-                 or belongs to another installation; restore the original key file",
+                "the root key ({}) does not match this data directory's catalog: the key file (or token \
+                 key) was replaced or belongs to another installation; restore the original root key",
                 root.key_id()
             )));
         }
