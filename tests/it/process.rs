@@ -186,3 +186,80 @@ fn ok_bytes(out: Output) -> Vec<u8> {
     assert!(out.status.success(), "CLI failed: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
+
+/// Issue #6 point 3 end to end: a real server whose root key lives in a
+/// SoftHSM2 token (generated there, never exported) stores and reads
+/// content, and after a kill -9 and restart unseals through the token and
+/// reads it again; a server pointed at another key in the token stays
+/// sealed and never opens its port.
+#[tokio::test]
+async fn server_with_its_root_key_in_a_pkcs11_token() {
+    if std::env::var("RECVAULT_SKIP_HSM").as_deref() == Ok("1") {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "!!!!! SKIPPED: PKCS#11 server test (RECVAULT_SKIP_HSM=1)");
+        return;
+    }
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("SoftHSM2 is needed: apt-get install softhsm2 (or set RECVAULT_SKIP_HSM=1)");
+    let hsm = tempfile::tempdir().unwrap();
+    let tokens = hsm.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = hsm.path().join("softhsm2.conf");
+    std::fs::write(&conf, format!("directories.tokendir = {}\nobjectstore.backend = file\n", tokens.display()))
+        .unwrap();
+    let init = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", "recvault-it", "--pin", "4321", "--so-pin", "8765"])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util (apt-get install softhsm2)");
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let pin = hsm.path().join("pin");
+    recvault::auth::write_private(&pin, b"4321").unwrap();
+    let config = |label: &str, create: bool| {
+        format!(
+            "{CHILD_CONFIG}[root_key]\nprovider = \"pkcs11\"\nmodule = \"{module}\"\ntoken_label = \"recvault-it\"\n\
+             pin_file = \"{}\"\nkey_label = \"{label}\"\ncreate_key = {create}\n",
+            pin.display()
+        )
+    };
+    let conf_env = conf.to_str().unwrap().to_owned();
+    let envs = [("SOFTHSM2_CONF", conf_env.as_str())];
+
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn_with(data.path(), &config("recvault-root", true), &envs, None);
+    assert!(!data.path().join("root.key").exists(), "no root key file beside a token key");
+    let mut c = server.client().await;
+    let audio = wav(100_000);
+    let o = ingest(&mut c, &new_id(), spec("hsm-1", REC, "audio/wav"), &audio).await;
+    server.kill9();
+    let server = ChildServer::spawn_with(data.path(), &config("recvault-root", false), &envs, None);
+    let mut c = server.client().await;
+    assert_eq!(get(&mut c, &o.object_id, None).await.unwrap(), audio);
+    drop(server);
+
+    // Another key of the token is not this installation's root key: the
+    // server refuses to start (sealed) instead of serving.
+    let out = Command::new(env!("CARGO_BIN_EXE_recvault"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .arg("--config")
+        .arg({
+            let p = hsm.path().join("other.toml");
+            std::fs::write(&p, config("another-key", true)).unwrap();
+            p
+        })
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to start"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("serving on"));
+    assert!(!err.contains("4321"), "the PIN never reaches an error");
+}
