@@ -41,7 +41,11 @@ async fn main() {
     }
     block[..12].copy_from_slice(b"RIFF\0\0\0\0WAVE");
     let block = Bytes::from(block);
-    let dir = tempfile::tempdir_in(std::env::var("RECVAULT_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
+    // On the disk under test (target/ by default, created if a custom
+    // CARGO_TARGET_DIR left it absent).
+    let base = std::env::var("RECVAULT_BENCH_DIR").unwrap_or_else(|_| "target".into());
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
 
     // (a) plain file write + fsync.
     let t = Instant::now();
