@@ -13,3 +13,12 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/interop/requ
 # kill -9 tests would run a binary without the failpoints.
 cargo test --locked --all-targets --features failpoints
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop
+
+# The coaching page end to end in headless Chromium (issue #5): Debian's
+# chromium driven by playwright-core (`.ci/run` installs chromium).
+if [ -x "${CHROMIUM:-/usr/bin/chromium}" ] && command -v npm >/dev/null 2>&1; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  RECVAULT_BIN="$PWD/target/debug/recvault" node tests/browser/coaching.mjs
+else
+  echo "!!! SKIPPED the coaching page browser test: needs chromium (apt-get install chromium) and Node.js/npm" >&2
+fi

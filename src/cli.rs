@@ -103,6 +103,19 @@ pub enum Command {
     Token(TokenCmd),
     /// Who the server takes you to be, and what you may call.
     Whoami(ServerArg),
+    /// A short-lived signed HTTP link to an object's content, for a browser,
+    /// an audio player or curl (send `Range` to seek). Prints the URL.
+    Link {
+        object_id: String,
+        /// Why it will be read: coaching, quality-review, legal or data-subject-request.
+        #[arg(long, value_parser = parse_purpose)]
+        purpose: crate::model::Purpose,
+        /// Lifetime, e.g. 2m (at most the server's link_ttl, the default).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 /// What `search` and `sample` look for; all given must match.
@@ -242,6 +255,10 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:7420].
     #[arg(long, env = "RECVAULT_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
+    /// HTTP listen address: coaching page and playback links
+    /// [default: 127.0.0.1:7421].
+    #[arg(long, env = "RECVAULT_HTTP_LISTEN")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -770,6 +787,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("{} shown of {} matching", r.objects.len(), r.total);
             Ok(())
         }
+        Command::Link { object_id, purpose, ttl, server } => {
+            let ttl_seconds = match ttl {
+                None => 0,
+                Some(t) if t.as_secs() == 0 => anyhow::bail!("--ttl must be at least 1s"),
+                Some(t) => u32::try_from(t.as_secs()).context("--ttl is too long")?,
+            };
+            let link = connect(&server)
+                .await?
+                .create_playback_link(pb::CreatePlaybackLinkRequest {
+                    object_id,
+                    purpose: crate::api::purpose_code(purpose),
+                    ttl_seconds,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", link.url);
+            if let Some(at) = &link.expires_at {
+                eprintln!("valid until {}", crate::model::format_ms(at.seconds * 1000));
+            }
+            Ok(())
+        }
         Command::Sample { filter, count, per_agent, per_queue, seed, server } => {
             let (stratify, count, per_stratum) = match (count, per_agent, per_queue) {
                 (_, Some(k), _) => (pb::Stratify::PerAgent, 0, k),
@@ -826,10 +865,21 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = a.listen {
         cfg.listen = l;
     }
+    if let Some(l) = a.http_listen {
+        cfg.http.listen = l;
+    }
     let (parts, listener) = crate::server::bind(&cfg).await?;
     let addr = listener.local_addr()?;
-    // One machine-readable line on stdout: scripts and tests wait for it.
-    println!("recvault serving on {addr} (data in {})", cfg.data_dir.display());
+    let page = match &parts.http {
+        Some(http) => {
+            let base = crate::web::base_url(cfg.http.public_url.as_deref(), http.local_addr()?, cfg.tls.is_some());
+            format!("; coaching page {base}/")
+        }
+        None => String::new(),
+    };
+    // One machine-readable line on stdout: scripts and tests wait for it
+    // (the gRPC address is its fourth word).
+    println!("recvault serving on {addr} (data in {}){page}", cfg.data_dir.display());
     std::io::stdout().flush().ok();
     if cfg.tls.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "serving plain TCP beyond loopback (allow_plaintext): tokens cross the network in clear");
@@ -1094,13 +1144,7 @@ async fn get(a: GetArgs) -> anyhow::Result<()> {
     let req = pb::GetRequest {
         object_id: a.object_id.clone(),
         range: a.range.map(|(start, end)| pb::ByteRange { start, end }),
-        purpose: match a.purpose {
-            crate::model::Purpose::Unspecified => pb::Purpose::Unspecified,
-            crate::model::Purpose::Coaching => pb::Purpose::Coaching,
-            crate::model::Purpose::QualityReview => pb::Purpose::QualityReview,
-            crate::model::Purpose::Legal => pb::Purpose::Legal,
-            crate::model::Purpose::DataSubjectRequest => pb::Purpose::DataSubjectRequest,
-        } as i32,
+        purpose: crate::api::purpose_code(a.purpose),
     };
     let mut stream = client.get(req).await.map_err(status_error)?.into_inner();
     let (mut out, tmp): (Box<dyn Write>, Option<PathBuf>) = match &a.output {

@@ -15,6 +15,8 @@ use crate::model::{ContentKind, RetentionPolicy};
 pub const DEFAULT_DATA_DIR: &str = "./recvault-data";
 /// Default gRPC address (loopback only: nothing is exposed by default).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// Default address of the HTTP port (coaching page, playback links).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +38,7 @@ pub struct Config {
     pub ingest: IngestSection,
     pub retention: RetentionSection,
     pub consent: ConsentSection,
+    pub http: HttpSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +208,35 @@ impl Default for ConsentSection {
     }
 }
 
+/// The HTTP port: the coaching page and signed playback links. It speaks
+/// TLS with the gRPC port's certificate when `[tls]` is configured, and
+/// like the gRPC port it is plain TCP only on loopback or with
+/// `allow_plaintext`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Lifetime of playback links (and the longest a caller may ask for).
+    #[serde(with = "humantime_serde_compat")]
+    pub link_ttl: Duration,
+    /// Base URL of links when the port is reached through a proxy or a
+    /// name (e.g. `https://recvault.example`); default: the bound address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
+            link_ttl: Duration::from_secs(600),
+            public_url: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainingUse {
@@ -336,6 +368,7 @@ impl Default for Config {
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
             consent: ConsentSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -373,6 +406,25 @@ impl Config {
              allow_plaintext = true if a TLS-terminating proxy is in front",
             self.listen
         );
+        let h = &self.http;
+        if h.enabled {
+            anyhow::ensure!(
+                self.tls.is_some() || self.allow_plaintext || h.listen.ip().is_loopback(),
+                "http.listen = {} is beyond loopback without TLS: configure [tls] (the HTTP port uses the same \
+                 certificate), set allow_plaintext = true behind a TLS-terminating proxy, or http.enabled = false",
+                h.listen
+            );
+            anyhow::ensure!(
+                (Duration::from_secs(10)..=Duration::from_secs(86_400)).contains(&h.link_ttl),
+                "http.link_ttl must be between 10s and 1day"
+            );
+            if let Some(u) = &h.public_url {
+                anyhow::ensure!(
+                    (u.starts_with("https://") || u.starts_with("http://")) && !u.contains(['?', '#', ' ']),
+                    "http.public_url must be an http:// or https:// base URL without query, got {u:?}"
+                );
+            }
+        }
         if let Some(t) = &self.tls {
             anyhow::ensure!(
                 !t.require_client_cert || t.client_ca_file.is_some(),

@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! api/        gRPC handlers: translate, call one use-case, map errors (api/status.rs)
+//! web/        HTTP port: coaching page, JSON over the same handlers, signed playback links
 //! ingest/     streaming capture: durable encrypted spool, content checks, commit
 //! retrieve/   stat, list, segment-level range reads
 //! retention/  policies, holds, expiry sweep, shred pipeline, certificates
@@ -59,3 +60,4 @@ pub mod retrieve;
 pub mod revocation;
 pub mod server;
 pub mod store;
+pub mod web;

@@ -29,6 +29,7 @@ use crate::retention::{Retention, RetentionConfig, RetentionDeps};
 use crate::retrieve::{Retrieve, RetrieveDeps};
 use crate::revocation::Revocations;
 use crate::store::Store;
+use crate::web::{self, link::LinkKey};
 
 /// HTTP/2 frames of 1 MiB nearly halve gRPC CPU per byte on bulk streams
 /// (shared/research/perf-limits.md).
@@ -45,6 +46,10 @@ pub struct Parts {
     pub store: Store,
     pub audit: AuditLog,
     pub auth: Arc<Authenticator>,
+    pub clock: Arc<dyn Clock>,
+    /// The HTTP port's listener, once bound ([`bind`]); `None` when
+    /// `[http]` is disabled.
+    pub http: Option<TcpListener>,
 }
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -135,7 +140,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
             keys,
             spool_dir,
             policies,
-            clock,
+            clock: clock.clone(),
             revocations,
             signer,
             audit: audit.clone(),
@@ -150,7 +155,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, http: None })
 }
 
 /// Binds the listener (after unsealing) and returns it with the parts.
@@ -159,10 +164,16 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<(Parts, TcpListener)> {
 }
 
 pub async fn bind_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Parts, TcpListener)> {
-    let parts = open_with_clock(cfg, clock).await?;
+    let mut parts = open_with_clock(cfg, clock).await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another server running?)", cfg.listen))?;
+    if cfg.http.enabled {
+        let http = TcpListener::bind(cfg.http.listen).await.with_context(|| {
+            format!("cannot listen on http.listen {} (is another server running?)", cfg.http.listen)
+        })?;
+        parts.http = Some(http);
+    }
     Ok((parts, listener))
 }
 
@@ -186,15 +197,41 @@ pub async fn serve(
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
     let audit = parts.audit.clone();
     let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
-    let service = pb::recvault_server::RecvaultServer::new(api::Service::new(
+    let http = match parts.http {
+        None => None,
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let key = LinkKey::open_or_create(&LinkKey::default_path(&cfg.data_dir)).map_err(|e| anyhow::anyhow!(e))?;
+            let base = web::base_url(cfg.http.public_url.as_deref(), addr, cfg.tls.is_some());
+            let links = Arc::new(web::Links::new(key, cfg.http.link_ttl, &base, parts.clock.clone()));
+            let tls = cfg.tls.as_ref().map(web::tls_acceptor).transpose()?;
+            Some((listener, links, tls))
+        }
+    };
+    let service = Arc::new(api::Service::new(
         parts.ingest,
-        parts.retrieve,
+        parts.retrieve.clone(),
         parts.retention,
-        parts.audit,
-        parts.auth,
-    ))
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
+        parts.audit.clone(),
+        parts.auth.clone(),
+        http.as_ref().map(|(_, links, _)| links.clone()),
+    ));
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = http.map(|(listener, links, tls)| {
+        let router = web::router(web::Web {
+            service: service.clone(),
+            links,
+            auth: parts.auth.clone(),
+            retrieve: parts.retrieve.clone(),
+            audit: parts.audit.clone(),
+        });
+        tokio::spawn(web::serve(listener, tls, router, async {
+            let _ = http_stopped.await;
+        }))
+    });
+    let service = pb::recvault_server::RecvaultServer::from_arc(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
@@ -213,6 +250,10 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
+    let _ = http_stop.send(());
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     if let Err(e) = audit.checkpoint().await {
         tracing::warn!(error = %e, "no audit checkpoint at shutdown");
     }

@@ -47,6 +47,8 @@ pub struct Service {
     retention: Arc<Retention>,
     audit: AuditLog,
     auth: Arc<Authenticator>,
+    /// Issues playback links; `None` when the HTTP port is disabled.
+    links: Option<Arc<crate::web::Links>>,
 }
 
 impl Service {
@@ -56,8 +58,9 @@ impl Service {
         retention: Arc<Retention>,
         audit: AuditLog,
         auth: Arc<Authenticator>,
+        links: Option<Arc<crate::web::Links>>,
     ) -> Self {
-        Self { ingest, retrieve, retention, audit, auth }
+        Self { ingest, retrieve, retention, audit, auth, links }
     }
 
     /// Identifies the caller and checks that its roles open `rpc`. A refusal
@@ -102,6 +105,18 @@ pub fn role_code(r: Role) -> i32 {
         Role::Retention => pb::Role::Retention,
         Role::Admin => pb::Role::Admin,
         Role::Auditor => pb::Role::Auditor,
+    };
+    code as i32
+}
+
+/// A purpose as its wire enum value.
+pub fn purpose_code(p: Purpose) -> i32 {
+    let code = match p {
+        Purpose::Unspecified => pb::Purpose::Unspecified,
+        Purpose::Coaching => pb::Purpose::Coaching,
+        Purpose::QualityReview => pb::Purpose::QualityReview,
+        Purpose::Legal => pb::Purpose::Legal,
+        Purpose::DataSubjectRequest => pb::Purpose::DataSubjectRequest,
     };
     code as i32
 }
@@ -812,6 +827,44 @@ impl pb::recvault_server::Recvault for Service {
         self.authorize(&request, Rpc::ListTokens).await?;
         let tokens = self.auth.tokens().await.map_err(to_status)?;
         Ok(Response::new(pb::ListTokensResponse { tokens: tokens.iter().map(token_info).collect() }))
+    }
+
+    async fn create_playback_link(
+        &self,
+        request: Request<pb::CreatePlaybackLinkRequest>,
+    ) -> Result<Response<pb::PlaybackLink>, Status> {
+        let (caller, principal) = self.authorize(&request, Rpc::CreatePlaybackLink).await?;
+        let req = request.into_inner();
+        let id = parse_object_id(&req.object_id).map_err(to_status)?;
+        let purpose = parse_purpose(req.purpose).map_err(to_status)?;
+        let event = Event::new("link.create").target(id).purpose(purpose.name());
+        let run = async {
+            let links = self.links.as_ref().ok_or_else(|| {
+                Error::Precondition("playback links need the HTTP port: set [http] enabled = true".into())
+            })?;
+            authz::check_purpose(&principal, purpose)?;
+            let record = self.retrieve.view(&id, purpose, !principal.unredacted).await?;
+            let link = links.issue(&principal, &record.object_id, purpose, req.ttl_seconds)?;
+            let event = event
+                .clone()
+                .customer(&record.spec.customer_id)
+                .detail("served", record.object_id.to_string())
+                .detail("expires_at", crate::model::format_ms(link.expires_at_ms));
+            self.audit.append(&caller, event).await?;
+            Ok((link, record))
+        };
+        match run.await {
+            Ok((link, record)) => Ok(Response::new(pb::PlaybackLink {
+                url: link.url,
+                path: link.path,
+                expires_at: Some(ms_to_ts(link.expires_at_ms)),
+                info: Some(object_info(&record)),
+            })),
+            Err(e) => {
+                let _ = self.audit.append(&caller, event.result(format!("refused: {e}"))).await;
+                Err(to_status(e))
+            }
+        }
     }
 
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {

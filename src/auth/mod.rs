@@ -31,6 +31,7 @@ pub enum Rpc {
     MarkSensitive,
     Search,
     Sample,
+    CreatePlaybackLink,
     ShredCustomer,
     ApproveShred,
     CancelShred,
@@ -53,7 +54,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 27] = [
+    pub const ALL: [Rpc; 28] = [
         Self::Ingest,
         Self::Put,
         Self::Stat,
@@ -62,6 +63,7 @@ impl Rpc {
         Self::MarkSensitive,
         Self::Search,
         Self::Sample,
+        Self::CreatePlaybackLink,
         Self::ShredCustomer,
         Self::ApproveShred,
         Self::CancelShred,
@@ -94,6 +96,7 @@ impl Rpc {
             Self::MarkSensitive => "MarkSensitive",
             Self::Search => "Search",
             Self::Sample => "Sample",
+            Self::CreatePlaybackLink => "CreatePlaybackLink",
             Self::ShredCustomer => "ShredCustomer",
             Self::ApproveShred => "ApproveShred",
             Self::CancelShred => "CancelShred",
@@ -118,14 +121,18 @@ impl Rpc {
 }
 
 /// The permission table: whether `role` may call `rpc`. Content reads
-/// (`Get`) are further bound to a purpose ([`check_purpose`]); the
-/// break-glass grant opens `Get` to any role that holds it.
+/// (`Get`, and playback links, which are reads by HTTP) are further bound
+/// to a purpose ([`check_purpose`]); the break-glass grant opens both to
+/// any role that holds it.
 pub fn allowed(role: Role, rpc: Rpc) -> bool {
     use Rpc::*;
     match role {
         // Upload only: not even metadata of what was stored.
         Role::Ingest => matches!(rpc, Ingest | Put | MarkSensitive | WhoAmI),
-        Role::Coach => matches!(rpc, Stat | Get | List | MarkSensitive | Search | Sample | GetConsent | WhoAmI),
+        Role::Coach => matches!(
+            rpc,
+            Stat | Get | List | MarkSensitive | Search | Sample | CreatePlaybackLink | GetConsent | WhoAmI
+        ),
         // Metadata, policies, holds, shreds and consent; never content.
         Role::Retention => matches!(
             rpc,
@@ -175,7 +182,8 @@ pub struct Principal {
 
 impl Principal {
     pub fn may(&self, rpc: Rpc) -> bool {
-        (rpc == Rpc::Get && self.unredacted) || self.roles.iter().any(|r| allowed(*r, rpc))
+        (matches!(rpc, Rpc::Get | Rpc::CreatePlaybackLink) && self.unredacted)
+            || self.roles.iter().any(|r| allowed(*r, rpc))
     }
 
     fn roles_text(&self) -> String {
@@ -193,7 +201,7 @@ impl Principal {
         }
         let who: Vec<&str> = Role::ALL.into_iter().filter(|r| allowed(*r, rpc)).map(|r| r.name()).collect();
         let hint = match (rpc, who.is_empty()) {
-            (Rpc::Get, _) => "a coach role or the unredacted (break-glass) grant".to_owned(),
+            (Rpc::Get | Rpc::CreatePlaybackLink, _) => "a coach role or the unredacted (break-glass) grant".to_owned(),
             (_, true) => "no role".to_owned(),
             (_, false) => format!("role {}", who.join(" or ")),
         };
@@ -328,6 +336,11 @@ impl Authenticator {
         if !bool::from(sha256(secret.as_bytes()).ct_eq(&record.secret_sha256)) {
             return Err(invalid());
         }
+        self.live_token(record)
+    }
+
+    /// The principal of a token record that is neither revoked nor expired.
+    fn live_token(&self, record: TokenRecord) -> Result<Principal, Error> {
         if record.revoked_at_ms.is_some() {
             return Err(Error::Unauthenticated(format!("token {} ({}) was revoked", record.token_id, record.name)));
         }
@@ -344,6 +357,26 @@ impl Authenticator {
             roles: record.roles.into_iter().collect(),
             unredacted: record.unredacted,
             credential: Credential::Token { token_id: record.token_id },
+        })
+    }
+
+    /// The principal behind a credential named earlier (`token:<id>` or
+    /// `certificate:<subject>`, as a signed playback link carries it),
+    /// if it is still valid now: a revoked or expired token, or a
+    /// certificate mapping removed from the config, is refused.
+    pub async fn recheck(&self, credential: &str) -> Result<Principal, Error> {
+        let gone = || Error::Unauthenticated("the credential this link was issued to is no longer valid".into());
+        if let Some(id) = credential.strip_prefix("token:") {
+            let record = self.catalog.token(id).await?.ok_or_else(gone)?;
+            return self.live_token(record);
+        }
+        let subject = credential.strip_prefix("certificate:").ok_or_else(gone)?;
+        let mapping = self.certificates.iter().find(|m| m.subject == subject).ok_or_else(gone)?;
+        Ok(Principal {
+            name: mapping.name.clone().unwrap_or_else(|| mapping.subject.clone()),
+            roles: mapping.roles.iter().copied().collect(),
+            unredacted: mapping.unredacted,
+            credential: Credential::Certificate { subject: mapping.subject.clone() },
         })
     }
 

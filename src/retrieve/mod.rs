@@ -202,6 +202,26 @@ impl Retrieve {
         Ok(record)
     }
 
+    /// The object a read would serve, without reading it: for a caller
+    /// without the unredacted grant (`redacted`), a chat transcript's
+    /// redacted rendition (made now if it does not exist yet). Refused like
+    /// the read would be: unknown, expired, customer not active, or, for a
+    /// training purpose, opted out.
+    pub async fn view(&self, id: &ObjectId, purpose: Purpose, redacted: bool) -> Result<ObjectRecord, Error> {
+        let stored = self.readable(id).await?;
+        if purpose.is_training() && !self.training_use(&stored.record.spec.customer_id).await? {
+            return Err(opted_out(&stored.record.spec.customer_id, purpose.name()));
+        }
+        if redacted
+            && stored.record.spec.kind == crate::model::ContentKind::ChatTranscript
+            && stored.record.derived_from.is_none()
+        {
+            let rendition = self.redacted_rendition(&stored).await?;
+            return Ok(self.readable(&rendition).await?.record);
+        }
+        Ok(stored.record)
+    }
+
     /// Committed objects matching `filter`, newest first. With
     /// `training_only` (a coach), customers who opted out of training use
     /// are left out, so a page may hold fewer than `page_size` objects.

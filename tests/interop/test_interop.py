@@ -89,7 +89,7 @@ def server():
     assert BINARY.exists(), f"build the server first (cargo build): {BINARY}"
     data = tempfile.mkdtemp(prefix="recvault-interop-")
     proc = subprocess.Popen(
-        [str(BINARY), "serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+        [str(BINARY), "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir", data],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -311,3 +311,31 @@ def test_calls_without_credentials_are_refused(server):
         forged.WhoAmI(pb.WhoAmIRequest())
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "1" * 64 not in e.value.details()
+
+
+def test_playback_link_serves_http_ranges(server, recording):
+    """A link issued over gRPC (grpcio) is fetched with Python's own HTTP
+    client: Range gives 206 with the exact bytes, a changed link is refused."""
+    import urllib.error
+    import urllib.request
+
+    stub, _, _ = server
+    put = stub.Put(
+        pb.PutRequest(upload_id=str(uuid.uuid4()), spec=spec("py-cust-link"), data=recording[: 1 << 20])
+    )
+    body = recording[: 1 << 20]
+    link = stub.CreatePlaybackLink(
+        pb.CreatePlaybackLinkRequest(object_id=put.object.object_id, purpose=pb.QUALITY_REVIEW)
+    )
+    assert link.url.endswith(link.path) and link.path.startswith("/play/")
+    req = urllib.request.Request(link.url, headers={"Range": "bytes=1000-70999"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 206
+        assert r.headers["Content-Range"] == f"bytes 1000-70999/{len(body)}"
+        assert r.read() == body[1000:71000]
+    with urllib.request.urlopen(link.url, timeout=10) as r:
+        assert r.status == 200 and r.read() == body
+    forged = link.url[:-3] + ("AAA" if not link.url.endswith("AAA") else "BBB")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(forged, timeout=10)
+    assert refused.value.code == 403

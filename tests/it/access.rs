@@ -15,8 +15,8 @@ use crate::common::*;
 
 const CHAT: pb::ContentKind = pb::ContentKind::ChatTranscript;
 
-struct Pki {
-    ca_pem: String,
+pub struct Pki {
+    pub ca_pem: String,
     /// Client certificates by subject: (cert PEM, key PEM).
     clients: Vec<(String, String, String)>,
 }
@@ -27,7 +27,7 @@ fn write_private(path: &Path, text: &str) {
 
 /// A CA, a server certificate for 127.0.0.1/localhost and one client
 /// certificate per subject, written into `dir`.
-fn make_pki(dir: &Path, subjects: &[&str]) -> Pki {
+pub fn make_pki(dir: &Path, subjects: &[&str]) -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -90,6 +90,14 @@ async fn call(c: &mut Client, rpc: Rpc, fx: &Fixture, n: usize) -> Result<(), to
         Rpc::List => c.list(pb::ListRequest { customer_id: fx.customer.clone(), ..Default::default() }).await.map(drop),
         Rpc::Search => c.search(pb::SearchRequest::default()).await.map(drop),
         Rpc::Sample => c.sample(pb::SampleRequest { count: 1, seed: n as u64, ..Default::default() }).await.map(drop),
+        Rpc::CreatePlaybackLink => c
+            .create_playback_link(pb::CreatePlaybackLinkRequest {
+                object_id: fx.object_id.clone(),
+                purpose: pb::Purpose::Coaching as i32,
+                ttl_seconds: 0,
+            })
+            .await
+            .map(drop),
         Rpc::MarkSensitive => c
             .mark_sensitive(pb::MarkSensitiveRequest {
                 object_id: fx.object_id.clone(),

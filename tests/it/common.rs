@@ -28,6 +28,8 @@ pub const ALL_ROLES: [Role; 5] = Role::ALL;
 /// A server running inside the test process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP port (coaching page, playback links).
+    pub http: Option<SocketAddr>,
     pub data: tempfile::TempDir,
     pub auth: Arc<Authenticator>,
     stop: Option<oneshot::Sender<()>>,
@@ -61,9 +63,11 @@ impl TestServer {
             ..Config::default()
         };
         cfg.retention.shred_grace = std::time::Duration::ZERO;
+        cfg.http.listen = "127.0.0.1:0".parse().expect("addr");
         tune(&mut cfg);
         let (parts, listener) = recvault::server::bind_with_clock(&cfg, clock).await.expect("server starts");
         let addr = listener.local_addr().expect("addr");
+        let http = parts.http.as_ref().map(|l| l.local_addr().expect("http addr"));
         let auth = parts.auth.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -73,7 +77,7 @@ impl TestServer {
             .await
             .expect("server runs");
         });
-        Self { addr, data, auth, stop: Some(stop), task: Some(task) }
+        Self { addr, http, data, auth, stop: Some(stop), task: Some(task) }
     }
 
     /// A new token for principal `name` with these roles.
@@ -158,7 +162,7 @@ impl ChildServer {
             None => Stdio::null(),
         };
         let mut child = Command::new(env!("CARGO_BIN_EXE_recvault"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--config"])
             .arg(&config_path)
             .arg("--data-dir")
             .arg(data_dir)

@@ -9,3 +9,4 @@ mod postgres;
 mod process;
 mod retention;
 mod vectors;
+mod web;

@@ -246,7 +246,7 @@ async fn server_with_its_root_key_in_a_pkcs11_token() {
     // Another key of the token is not this installation's root key: the
     // server refuses to start (sealed) instead of serving.
     let out = Command::new(env!("CARGO_BIN_EXE_recvault"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.path())
         .arg("--config")
         .arg({

@@ -258,6 +258,10 @@ async fn state_table_every_rpc_in_every_state() {
         ("Stat", [OK, FP, FP]),
         ("Get", [OK, FP, FP]),
         ("List", [OK, FP, FP]),
+        ("MarkSensitive", [OK, FP, FP]),
+        ("CreatePlaybackLink", [OK, FP, FP]),
+        ("Search (by customer)", [OK, OK, OK]),
+        ("Sample (by customer)", [OK, OK, OK]),
         ("ShredCustomer", [OK, OK, FP]),
         ("ApproveShred", [FP, OK, FP]),
         ("CancelShred", [FP, OK, FP]),
@@ -284,6 +288,7 @@ async fn state_table_every_rpc_in_every_state() {
             let customer = format!("st-{n}");
             // Fixture: an object, an unfinished upload, a hold to release.
             let object = put(&mut c, spec(&customer, CHAT, "text/plain"), b"state table").await.unwrap();
+            let recording = put(&mut c, spec(&customer, REC, "audio/wav"), &wav(800)).await.unwrap();
             let upload = new_id();
             let mut live = Stream::start(&mut c).await.unwrap();
             live.open(&upload, spec(&customer, REC, "audio/wav")).await.unwrap();
@@ -324,6 +329,37 @@ async fn state_table_every_rpc_in_every_state() {
                 "List" => {
                     c.list(pb::ListRequest { customer_id: customer.clone(), ..Default::default() }).await.map(drop)
                 }
+                "MarkSensitive" => c
+                    .mark_sensitive(pb::MarkSensitiveRequest {
+                        object_id: recording.object_id.clone(),
+                        spans: vec![pb::TimeSpan { start_ms: 0, end_ms: 10 }],
+                    })
+                    .await
+                    .map(drop),
+                "CreatePlaybackLink" => c
+                    .create_playback_link(pb::CreatePlaybackLinkRequest {
+                        object_id: recording.object_id.clone(),
+                        purpose: pb::Purpose::Legal as i32,
+                        ttl_seconds: 0,
+                    })
+                    .await
+                    .map(drop),
+                // Content of a customer who is not ACTIVE is left out, not refused.
+                "Search (by customer)" => c
+                    .search(pb::SearchRequest {
+                        filter: Some(pb::SearchFilter { customer_id: customer.clone(), ..Default::default() }),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| assert_eq!(r.into_inner().total, if state == 0 { 2 } else { 0 })),
+                "Sample (by customer)" => c
+                    .sample(pb::SampleRequest {
+                        filter: Some(pb::SearchFilter { customer_id: customer.clone(), ..Default::default() }),
+                        count: 5,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| assert_eq!(r.into_inner().population, if state == 0 { 1 } else { 0 })),
                 "ShredCustomer" => shred(&mut c, &customer, "carol").await.map(drop),
                 "ApproveShred" => bob
                     .approve_shred(pb::ApproveShredRequest { customer_id: customer.clone(), approver: "bob".into() })
@@ -375,7 +411,7 @@ async fn state_table_every_rpc_in_every_state() {
             assert_eq!(code, *want, "{rpc} in state {}: {got:?}", ["ACTIVE", "PENDING_SHRED", "SHREDDED"][state]);
         }
     }
-    assert_eq!(n, 51);
+    assert_eq!(n, 63);
 }
 
 /// Every key the data directory could leak for one customer: its customer
