@@ -8,4 +8,5 @@ mod grpc;
 mod postgres;
 mod process;
 mod retention;
+mod s3;
 mod vectors;
