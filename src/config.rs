@@ -21,7 +21,8 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7421";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Holds `catalog.sqlite`, `root.key`, `spool/` and `objects/`.
+    /// Holds `catalog.sqlite`, `root.key`, `spool/` and (with the local
+    /// storage backend) `objects/`.
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
@@ -34,6 +35,7 @@ pub struct Config {
     pub allow_plaintext: bool,
     pub auth: AuthSection,
     pub catalog: CatalogSection,
+    pub storage: StorageSection,
     pub root_key: RootKeySection,
     pub ingest: IngestSection,
     pub retention: RetentionSection,
@@ -94,22 +96,208 @@ impl CatalogSection {
     pub fn connection_string(&self) -> anyhow::Result<zeroize::Zeroizing<String>> {
         match (&self.url, &self.url_file) {
             (Some(u), None) => Ok(zeroize::Zeroizing::new(u.clone())),
-            (None, Some(path)) => {
-                use std::os::unix::fs::PermissionsExt;
-                let meta =
-                    std::fs::metadata(path).map_err(|e| anyhow::anyhow!("catalog.url_file {}: {e}", path.display()))?;
-                anyhow::ensure!(
-                    meta.permissions().mode() & 0o077 == 0,
-                    "catalog.url_file {} is readable by group or others; run `chmod 600 {}`",
-                    path.display(),
-                    path.display()
-                );
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("catalog.url_file {}: {e}", path.display()))?;
-                Ok(zeroize::Zeroizing::new(text.trim().to_owned()))
-            }
+            (None, Some(path)) => read_secret_file("catalog.url_file", path),
             _ => anyhow::bail!("catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"),
         }
+    }
+}
+
+/// Reads a secret (a password, a key) from the file named by config key
+/// `key`, trimmed of surrounding whitespace. Refused if group or others may
+/// read the file, or if it is empty.
+pub fn read_secret_file(key: &str, path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?;
+    anyhow::ensure!(meta.is_file(), "{key} {} is not a regular file", path.display());
+    let mode = meta.permissions().mode() & 0o777;
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "{key} {} has mode {mode:04o}, readable by group or others; run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    );
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?,
+    );
+    let secret = zeroize::Zeroizing::new(text.trim().to_owned());
+    anyhow::ensure!(!secret.is_empty(), "{key} {} is empty", path.display());
+    Ok(secret)
+}
+
+/// Where ciphertext lives (docs/S3.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// `local` (objects/ in the data directory) or `s3` (an S3-compatible
+    /// bucket).
+    pub backend: StorageBackend,
+    /// s3: base URL of the server; absent means Amazon S3 in `region`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// s3: the bucket (it must exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// s3: the region requests are signed for.
+    pub region: String,
+    /// s3: `endpoint/bucket/key` URLs rather than `bucket.endpoint/key`.
+    pub path_style: bool,
+    /// s3: permit an `http://` endpoint.
+    pub allow_http: bool,
+    /// s3: file holding the access key id; refused if group or others can
+    /// read it. Without the two files: env `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id_file: Option<PathBuf>,
+    /// s3: file holding the secret access key; same rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// s3: how commits stay write-once: `conditional` (the server refuses
+    /// to create an existing key) or `check-first` (look, then write).
+    pub write_once: WriteOnceMode,
+    /// s3: retries of a failed request (5xx, timeout, dropped connection).
+    pub max_retries: usize,
+    /// s3: no retry starts later than this after the first attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_timeout: Duration,
+    /// s3: longest time of one HTTP request.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Local,
+            endpoint: None,
+            bucket: None,
+            region: "us-east-1".into(),
+            path_style: true,
+            allow_http: false,
+            access_key_id_file: None,
+            secret_access_key_file: None,
+            write_once: WriteOnceMode::Conditional,
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Local,
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteOnceMode {
+    #[default]
+    Conditional,
+    CheckFirst,
+}
+
+/// The environment variables holding S3 credentials when no files are named.
+pub const S3_ENV_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+pub const S3_ENV_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
+
+impl StorageSection {
+    /// The S3 settings, credentials read, when `backend = "s3"`.
+    pub fn s3(&self) -> anyhow::Result<Option<crate::store::S3Settings>> {
+        if self.backend != StorageBackend::S3 {
+            return Ok(None);
+        }
+        self.validate()?;
+        let credentials = match (&self.access_key_id_file, &self.secret_access_key_file) {
+            (Some(id), Some(secret)) => crate::store::S3Credentials::new(
+                read_secret_file("storage.access_key_id_file", id)?,
+                read_secret_file("storage.secret_access_key_file", secret)?,
+            ),
+            _ => {
+                let var = |name: &str| -> anyhow::Result<zeroize::Zeroizing<String>> {
+                    match std::env::var(name) {
+                        Ok(v) if !v.trim().is_empty() => Ok(zeroize::Zeroizing::new(v.trim().to_owned())),
+                        _ => anyhow::bail!(
+                            "storage.backend = \"s3\" needs credentials: set storage.access_key_id_file and \
+                             storage.secret_access_key_file (mode 0600), or env {S3_ENV_ACCESS_KEY_ID} and \
+                             {S3_ENV_SECRET_ACCESS_KEY} ({name} is not set)"
+                        ),
+                    }
+                };
+                crate::store::S3Credentials::new(var(S3_ENV_ACCESS_KEY_ID)?, var(S3_ENV_SECRET_ACCESS_KEY)?)
+            }
+        };
+        Ok(Some(crate::store::S3Settings {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone().unwrap_or_default(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            allow_http: self.allow_http,
+            credentials,
+            write_once: match self.write_once {
+                WriteOnceMode::Conditional => crate::store::WriteOnce::Conditional,
+                WriteOnceMode::CheckFirst => crate::store::WriteOnce::CheckFirst,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: self.retry_timeout,
+            request_timeout: self.request_timeout,
+        }))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.backend == StorageBackend::Local {
+            let set = [
+                ("endpoint", self.endpoint.is_some()),
+                ("bucket", self.bucket.is_some()),
+                ("access_key_id_file", self.access_key_id_file.is_some()),
+                ("secret_access_key_file", self.secret_access_key_file.is_some()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, is_set)| *is_set) {
+                anyhow::bail!("storage.{key} is used only with storage.backend = \"s3\"");
+            }
+            return Ok(());
+        }
+        match self.bucket.as_deref() {
+            None => anyhow::bail!("storage.backend = \"s3\" needs storage.bucket (the bucket must already exist)"),
+            Some(b) => anyhow::ensure!(
+                (3..=63).contains(&b.len())
+                    && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.'),
+                "storage.bucket = {b:?} is not a bucket name (3 to 63 of a-z, 0-9, '-' and '.')"
+            ),
+        }
+        anyhow::ensure!(!self.region.trim().is_empty(), "storage.region must not be empty");
+        if let Some(e) = &self.endpoint {
+            let scheme = e.split_once("://").map(|(s, _)| s);
+            anyhow::ensure!(
+                matches!(scheme, Some("http" | "https")),
+                "storage.endpoint = {e:?} must be an http:// or https:// URL"
+            );
+            let authority = e.split_once("://").map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+            anyhow::ensure!(
+                !authority.contains('@'),
+                "storage.endpoint must not carry credentials: give them in storage.access_key_id_file and \
+                 storage.secret_access_key_file"
+            );
+            anyhow::ensure!(
+                scheme != Some("http") || self.allow_http,
+                "storage.endpoint = {e:?} is plain http: set storage.allow_http = true (loopback or a trusted \
+                 network only), or use https"
+            );
+        }
+        anyhow::ensure!(
+            self.access_key_id_file.is_some() == self.secret_access_key_file.is_some(),
+            "storage.access_key_id_file and storage.secret_access_key_file go together (or neither: env \
+             {S3_ENV_ACCESS_KEY_ID} and {S3_ENV_SECRET_ACCESS_KEY})"
+        );
+        anyhow::ensure!(self.max_retries <= 20, "storage.max_retries must be at most 20");
+        anyhow::ensure!(
+            self.retry_timeout >= Duration::from_secs(1) && self.retry_timeout <= Duration::from_secs(300),
+            "storage.retry_timeout must be between 1s and 5m (signed requests expire)"
+        );
+        anyhow::ensure!(self.request_timeout >= Duration::from_secs(1), "storage.request_timeout must be at least 1s");
+        Ok(())
     }
 }
 
@@ -364,6 +552,7 @@ impl Default for Config {
             allow_plaintext: false,
             auth: AuthSection::default(),
             catalog: CatalogSection::default(),
+            storage: StorageSection::default(),
             root_key: RootKeySection::default(),
             ingest: IngestSection::default(),
             retention: RetentionSection::default(),
@@ -437,6 +626,8 @@ impl Config {
                 "catalog.backend = \"postgres\" needs exactly one of catalog.url and catalog.url_file"
             );
         }
+        self.storage.validate()?;
+        self.check_s3_copy_limit()?;
         self.root_key.validate()?;
         for c in &self.auth.certificates {
             anyhow::ensure!(
@@ -474,6 +665,43 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for p in &policies {
             anyhow::ensure!(names.insert(&p.name), "retention policy {} is defined twice", p.name);
+        }
+        Ok(())
+    }
+}
+
+/// S3 limits one copied part (UploadPartCopy) to 5 GiB of object bytes.
+pub const S3_COPY_PART_MAX: u64 = 5 << 30;
+
+/// The largest plaintext whose ciphertext fits in one S3 copied part.
+pub fn s3_copy_max_plaintext() -> u64 {
+    use crate::crypto::format::{DEFAULT_SEGMENT_SIZE, TAG_LEN, ciphertext_len};
+    let stride = u64::from(DEFAULT_SEGMENT_SIZE) + TAG_LEN as u64;
+    let mut p = S3_COPY_PART_MAX * u64::from(DEFAULT_SEGMENT_SIZE) / stride;
+    while ciphertext_len(p, DEFAULT_SEGMENT_SIZE) > S3_COPY_PART_MAX {
+        p -= 1;
+    }
+    p
+}
+
+impl Config {
+    /// `write_once = "conditional"` on S3 puts a large object in place with
+    /// one server-side copy of at most 5 GiB: the size caps must fit.
+    fn check_s3_copy_limit(&self) -> anyhow::Result<()> {
+        if self.storage.backend != StorageBackend::S3 || self.storage.write_once != WriteOnceMode::Conditional {
+            return Ok(());
+        }
+        let max = s3_copy_max_plaintext();
+        let caps = &self.ingest.caps;
+        for (key, cap) in
+            [("call_recording", caps.call_recording), ("chat_transcript", caps.chat_transcript), ("image", caps.image)]
+        {
+            anyhow::ensure!(
+                cap <= max,
+                "ingest.caps.{key} = {cap} is too large for storage.write_once = \"conditional\" on S3: a large \
+                 object is copied into place create-only in one part, and S3 copies at most 5 GiB; lower it to at \
+                 most {max}, or set storage.write_once = \"check-first\" (docs/S3.md)"
+            );
         }
         Ok(())
     }
@@ -582,6 +810,79 @@ mod tests {
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             assert!(err.contains(expect), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn storage_is_local_by_default_and_s3_needs_a_bucket() {
+        assert_eq!(Config::default().storage.backend, StorageBackend::Local);
+        assert!(Config::default().storage.s3().unwrap().is_none());
+        let s3 = "[storage]\nbackend = \"s3\"\nwrite_once = \"check-first\"\n";
+        let ok = format!("{s3}bucket = \"recvault\"\nendpoint = \"http://127.0.0.1:3900\"\nallow_http = true\n");
+        let cfg = Config::from_toml(&ok).unwrap();
+        assert_eq!(cfg.storage.bucket.as_deref(), Some("recvault"));
+        for (bad, expect) in [
+            (s3.to_owned(), "needs storage.bucket"),
+            (format!("{s3}bucket = \"Not_A_Bucket\""), "is not a bucket name"),
+            (format!("{s3}bucket = \"b-1\"\nendpoint = \"http://h:3900\""), "allow_http = true"),
+            (format!("{s3}bucket = \"b-1\"\nendpoint = \"h:3900\""), "http:// or https://"),
+            (format!("{s3}bucket = \"b-1\"\nendpoint = \"https://k:s@h:3900\""), "must not carry credentials"),
+            (format!("{s3}bucket = \"b-1\"\naccess_key_id_file = \"/k\""), "go together"),
+            (format!("{s3}bucket = \"b-1\"\nretry_timeout = \"1h\""), "retry_timeout"),
+            (format!("{s3}bucket = \"b-1\"\nsecret_key = \"x\""), "secret_key"),
+            ("[storage]\nbucket = \"b-1\"".to_owned(), "only with storage.backend = \"s3\""),
+            ("[storage]\nbackend = \"gcs\"".to_owned(), "gcs"),
+        ] {
+            let err = Config::from_toml(&bad).unwrap_err().to_string();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn conditional_s3_commits_need_caps_within_one_copied_part() {
+        use crate::crypto::format::{DEFAULT_SEGMENT_SIZE, ciphertext_len};
+        let max = s3_copy_max_plaintext();
+        assert!(ciphertext_len(max, DEFAULT_SEGMENT_SIZE) <= S3_COPY_PART_MAX);
+        assert!(ciphertext_len(max + 1, DEFAULT_SEGMENT_SIZE) > S3_COPY_PART_MAX);
+        assert_eq!(max, 5_367_398_608, "the number deploy/recvault.toml names");
+        let s3 = "[storage]\nbackend = \"s3\"\nbucket = \"recvault\"\n";
+        let err = Config::from_toml(s3).unwrap_err().to_string();
+        assert!(err.contains("ingest.caps.call_recording") && err.contains(&max.to_string()), "{err}");
+        assert!(Config::from_toml(&format!("{s3}[ingest.caps]\ncall_recording = {max}\n")).is_ok());
+        assert!(Config::from_toml(&format!("{s3}write_once = \"check-first\"\n")).is_ok());
+    }
+
+    #[test]
+    fn s3_credentials_come_from_private_files_or_the_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (id, secret) = (dir.path().join("id"), dir.path().join("secret"));
+        std::fs::write(&id, "GK0123\n").unwrap();
+        std::fs::write(&secret, "very-secret-value\n").unwrap();
+        std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let storage = StorageSection {
+            backend: StorageBackend::S3,
+            bucket: Some("recvault".into()),
+            access_key_id_file: Some(id),
+            secret_access_key_file: Some(secret.clone()),
+            write_once: WriteOnceMode::CheckFirst,
+            ..StorageSection::default()
+        };
+        let err = storage.s3().unwrap_err().to_string();
+        assert!(err.contains("storage.secret_access_key_file") && err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let settings = storage.s3().unwrap().expect("s3 settings");
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("very-secret-value") && !debug.contains("GK0123"), "{debug}");
+        std::fs::write(&secret, "\n").unwrap();
+        assert!(storage.s3().unwrap_err().to_string().contains("is empty"));
+        // Without files, the environment (not set in this test process:
+        // changing it would race other tests).
+        if std::env::var_os(S3_ENV_ACCESS_KEY_ID).is_none() {
+            let from_env = StorageSection { access_key_id_file: None, secret_access_key_file: None, ..storage };
+            let err = from_env.s3().unwrap_err().to_string();
+            assert!(err.contains("access_key_id_file") && err.contains(S3_ENV_ACCESS_KEY_ID), "{err}");
         }
     }
 

@@ -104,7 +104,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         Arc::new(SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?);
     let audit = AuditLog::open(&data.join("audit.sqlite"), signer.clone(), clock.clone())
         .map_err(|e| anyhow::anyhow!("cannot open the audit trail: {e}"))?;
-    let store = Store::local(&data.join("objects")).map_err(|e| anyhow::anyhow!("cannot open object storage: {e}"))?;
+    let store = open_store(cfg).await?;
     let spool_dir = data.join("spool");
     ensure_private_dir(&spool_dir)?;
     let mut icfg = IngestConfig::new(spool_dir.clone());
@@ -156,6 +156,27 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
     Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, http: None })
+}
+
+/// The ciphertext store of the config. An S3 bucket is checked before the
+/// port opens: reachable with these credentials, and refusing to overwrite
+/// when `write_once = "conditional"` says it will.
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    match cfg.storage.s3()? {
+        None => {
+            Store::local(&cfg.data_dir.join("objects")).map_err(|e| anyhow::anyhow!("cannot open object storage: {e}"))
+        }
+        Some(settings) => {
+            let place = match &settings.endpoint {
+                Some(endpoint) => format!("bucket {:?} at {endpoint}", settings.bucket),
+                None => format!("bucket {:?} in Amazon S3 region {}", settings.bucket, settings.region),
+            };
+            let store = Store::s3(&settings).map_err(|e| anyhow::anyhow!("storage.backend = \"s3\": {e}"))?;
+            store.check().await.map_err(|e| anyhow::anyhow!("cannot use S3 {place}: {e}"))?;
+            tracing::info!(bucket = %settings.bucket, write_once = ?settings.write_once, "object storage is an s3 bucket");
+            Ok(store)
+        }
+    }
 }
 
 /// Binds the listener (after unsealing) and returns it with the parts.

@@ -8,5 +8,6 @@ mod grpc;
 mod postgres;
 mod process;
 mod retention;
+mod s3;
 mod vectors;
 mod web;
