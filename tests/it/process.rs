@@ -122,6 +122,15 @@ async fn cli_put_get_range_stat_ls_shred() {
     let range = ok_bytes(cli(&url, &["get", &rec_id, "--purpose", "legal", "--range", "100000-299999"]));
     assert_eq!(range, audio[100_000..300_000]);
 
+    // A playback link from the CLI, fetched over HTTP with a Range.
+    let link = ok(cli(&url, &["link", &rec_id, "--purpose", "legal", "--ttl", "2m"]));
+    let link = link.trim().strip_prefix("http://").expect("an http URL on stdout");
+    let (addr, path) = link.split_at(link.find('/').unwrap());
+    let got = crate::web::http_get(addr.parse().unwrap(), path, &[("range", "bytes=100000-100999")]).await;
+    assert_eq!((got.status, &got.body[..]), (206, &audio[100_000..101_000]));
+    let err = fails(cli(&url, &["link", &rec_id, "--purpose", "legal", "--ttl", "1day"]));
+    assert!(err.contains("link_ttl"), "{err}");
+
     let stat = ok(cli(&url, &["stat", &rec_id]));
     assert!(stat.contains("audio/wav") && stat.contains("lang=pt") && stat.contains("call-9"), "{stat}");
     let ls = ok(cli(&url, &["ls", "--customer", "cli-1"]));
