@@ -103,6 +103,10 @@ pub enum Command {
     Token(TokenCmd),
     /// Who the server takes you to be, and what you may call.
     Whoami(ServerArg),
+    /// Benchmarks against a real server: concurrent live calls, memory
+    /// with one large object, range reads (BENCHMARKS.md).
+    #[command(subcommand)]
+    Loadgen(crate::loadgen::LoadgenCmd),
 }
 
 /// What `search` and `sample` look for; all given must match.
@@ -812,6 +816,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Whoami(s) => whoami(s).await,
+        Command::Loadgen(c) => crate::loadgen::run(c).await,
     }
 }
 
