@@ -979,12 +979,16 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
 
 /// Streams `size` bytes of audio as one upload, as fast as the server takes
 /// them; returns the committed object.
+/// Streams `size` bytes of audio as one upload, as fast as the server takes
+/// them; returns the committed object, its SHA-256 and (with a sampler) the
+/// peak RSS until every byte was acknowledged, before the commit began.
 async fn ingest_bulk(
     client: &mut Client,
     seed: u64,
     size: u64,
     chunk: u64,
-) -> anyhow::Result<(pb::ObjectInfo, [u8; 32])> {
+    sampler: Option<&RssSampler>,
+) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
     use pb::ingest_request::{Data, Finish, Msg, Open};
     let (tx, rx) = mpsc::channel::<pb::IngestRequest>(4);
     let spec = pb::ObjectSpec {
@@ -1021,16 +1025,20 @@ async fn ingest_bulk(
         let _ = tx.send(pb::IngestRequest { msg: Some(Msg::Finish(finish)) }).await;
         sha
     });
+    let mut streaming_peak = 0;
     let info = loop {
         match resp.message().await?.and_then(|m| m.msg) {
             Some(ServerMsg::Committed(info)) => break info,
+            Some(ServerMsg::Ack(a)) if a.durable_offset == size => {
+                streaming_peak = sampler.map_or(0, RssSampler::take_peak);
+            }
             Some(_) => {}
             None => bail!("the ingest stream ended before the commit"),
         }
     };
     let sha = sender.await?;
     anyhow::ensure!(info.sha256[..] == sha && info.size == size, "the committed object differs from what was sent");
-    Ok((info, sha))
+    Ok((info, sha, streaming_peak))
 }
 
 /// Reads an object (or a range) and returns its bytes' count and SHA-256,
@@ -1069,10 +1077,14 @@ async fn memory(a: &MemoryArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     sampler.take_peak();
     let t = Instant::now();
-    let (info, sha) = ingest_bulk(&mut client, a.target.seed, a.size, a.chunk.clamp(1, 1 << 20)).await?;
+    let (info, sha, streaming_peak) =
+        ingest_bulk(&mut client, a.target.seed, a.size, a.chunk.clamp(1, 1 << 20), Some(&sampler)).await?;
     let ingest_secs = t.elapsed().as_secs_f64();
-    let ingest_peak = sampler.take_peak();
+    let commit_peak = sampler.take_peak();
     let spool = target.data_dir().map(|d| dir_size(&d.join("spool")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_read = proc_sample(pid).context("cannot read the server's /proc entry")?;
+    sampler.take_peak();
     let t = Instant::now();
     let (n, read_sha, _) = read_object(&mut client, &info.object_id, None, 0).await?;
     let read_secs = t.elapsed().as_secs_f64();
@@ -1080,26 +1092,40 @@ async fn memory(a: &MemoryArgs) -> anyhow::Result<()> {
     let read_peak = sampler.take_peak();
     anyhow::ensure!(n == a.size && read_sha == sha, "the object read back differs from what was sent");
     let end = proc_sample(pid).context("cannot read the server's /proc entry")?;
-    let mb = |b: u64| mib(b);
-    println!("loadgen memory: one {:.0} MiB call recording in {} KiB messages", mb(a.size), a.chunk >> 10);
-    println!("  server RSS idle                  {:8.1} MiB", mb(idle.rss));
+    let over = |b: u64| mib(b.saturating_sub(idle.rss));
+    println!("loadgen memory: one {:.0} MiB call recording in {} KiB messages", mib(a.size), a.chunk >> 10);
+    println!("  server RSS idle                        {:7.1} MiB", mib(idle.rss));
     println!(
-        "  peak while ingesting + commit    {:8.1} MiB  (+{:.1} MiB over idle)  {:.1} s, {:.2} GB/s",
-        mb(ingest_peak),
-        mb(ingest_peak.saturating_sub(idle.rss)),
+        "  peak while streaming (until all acked) {:7.1} MiB  (+{:.1} MiB over idle)",
+        mib(streaming_peak),
+        over(streaming_peak)
+    );
+    println!(
+        "  peak while committing (journal->object){:7.1} MiB  (+{:.1} MiB over idle)  ingest+commit {:.1} s, {:.3} GB/s",
+        mib(commit_peak),
+        over(commit_peak),
         ingest_secs,
         a.size as f64 / ingest_secs / 1e9
     );
     println!(
-        "  peak while reading it back       {:8.1} MiB  (+{:.1} MiB over idle)  {:.1} s, {:.2} GB/s",
-        mb(read_peak),
-        mb(read_peak.saturating_sub(idle.rss)),
+        "  RSS after the commit, before the read  {:7.1} MiB  (+{:.1} MiB over idle)",
+        mib(before_read.rss),
+        over(before_read.rss)
+    );
+    println!(
+        "  peak while reading it back             {:7.1} MiB  (+{:.1} MiB over idle)  {:.1} s, {:.2} GB/s",
+        mib(read_peak),
+        over(read_peak),
         read_secs,
         a.size as f64 / read_secs / 1e9
     );
-    println!("  VmHWM at the end                 {:8.1} MiB  (RSS then {:.1} MiB)", mb(end.hwm), mb(end.rss));
+    println!(
+        "  VmHWM at the end                       {:7.1} MiB  (+{:.1} MiB over idle)",
+        mib(end.hwm),
+        over(end.hwm)
+    );
     if let Some(s) = spool {
-        println!("  spool left after commit          {:8.1} MiB", mb(s));
+        println!("  spool left after commit                {:7.1} MiB", mib(s));
     }
     println!("  SHA-256 of the object read back matches what was sent");
     Ok(())
