@@ -560,6 +560,8 @@ struct Shared {
     messages: AtomicU64,
     calls_started: AtomicU64,
     calls_committed: AtomicU64,
+    abandoned: AtomicU64,
+    acks: AtomicU64,
     resumes: AtomicU64,
     transcripts: AtomicU64,
     images: AtomicU64,
@@ -582,8 +584,10 @@ fn status_text(s: tonic::Status) -> String {
 }
 
 /// Streams one call in real time until it ends (or `hang_up`), dropping and
-/// resuming the stream once if planned; returns after the commit.
-async fn call(sh: &Shared, client: &mut Client, p: &CallPlan, hang_up: Instant) -> Result<(), String> {
+/// resuming the stream once if planned; returns after the commit (true), or
+/// false when the call hung up before its first byte was sent (its open
+/// took longer than the call had left: there is nothing to commit).
+async fn call(sh: &Shared, client: &mut Client, p: &CallPlan, hang_up: Instant) -> Result<bool, String> {
     use pb::ingest_request::{Data, Finish, Msg, Open};
     let t0 = Instant::now();
     let mut hash = digest::Context::new(&digest::SHA256);
@@ -645,6 +649,9 @@ async fn call(sh: &Shared, client: &mut Client, p: &CallPlan, hang_up: Instant) 
                         drop_at = None;
                         drop_now = true;
                     } else if ended || next >= p.bytes {
+                        if next == 0 {
+                            return Ok(false);
+                        }
                         let sha = hash.clone().finish();
                         let finish = Finish { expected_sha256: Bytes::copy_from_slice(sha.as_ref()), expected_size: next };
                         tx.send(pb::IngestRequest { msg: Some(Msg::Finish(finish)) }).await.map_err(|_| "request stream closed".to_owned())?;
@@ -655,6 +662,7 @@ async fn call(sh: &Shared, client: &mut Client, p: &CallPlan, hang_up: Instant) 
                     let now = Instant::now();
                     match m.map_err(status_text)? {
                         Some(pb::IngestResponse { msg: Some(ServerMsg::Ack(a)) }) => {
+                            sh.acks.fetch_add(1, Ordering::Relaxed);
                             while pending.front().is_some_and(|&(end, _)| end <= a.durable_offset) {
                                 if let Some((_, sent)) = pending.pop_front() {
                                     sh.ack.record(now - sent);
@@ -674,7 +682,7 @@ async fn call(sh: &Shared, client: &mut Client, p: &CallPlan, hang_up: Instant) 
                                 return Err("committed object differs from what was sent".into());
                             }
                             sh.expect(Expected { object_id: info.object_id, sha256: sha, size: info.size });
-                            return Ok(());
+                            return Ok(true);
                         }
                         Some(other) => return Err(format!("unexpected message {other:?}")),
                         None => return Err("stream ended before the commit".into()),
@@ -751,10 +759,17 @@ async fn slot(sh: Arc<Shared>, mut client: Client, a: Arc<CallsArgs>, index: usi
         let plan = CallPlan::draw(&mut rng, &a, index, n);
         n += 1;
         sh.calls_started.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = call(&sh, &mut client, &plan, hang_up).await {
-            sh.error(format!("ingest: {e}"));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        match call(&sh, &mut client, &plan, hang_up).await {
+            Ok(true) => {}
+            Ok(false) => {
+                sh.abandoned.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(e) => {
+                sh.error(format!("ingest: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         }
         sh.calls_committed.fetch_add(1, Ordering::Relaxed);
         if let Some(len) = plan.transcript {
@@ -789,6 +804,10 @@ pub struct CallsReport {
     pub drain_secs: f64,
     pub calls_started: u64,
     pub calls_committed: u64,
+    /// Calls that hung up before their first byte (open slower than the call).
+    pub abandoned: u64,
+    /// Acks received: one per journal fsync of a stream.
+    pub acks: u64,
     pub resumes: u64,
     pub transcripts: u64,
     pub images: u64,
@@ -840,8 +859,8 @@ impl std::fmt::Display for CallsReport {
         writeln!(f, "  load {:.1} s + drain after hang-up {:.1} s", self.load_secs, self.drain_secs)?;
         writeln!(
             f,
-            "  calls started {}  committed {}  resumed streams {}  transcripts {}  images {}",
-            self.calls_started, self.calls_committed, self.resumes, self.transcripts, self.images
+            "  calls started {}  committed {}  hung up before any audio {}  resumed streams {}  transcripts {}  images {}",
+            self.calls_started, self.calls_committed, self.abandoned, self.resumes, self.transcripts, self.images
         )?;
         writeln!(
             f,
@@ -853,6 +872,12 @@ impl std::fmt::Display for CallsReport {
             self.calls as f64 * G711_BYTES_PER_SEC as f64 / 1e6
         )?;
         writeln!(f, "  ack latency     {}", self.ack)?;
+        writeln!(
+            f,
+            "  acks {} = {:.0}/s over the load (one per journal fdatasync of a stream)",
+            self.acks,
+            self.acks as f64 / self.load_secs
+        )?;
         writeln!(f, "  open latency    {}", self.open)?;
         writeln!(f, "  commit latency  {}", self.commit)?;
         writeln!(f, "  put latency     {}", self.put)?;
@@ -949,6 +974,8 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
         drain_secs: (end - load_end).as_secs_f64(),
         calls_started: sh.calls_started.load(Ordering::Relaxed),
         calls_committed: sh.calls_committed.load(Ordering::Relaxed),
+        abandoned: sh.abandoned.load(Ordering::Relaxed),
+        acks: sh.acks.load(Ordering::Relaxed),
         resumes: sh.resumes.load(Ordering::Relaxed),
         transcripts: sh.transcripts.load(Ordering::Relaxed),
         images: sh.images.load(Ordering::Relaxed),
@@ -1201,6 +1228,17 @@ async fn seek(a: &SeekArgs) -> anyhow::Result<()> {
             "range {start}-{end} read back wrong bytes"
         );
     }
+    // The fixed cost of any read (authorization, catalog, the fsynced audit
+    // record that precedes content): 1-byte reads, one segment each.
+    let tiny = Histogram::default();
+    for _ in 0..(a.reads / 4).max(1) {
+        let start = rng.between(size / 4, size * 3 / 4);
+        let t = Instant::now();
+        let (n, _, got) =
+            read_object(&mut client, &info.object_id, Some(pb::ByteRange { start, end: Some(start) }), 1).await?;
+        tiny.record(t.elapsed());
+        anyhow::ensure!(n == 1 && got == audio(seed, start, 1), "byte {start} read back wrong");
+    }
     let full = Histogram::default();
     for _ in 0..a.full_reads {
         let t = Instant::now();
@@ -1222,6 +1260,7 @@ async fn seek(a: &SeekArgs) -> anyhow::Result<()> {
         a.reads,
         ranges.line()
     );
+    println!("  1-byte reads, one segment (fixed cost of a read): {}", tiny.line());
     println!("  full reads of the same object (peer): {}", full.line());
     println!(
         "  full / range at p50: {:.1} x   ({:.2} GB/s full read)",
