@@ -114,6 +114,11 @@ pub struct CallsArgs {
     /// Customers the calls are spread over.
     #[arg(long, default_value_t = 10_000)]
     pub customers: u64,
+    /// Before the load, measure the disk's fdatasync ceiling in --work-dir
+    /// for this long (64 writers appending 1 KiB each): the peer of the
+    /// journal's acks per second. 0 skips it.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub fsync_probe: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -483,6 +488,40 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 // ----------------------------------------------------------------- calls --
 
+/// fdatasyncs per second that `writers` threads sustain in `dir`, each
+/// appending 1 KiB to its own file and syncing it: what a journal flush
+/// costs the disk, without the server.
+pub fn fsync_ceiling(dir: &std::path::Path, writers: usize, for_how_long: Duration) -> std::io::Result<f64> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + for_how_long;
+    let started = std::time::Instant::now();
+    let counts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|i| {
+                scope.spawn(move || -> std::io::Result<u64> {
+                    let path = dir.join(format!("fsync-probe-{}-{i}", std::process::id()));
+                    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+                    let block = [0x5Au8; 1024];
+                    let mut n = 0;
+                    while std::time::Instant::now() < deadline {
+                        f.write_all(&block)?;
+                        f.sync_data()?;
+                        n += 1;
+                    }
+                    drop(f);
+                    std::fs::remove_file(&path)?;
+                    Ok(n)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("probe panicked"))))
+            .sum::<std::io::Result<u64>>()
+    })?;
+    Ok(counts as f64 / started.elapsed().as_secs_f64())
+}
+
 /// What one call does, drawn up front from the slot's seeded generator.
 struct CallPlan {
     upload_id: String,
@@ -808,6 +847,8 @@ pub struct CallsReport {
     pub abandoned: u64,
     /// Acks received: one per journal fsync of a stream.
     pub acks: u64,
+    /// The disk's fdatasync ceiling, measured just before the load.
+    pub fsync_ceiling: Option<f64>,
     pub resumes: u64,
     pub transcripts: u64,
     pub images: u64,
@@ -878,6 +919,14 @@ impl std::fmt::Display for CallsReport {
             self.acks,
             self.acks as f64 / self.load_secs
         )?;
+        if let Some(c) = self.fsync_ceiling {
+            writeln!(
+                f,
+                "  disk fdatasync ceiling before the load (64 writers, 1 KiB appends): {:.0}/s; acks/s = {:.2} x that",
+                c,
+                self.acks as f64 / self.load_secs / c
+            )?;
+        }
         writeln!(f, "  open latency    {}", self.open)?;
         writeln!(f, "  commit latency  {}", self.commit)?;
         writeln!(f, "  put latency     {}", self.put)?;
@@ -916,6 +965,12 @@ impl std::fmt::Display for CallsReport {
 pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
     let target = Target::open(&a.target).await?;
     let clients = target.clients().await?;
+    let fsync_ceiling = if a.fsync_probe.is_zero() {
+        None
+    } else {
+        let (dir, d) = (a.target.work_dir.clone(), a.fsync_probe);
+        Some(tokio::task::spawn_blocking(move || fsync_ceiling(&dir, 64, d)).await??)
+    };
     let pid = target.pid;
     let idle = pid.and_then(proc_sample);
     let me = proc_sample(std::process::id());
@@ -976,6 +1031,7 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
         calls_committed: sh.calls_committed.load(Ordering::Relaxed),
         abandoned: sh.abandoned.load(Ordering::Relaxed),
         acks: sh.acks.load(Ordering::Relaxed),
+        fsync_ceiling,
         resumes: sh.resumes.load(Ordering::Relaxed),
         transcripts: sh.transcripts.load(Ordering::Relaxed),
         images: sh.images.load(Ordering::Relaxed),

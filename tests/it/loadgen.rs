@@ -30,6 +30,7 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
         transcript_fraction: 0.5,
         image_fraction: 0.5,
         customers: 10,
+        fsync_probe: Duration::from_millis(200),
     };
     let r = calls(&args).await.expect("the load generator runs");
     assert_eq!(r.errors(), 0, "{r}");
@@ -38,6 +39,7 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
     assert_eq!(r.mismatched, 0, "{r}");
     assert_eq!(r.verified, r.committed(), "{r}");
     assert!(r.server_peak_rss.is_some_and(|b| b > 0), "{r}");
+    assert!(r.fsync_ceiling.is_some_and(|c| c > 0.0), "{r}");
     // The started server and its data directory are gone.
     let left: Vec<_> = std::fs::read_dir(work.path()).expect("work dir").collect();
     assert!(left.is_empty(), "{left:?}");
