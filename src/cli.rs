@@ -116,6 +116,10 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Benchmarks against a real server: concurrent live calls, memory
+    /// with one large object, range reads (BENCHMARKS.md).
+    #[command(subcommand)]
+    Loadgen(crate::loadgen::LoadgenCmd),
 }
 
 /// What `search` and `sample` look for; all given must match.
@@ -851,6 +855,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Whoami(s) => whoami(s).await,
+        Command::Loadgen(c) => crate::loadgen::run(c).await,
     }
 }
 

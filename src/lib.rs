@@ -54,6 +54,7 @@ pub mod crypto;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod loadgen;
 pub mod model;
 pub mod retention;
 pub mod retrieve;

@@ -92,6 +92,15 @@ pub struct IngestConfig {
 }
 
 impl IngestConfig {
+    /// Received bytes a stream holds while its journal write is under way
+    /// before it stops reading. HTTP/2 flow control then holds the sender
+    /// back, so a stream's memory is bounded whatever the object's size: a
+    /// client faster than the disk used to make the server buffer the
+    /// difference (943 MiB of RSS for a 1 GiB upload; BENCHMARKS.md).
+    pub fn pending_cap(&self) -> usize {
+        self.commit_bytes.max(1)
+    }
+
     pub fn new(spool_dir: PathBuf) -> Self {
         Self {
             spool_dir,
@@ -537,7 +546,9 @@ impl Ingest {
                     s.in_flight = Some(self.start_flush(s));
                     flush_at = None;
                 }
-                msg = inbound.next() => {
+                // Invariant: at the cap a flush is in flight (a full
+                // pending buffer always starts one), so this resumes.
+                msg = inbound.next(), if s.pending.len() < self.cfg.pending_cap() => {
                     match msg {
                         None => {
                             // The client went away: keep what is durable, make
@@ -591,6 +602,8 @@ impl Ingest {
         let data = std::mem::take(&mut s.pending);
         let key = s.spool_key.clone();
         tokio::task::spawn_blocking(move || {
+            // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
+            fail::fail_point!("ingest-flush");
             journal.append(&key, &data)?;
             journal.sync()?;
             let end = journal.end();
@@ -706,7 +719,7 @@ impl Ingest {
         let producer = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32]), Error> {
             let mut enc = ObjectEncryptor::new(sealer);
             let mut hash = digest::Context::new(&digest::SHA256);
-            let mut out = Vec::with_capacity(BATCH + 2 * format::MAX_SEGMENT_SIZE as usize);
+            let mut out = Vec::with_capacity(2 * BATCH);
             let mut failed = None;
             let size = Journal::replay(&dir, object_id, &key, |data| {
                 if failed.is_some() {
@@ -718,7 +731,7 @@ impl Ingest {
                     return;
                 }
                 if out.len() >= BATCH {
-                    let full = std::mem::replace(&mut out, Vec::with_capacity(BATCH + 2 * 65536));
+                    let full = std::mem::replace(&mut out, Vec::with_capacity(2 * BATCH));
                     if tx.blocking_send(full).is_err() {
                         failed = Some(crate::crypto::CryptoError::InvalidSegment);
                     }
@@ -982,8 +995,10 @@ fn header_fields(u: &UploadRecord) -> HeaderFields {
     }
 }
 
-/// Replay batch handed to the object writer.
-const BATCH: usize = 4 << 20;
+/// Replay batch handed to the object writer. Up to four are alive at once
+/// (one filling, two queued, one being written): memory of a commit, not
+/// of the object.
+const BATCH: usize = 1 << 20;
 
 enum Opening {
     Committed(Box<ObjectRecord>),

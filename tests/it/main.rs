@@ -5,6 +5,7 @@ mod audit;
 mod coaching;
 mod common;
 mod grpc;
+mod loadgen;
 mod postgres;
 mod process;
 mod retention;

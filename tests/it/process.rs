@@ -55,6 +55,62 @@ struct Target {
     token: String,
 }
 
+/// A client faster than the disk is held back by flow control instead of
+/// being buffered by the server: with every journal flush slowed down, the
+/// bytes the client manages to hand over stay within the durable ones plus
+/// a few buffers, not the whole upload (issue #7: memory flat in object
+/// size). Bounds only; no time is asserted.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_fast_client_on_a_slow_disk_is_held_back_not_buffered() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let data = tempfile::tempdir().unwrap();
+    let config = format!("{CHILD_CONFIG}[ingest]\ncommit_bytes = 1048576\n");
+    let server = ChildServer::spawn_with(data.path(), &config, &[("FAILPOINTS", "ingest-flush=sleep(200)")], None);
+    let mut c = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut responses = c.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let open = pb::ingest_request::Open { upload_id: new_id(), spec: Some(spec("slow-disk", REC, "audio/pcmu")) };
+    tx.send(pb::IngestRequest { msg: Some(pb::ingest_request::Msg::Open(open)) }).await.unwrap();
+    const MIB: u64 = 1 << 20;
+    const TOTAL: u64 = 48 * MIB;
+    let chunk = bytes::Bytes::from(vec![0x55u8; MIB as usize]);
+    let handed = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let handed = handed.clone();
+        tokio::spawn(async move {
+            for i in 0..TOTAL / MIB {
+                let data = pb::ingest_request::Data { offset: i * MIB, data: chunk.clone() };
+                tx.send(pb::IngestRequest { msg: Some(pb::ingest_request::Msg::Data(data)) }).await.unwrap();
+                handed.fetch_add(MIB, Ordering::Relaxed);
+            }
+            let finish = pb::ingest_request::Finish { expected_sha256: Default::default(), expected_size: TOTAL };
+            tx.send(pb::IngestRequest { msg: Some(pb::ingest_request::Msg::Finish(finish)) }).await.unwrap();
+        })
+    };
+    let mut durable = 0;
+    let mut worst = 0;
+    let info = loop {
+        match responses.message().await.unwrap().and_then(|m| m.msg) {
+            Some(pb::ingest_response::Msg::Ack(a)) => {
+                // Handed over but not durable: what the server, the HTTP/2
+                // windows and the channel hold between them.
+                worst = worst.max(handed.load(Ordering::Relaxed).saturating_sub(durable));
+                durable = a.durable_offset;
+            }
+            Some(pb::ingest_response::Msg::Committed(info)) => break info,
+            Some(_) => {}
+            None => panic!("stream ended before the commit"),
+        }
+    };
+    sender.await.unwrap();
+    assert_eq!(info.size, TOTAL);
+    // Pending cap (1 MiB) + the flush under way (~2 MiB) + the server's
+    // 8 MiB stream window + client buffers; the whole upload without the cap.
+    assert!(worst <= 24 * MIB, "{} MiB handed over beyond the durable offset", worst / MIB);
+}
+
 fn cli(target: &Target, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_recvault"))
         .args(args)
