@@ -631,7 +631,10 @@ mod tests {
                     let r = byte_range(&l, s);
                     assert_eq!((r.start - l.data_offset) % u64::from(l.frame_bytes), 0, "{s:?}");
                     let data_end = l.data_len.map_or(u64::MAX, |d| l.data_offset + d);
-                    assert!(r.end == data_end || (r.end - l.data_offset) % u64::from(l.frame_bytes) == 0, "{s:?}");
+                    assert!(
+                        r.end == data_end || (r.end - l.data_offset).is_multiple_of(u64::from(l.frame_bytes)),
+                        "{s:?}"
+                    );
                 }
             }
         }
