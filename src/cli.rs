@@ -149,6 +149,12 @@ pub struct FilterArgs {
     /// Interactions started before this time (RFC 3339).
     #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
     pub until: Option<std::time::SystemTime>,
+    /// Interactions that lasted at least this long (e.g. 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_duration: Option<Duration>,
+    /// Interactions that lasted at most this long (e.g. 30m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_duration: Option<Duration>,
 }
 
 fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
@@ -171,6 +177,8 @@ impl FilterArgs {
             tags: self.tags.iter().cloned().collect(),
             created_after: None,
             created_before: None,
+            min_duration_ms: self.min_duration.map_or(0, |d| d.as_millis() as u64),
+            max_duration_ms: self.max_duration.map_or(0, |d| d.as_millis() as u64),
         }
     }
 }
@@ -377,6 +385,10 @@ pub struct PutArgs {
     /// milliseconds (repeatable), e.g. a card number read out.
     #[arg(long = "sensitive", value_parser = parse_span)]
     pub sensitive: Vec<pb::TimeSpan>,
+    /// How long the interaction lasted (e.g. 4m32s), as the platform
+    /// measured it; searchable with --min-duration/--max-duration.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -1011,6 +1023,7 @@ async fn put(a: PutArgs) -> anyhow::Result<()> {
             direction: i32::from(a.direction.unwrap_or_default().code()),
             started_at: None,
             tags: a.tags.iter().cloned().collect(),
+            duration_ms: a.duration.map_or(0, |d| d.as_millis() as u64),
         }),
         sensitive_spans: a.sensitive.clone(),
     };
@@ -1255,6 +1268,14 @@ async fn stat(a: StatArgs) -> anyhow::Result<()> {
         ("queue", i.queue.clone()),
         ("direction", direction_name(i.direction).to_owned()),
         ("started_at", format_time(&i.started_at)),
+        (
+            "duration",
+            if i.duration_ms == 0 {
+                String::new()
+            } else {
+                humantime::format_duration(Duration::from_millis(i.duration_ms)).to_string()
+            },
+        ),
     ];
     if a.json {
         let mut map: serde_json::Map<String, serde_json::Value> =

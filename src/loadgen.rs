@@ -573,6 +573,7 @@ impl CallPlan {
                 direction: pb::Direction::Inbound as i32,
                 started_at: None,
                 tags: Default::default(),
+                duration_ms: 0,
             }),
             sensitive_spans: Vec::new(),
         }

@@ -323,6 +323,9 @@ pub struct Interaction {
     /// Milliseconds since the Unix epoch, if known.
     pub started_at_ms: Option<i64>,
     pub tags: BTreeMap<String, String>,
+    /// How long the interaction lasted, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 fn check_meta(field: &str, value: &str) -> Result<(), InvalidInput> {

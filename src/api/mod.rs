@@ -228,6 +228,7 @@ fn parse_spec(spec: Option<pb::ObjectSpec>) -> Result<ObjectSpec, Error> {
         direction: Direction::from_code(u8::try_from(i.direction).unwrap_or(0)),
         started_at_ms: i.started_at.as_ref().map(ts_to_ms),
         tags: i.tags.into_iter().collect::<BTreeMap<_, _>>(),
+        duration_ms: (i.duration_ms > 0).then_some(i.duration_ms),
     };
     Ok(ObjectSpec { customer_id, kind, content_type: spec.content_type, interaction, sensitive_spans })
 }
@@ -241,6 +242,12 @@ fn parse_search_filter(f: Option<pb::SearchFilter>) -> Result<ListFilter, Error>
             .validate()
             .map_err(|e| field("filter.tags", e))?;
     }
+    if f.min_duration_ms > 0 && f.max_duration_ms > 0 && f.min_duration_ms > f.max_duration_ms {
+        return Err(Error::Invalid(format!(
+            "filter.min_duration_ms {} is more than filter.max_duration_ms {}",
+            f.min_duration_ms, f.max_duration_ms
+        )));
+    }
     Ok(ListFilter {
         customer_id: (!f.customer_id.is_empty()).then(|| parse_customer(&f.customer_id)).transpose()?,
         interaction_id: some(f.interaction_id),
@@ -253,6 +260,8 @@ fn parse_search_filter(f: Option<pb::SearchFilter>) -> Result<ListFilter, Error>
         direction: (f.direction != 0).then(|| Direction::from_code(u8::try_from(f.direction).unwrap_or(0))),
         started_after_ms: f.started_after.as_ref().map(ts_to_ms),
         started_before_ms: f.started_before.as_ref().map(ts_to_ms),
+        min_duration_ms: (f.min_duration_ms > 0).then_some(f.min_duration_ms),
+        max_duration_ms: (f.max_duration_ms > 0).then_some(f.max_duration_ms),
         tags: f.tags.into_iter().collect(),
         originals_only: false,
         training_use: None,
@@ -315,6 +324,7 @@ pub fn object_info(o: &ObjectRecord) -> pb::ObjectInfo {
             direction: i32::from(i.direction.code()),
             started_at: i.started_at_ms.map(ms_to_ts),
             tags: i.tags.clone().into_iter().collect(),
+            duration_ms: i.duration_ms.unwrap_or(0),
         }),
         upload_id: o.upload_id.to_string(),
         expires_at: o.retention.expires_at_ms.map(ms_to_ts),

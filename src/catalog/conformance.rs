@@ -21,6 +21,7 @@ fn spec(customer: &str, interaction: &str) -> ObjectSpec {
             interaction_id: interaction.into(),
             agent_id: "agent-7".into(),
             tags: [("lang".to_string(), "en".to_string())].into(),
+            duration_ms: Some(if interaction == "call-2" { 300_000 } else { 60_000 }),
             ..Default::default()
         },
         sensitive_spans: Vec::new(),
@@ -198,6 +199,16 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     assert_eq!(cat.count_objects(&tagged).await.unwrap(), 4);
     let other_tag = ListFilter { tags: vec![("lang".into(), "pt".into())], ..Default::default() };
     assert_eq!(cat.count_objects(&other_tag).await.unwrap(), 0);
+    // Duration bounds are inclusive; "call-2" lasted 5 minutes, the others 1.
+    let lasted = |min: Option<u64>, max: Option<u64>| ListFilter {
+        min_duration_ms: min,
+        max_duration_ms: max,
+        ..Default::default()
+    };
+    assert_eq!(cat.count_objects(&lasted(Some(60_000), None)).await.unwrap(), 4);
+    assert_eq!(cat.count_objects(&lasted(Some(60_001), None)).await.unwrap(), 2, "the two call-2 objects");
+    assert_eq!(cat.count_objects(&lasted(None, Some(60_000))).await.unwrap(), 2);
+    assert_eq!(cat.count_objects(&lasted(Some(60_001), Some(299_999))).await.unwrap(), 0);
     let other_agent = ListFilter { agent_id: Some("agent-8".into()), ..Default::default() };
     assert!(cat.list_objects(&other_agent, None, 10).await.unwrap().is_empty());
     let ids = |v: Vec<ObjectRecord>| v.into_iter().map(|o| o.object_id).collect::<Vec<_>>();

@@ -117,6 +117,10 @@ pub struct ListFilter {
     pub direction: Option<crate::model::Direction>,
     pub started_after_ms: Option<i64>,
     pub started_before_ms: Option<i64>,
+    /// Inclusive bounds on the interaction's duration; objects of unknown
+    /// duration match no bound.
+    pub min_duration_ms: Option<u64>,
+    pub max_duration_ms: Option<u64>,
     /// Every one of these tags.
     pub tags: Vec<(String, String)>,
     /// Leave out derived items (redacted renditions).

@@ -169,6 +169,13 @@ CREATE TABLE tokens (
 );
 "#,
     ),
+    (
+        3,
+        "interaction duration",
+        r#"
+ALTER TABLE objects ADD COLUMN duration_ms BIGINT;
+"#,
+    ),
 ];
 
 const LIVE: i16 = 0;
@@ -178,7 +185,7 @@ const EXPIRED: i16 = 2;
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \
      o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek, o.retention_policy, o.expires_at_ms, \
-     o.expired_at_ms, o.derived_from, o.sensitive_spans";
+     o.expired_at_ms, o.derived_from, o.sensitive_spans, o.duration_ms";
 
 /// Tables whose dead tuples can hold a destroyed wrapped key (or the
 /// canary) after an erasure commits.
@@ -428,6 +435,8 @@ fn filter_sql(filter: &ListFilter, after: Option<PageCursor>) -> (String, SqlArg
         ("o.direction =", filter.direction.map(|d| Box::new(i16::from(d.code())) as Box<_>)),
         ("o.started_at_ms >=", int(filter.started_after_ms)),
         ("o.started_at_ms <", int(filter.started_before_ms)),
+        ("o.duration_ms >=", int(filter.min_duration_ms.map(|d| d.min(i64::MAX as u64) as i64))),
+        ("o.duration_ms <=", int(filter.max_duration_ms.map(|d| d.min(i64::MAX as u64) as i64))),
     ] {
         if let Some(v) = value {
             push(&mut sql, clause, v);
@@ -481,6 +490,7 @@ fn object_from_row(row: &Row) -> Result<ObjectRecord, CatalogError> {
                 queue: get::<Option<String>>(row, "queue")?.unwrap_or_default(),
                 direction: Direction::from_code(direction),
                 started_at_ms: get(row, "started_at_ms")?,
+                duration_ms: get::<Option<i64>>(row, "duration_ms")?.map(|d| d as u64),
                 tags: tags.map(|t| serde_json::from_str(&t).unwrap_or_default()).unwrap_or_default(),
             },
             sensitive_spans: get::<Option<String>>(row, "sensitive_spans")?
@@ -786,9 +796,9 @@ impl Catalog for PostgresCatalog {
                 "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                      content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
                      started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from,
-                     sensitive_spans)
+                     sensitive_spans, duration_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-                         $20, $21, $22)",
+                         $20, $21, $22, $23)",
                 &[
                     &upload.object_id.to_string(),
                     &upload_id,
@@ -812,6 +822,7 @@ impl Catalog for PostgresCatalog {
                     &o.retention.expires_at_ms,
                     &o.derived_from.map(|d| d.to_string()),
                     &spans_json(&o.spec.sensitive_spans)?,
+                    &i.duration_ms.map(|d| d.min(i64::MAX as u64) as i64),
                 ],
             )
             .await

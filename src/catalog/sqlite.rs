@@ -138,6 +138,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("objects", "expired_at_ms", "INTEGER"),
     ("objects", "derived_from", "TEXT"),
     ("objects", "sensitive_spans", "TEXT"),
+    ("objects", "duration_ms", "INTEGER"),
 ];
 
 const INDEXES_ON_ADDED: &str = "
@@ -259,7 +260,7 @@ fn upload_from_row(row: &Row<'_>) -> rusqlite::Result<UploadRecord> {
 const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.customer_id, o.kind, o.created_at_ms, \
      o.shredded, o.content_type, o.size, o.sha256, o.interaction_id, o.channel, o.agent_id, o.queue, \
      o.direction, o.started_at_ms, o.tags, o.key_version, o.wrapped_dek, o.retention_policy, o.expires_at_ms, \
-     o.expired_at_ms, o.derived_from, o.sensitive_spans";
+     o.expired_at_ms, o.derived_from, o.sensitive_spans, o.duration_ms";
 
 fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
     let kind: u8 = row.get("kind")?;
@@ -279,6 +280,7 @@ fn object_from_row(row: &Row<'_>) -> rusqlite::Result<ObjectRecord> {
                 queue: row.get::<_, Option<String>>("queue")?.unwrap_or_default(),
                 direction: Direction::from_code(row.get::<_, Option<u8>>("direction")?.unwrap_or(0)),
                 started_at_ms: row.get("started_at_ms")?,
+                duration_ms: row.get::<_, Option<i64>>("duration_ms")?.map(|d| d as u64),
                 tags: tags.map(|t| serde_json::from_str(&t).unwrap_or_default()).unwrap_or_default(),
             },
             sensitive_spans: json_col(row.get("sensitive_spans")?)?.unwrap_or_default(),
@@ -320,6 +322,8 @@ fn filter_sql(filter: &ListFilter, after: Option<PageCursor>) -> (String, Vec<ru
         ("o.direction =", filter.direction.map(|d| Value::from(i64::from(d.code())))),
         ("o.started_at_ms >=", filter.started_after_ms.map(Value::from)),
         ("o.started_at_ms <", filter.started_before_ms.map(Value::from)),
+        ("o.duration_ms >=", filter.min_duration_ms.map(|d| Value::from(d.min(i64::MAX as u64) as i64))),
+        ("o.duration_ms <=", filter.max_duration_ms.map(|d| Value::from(d.min(i64::MAX as u64) as i64))),
     ] {
         if let Some(v) = value {
             push(&mut sql, clause, v);
@@ -617,9 +621,9 @@ impl Catalog for SqliteCatalog {
                     "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
                          content_type, size, sha256, interaction_id, channel, agent_id, queue, direction,
                          started_at_ms, tags, key_version, wrapped_dek, retention_policy, expires_at_ms, derived_from,
-                         sensitive_spans)
+                         sensitive_spans, duration_ms)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                                 ?19, ?20, ?21, ?22)",
+                                 ?19, ?20, ?21, ?22, ?23)",
                     params![
                         upload.object_id.to_string(),
                         o.upload_id.to_string(),
@@ -642,7 +646,8 @@ impl Catalog for SqliteCatalog {
                         Some(o.retention.policy.as_str()).filter(|p| !p.is_empty()),
                         o.retention.expires_at_ms,
                         o.derived_from.map(|d| d.to_string()),
-                        spans_json(&o.spec.sensitive_spans)?
+                        spans_json(&o.spec.sensitive_spans)?,
+                        i.duration_ms.map(|d| d.min(i64::MAX as u64) as i64)
                     ],
                 )
                 .map_err(backend)?;

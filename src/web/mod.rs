@@ -291,6 +291,8 @@ struct FilterJson {
     created_after: String,
     created_before: String,
     tags: BTreeMap<String, String>,
+    min_duration_ms: u64,
+    max_duration_ms: u64,
 }
 
 fn timestamp(field: &str, text: &str) -> Result<Option<prost_types::Timestamp>, String> {
@@ -335,6 +337,8 @@ impl FilterJson {
             tags: self.tags.clone().into_iter().collect(),
             created_after: timestamp("created_after", &self.created_after)?,
             created_before: timestamp("created_before", &self.created_before)?,
+            min_duration_ms: self.min_duration_ms,
+            max_duration_ms: self.max_duration_ms,
         })
     }
 }
@@ -372,6 +376,7 @@ fn info_json(o: &pb::ObjectInfo) -> Value {
             "queue": i.queue,
             "direction": direction,
             "started_at": ts_text(&i.started_at),
+            "duration_ms": (i.duration_ms > 0).then_some(i.duration_ms),
             "tags": i.tags.into_iter().collect::<BTreeMap<_, _>>(),
         },
         "sensitive_spans": o.sensitive_spans.iter().map(|s| json!({"start_ms": s.start_ms, "end_ms": s.end_ms}))

@@ -148,3 +148,30 @@ async fn samples_are_reproducible_fair_by_stratum_and_never_show_opt_outs() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("count"), "{}", err.message());
 }
+
+/// Issue #5 point 1: search by how long the interaction lasted (declared
+/// by the platform), inclusive bounds; unknown durations match no bound.
+#[tokio::test]
+async fn search_by_duration_range() {
+    let server = TestServer::start().await;
+    let mut pbx = server.client_as("pbx-1", &[Role::Ingest], false).await;
+    for (n, secs) in [30u64, 90, 300, 0].into_iter().enumerate() {
+        let mut s = call_spec(&format!("dur-{n}"), &format!("dcall-{n}"), "agent-1", "billing", REC, "audio/basic");
+        s.interaction.as_mut().unwrap().duration_ms = secs * 1000;
+        put(&mut pbx, s, &[0x55; 800]).await.unwrap();
+    }
+    let mut coach = server.client_as("coach-1", &[Role::Coach], false).await;
+    let mut total = async |min: u64, max: u64| {
+        let filter = pb::SearchFilter { min_duration_ms: min, max_duration_ms: max, ..Default::default() };
+        coach.search(pb::SearchRequest { filter: Some(filter), ..Default::default() }).await.map(|r| r.into_inner())
+    };
+    assert_eq!(total(0, 0).await.unwrap().total, 4);
+    assert_eq!(total(60_000, 0).await.unwrap().total, 2, "90 s and 300 s");
+    assert_eq!(total(0, 120_000).await.unwrap().total, 2, "30 s and 90 s; the unknown one matches no bound");
+    let one = total(90_000, 90_000).await.unwrap();
+    assert_eq!(one.total, 1);
+    assert_eq!(one.objects[0].interaction.as_ref().unwrap().duration_ms, 90_000, "shown back");
+    let bad = total(120_000, 60_000).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("min_duration_ms"), "{}", bad.message());
+}

@@ -239,6 +239,7 @@ pub fn spec(customer: &str, kind: pb::ContentKind, content_type: &str) -> pb::Ob
             direction: pb::Direction::Inbound as i32,
             started_at: None,
             tags: [("site".to_owned(), "lisbon".to_owned())].into(),
+            duration_ms: 0,
         }),
         sensitive_spans: Vec::new(),
     }

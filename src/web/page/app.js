@@ -74,6 +74,10 @@ function filter() {
     const v = (f.get(k) || "").trim();
     if (v) out[k] = v;
   }
+  for (const [k, field] of [["min_duration", "min_duration_ms"], ["max_duration", "max_duration_ms"]]) {
+    const v = (f.get(k) || "").trim();
+    if (v) out[field] = Math.round(Number(v) * 1000);
+  }
   const tag = (f.get("tag") || "").trim();
   if (tag) {
     const i = tag.indexOf("=");
@@ -89,7 +93,8 @@ function purpose() {
 
 function describe(o) {
   const i = o.interaction;
-  return [i.queue && `queue ${i.queue}`, i.agent_id && `agent ${i.agent_id}`, i.channel, (i.started_at || o.created_at)]
+  const lasted = i.duration_ms ? `${Math.round(i.duration_ms / 1000)} s` : "";
+  return [i.queue && `queue ${i.queue}`, i.agent_id && `agent ${i.agent_id}`, i.channel, lasted, (i.started_at || o.created_at)]
     .filter(Boolean)
     .join(" · ");
 }
