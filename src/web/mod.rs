@@ -577,20 +577,16 @@ fn wanted(range: Option<&HeaderValue>, size: u64) -> Want {
     }
 }
 
-fn link_refused(status: StatusCode, code: &'static str, message: String) -> Response {
-    error_response(status, code, message)
-}
-
 /// Serves one object through a playback link. Every request re-checks the
 /// link's credential, role and purpose, and reads through
 /// [`Retrieve::read`] (customer state, consent, audit record, redaction).
 async fn play(State(web): State<Web>, Path(link): Path<String>, headers: HeaderMap) -> Response {
     let grant = match web.links.verify(&link) {
         Ok(g) => g,
-        Err(e) => return link_refused(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string()),
+        Err(e) => return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string()),
     };
     let (Some(id), Some(purpose)) = (grant.object_id(), grant.purpose()) else {
-        return link_refused(StatusCode::FORBIDDEN, "PERMISSION_DENIED", LinkError::Invalid.to_string());
+        return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", LinkError::Invalid.to_string());
     };
     let request_id = request_id(&headers);
     let principal = match web.auth.recheck(&grant.credential).await {
@@ -603,7 +599,7 @@ async fn play(State(web): State<Web>, Path(link): Path<String>, headers: HeaderM
                 .detail("via", "link")
                 .result(format!("refused: {e}"));
             let _ = web.audit.append(&actor, event).await;
-            return link_refused(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
+            return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
         }
     };
     let actor = Actor::new(&principal.name, request_id);
