@@ -429,3 +429,97 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
 
     vec![vec![0xA1; 61], vec![0xA1 ^ 0x55; 61], vec![0xC1; 61], vec![0xC2; 61], vec![0xC3; 61], vec![0xE1; 61]]
 }
+
+/// The shared upload journal (`ingest.journal = "catalog"`): epochs fence
+/// stale writers, appends must continue the journal, a shred stops them,
+/// and the records go when the upload commits or is discarded.
+pub async fn journal(cat: &dyn Catalog) {
+    let dora = new_customer(cat, "crm:dora", 0xD0).await;
+    let open = |interaction: &str| UploadRecord {
+        upload_id: UploadId::new_random(),
+        object_id: ObjectId::new_random(),
+        customer_ref: dora.customer_ref,
+        spec: spec("crm:dora", interaction),
+        key_version: 1,
+        wrapped_dek: vec![0xD1; 61],
+        nonce_prefix: [0xD1; 7],
+        created_at_ms: 10,
+        committed: false,
+    };
+    let upload = open("call-j1");
+    cat.create_upload(&upload).await.unwrap();
+    let id = &upload.upload_id;
+    assert!(cat.journal_chunks(id, 0, 10).await.unwrap().is_empty());
+    let first = cat.claim_journal(id).await.unwrap();
+    cat.append_journal(id, first, 0, 5, b"sealed-0").await.unwrap();
+    cat.append_journal(id, first, 5, 9, b"sealed-5").await.unwrap();
+    // Not continuing the journal: a gap, an overlap.
+    for (start, end) in [(10, 12), (4, 12)] {
+        assert!(matches!(cat.append_journal(id, first, start, end, b"x").await, Err(CatalogError::Conflict(_))));
+    }
+    // A second writer claims the upload; the first is fenced off.
+    let second = cat.claim_journal(id).await.unwrap();
+    assert!(second > first);
+    let stale = cat.append_journal(id, first, 9, 12, b"zombie").await.unwrap_err();
+    assert!(matches!(&stale, CatalogError::Conflict(m) if m.contains("taken over")), "{stale}");
+    cat.append_journal(id, second, 9, 12, b"sealed-9").await.unwrap();
+    let chunks = cat.journal_chunks(id, 0, 10).await.unwrap();
+    let starts: Vec<(u64, u64)> = chunks.iter().map(|c| (c.start, c.end)).collect();
+    assert_eq!(starts, vec![(0, 5), (5, 9), (9, 12)]);
+    assert_eq!(chunks[2].sealed, b"sealed-9");
+    // Paged by start offset.
+    let page = cat.journal_chunks(id, 5, 1).await.unwrap();
+    assert_eq!(page.iter().map(|c| c.start).collect::<Vec<_>>(), vec![5]);
+
+    // Commit removes the records with it; the upload can no longer be
+    // claimed or appended to.
+    let record = ObjectRecord {
+        object_id: upload.object_id,
+        upload_id: upload.upload_id,
+        spec: upload.spec.clone(),
+        size: 12,
+        sha256: [0xD2; 32],
+        created_at_ms: 20,
+        retention: Retention { policy: String::new(), expires_at_ms: None },
+        derived_from: None,
+    };
+    cat.commit_upload(&record).await.unwrap();
+    assert!(cat.journal_chunks(id, 0, 10).await.unwrap().is_empty());
+    assert!(matches!(cat.claim_journal(id).await, Err(CatalogError::NotFound)));
+    assert!(matches!(cat.append_journal(id, second, 12, 13, b"late").await, Err(CatalogError::NotFound)));
+
+    // Discarding an upload removes its records.
+    let discarded = open("call-j2");
+    cat.create_upload(&discarded).await.unwrap();
+    let epoch = cat.claim_journal(&discarded.upload_id).await.unwrap();
+    cat.append_journal(&discarded.upload_id, epoch, 0, 3, b"abc").await.unwrap();
+    cat.discard_upload(&discarded.upload_id).await.unwrap();
+    assert!(cat.journal_chunks(&discarded.upload_id, 0, 10).await.unwrap().is_empty());
+    assert!(matches!(cat.claim_journal(&discarded.upload_id).await, Err(CatalogError::NotFound)));
+
+    // A shred request (from any replica) stops the next append; the
+    // destroy step removes the records of unfinished uploads.
+    let live = open("call-j3");
+    cat.create_upload(&live).await.unwrap();
+    let epoch = cat.claim_journal(&live.upload_id).await.unwrap();
+    cat.append_journal(&live.upload_id, epoch, 0, 4, b"live").await.unwrap();
+    let request = ShredRequest {
+        reason: "erasure".into(),
+        requested_by: "dpo".into(),
+        requested_at_ms: 30,
+        destroy_after_ms: 30,
+        requires_approval: false,
+    };
+    cat.request_shred(&dora.customer_id, &request).await.unwrap();
+    assert!(matches!(
+        cat.append_journal(&live.upload_id, epoch, 4, 8, b"more").await,
+        Err(CatalogError::CustomerState(CustomerState::PendingShred))
+    ));
+    cat.destroy_customer_keys(&dora.customer_id, 31).await.unwrap();
+    assert!(cat.journal_chunks(&live.upload_id, 0, 10).await.unwrap().is_empty());
+
+    // The sweep lock can be taken (only one process may hold it; the
+    // PostgreSQL tests check a second session is refused).
+    let lock = cat.try_sweep_lock().await.unwrap();
+    assert!(lock.is_some());
+}

@@ -360,4 +360,107 @@ pub trait Catalog: Send + Sync + 'static {
     /// Revokes a token (idempotent: a revoked token keeps its first
     /// revocation time); `NotFound` if unknown.
     async fn revoke_token(&self, token_id: &str, now_ms: i64) -> Result<TokenRecord, CatalogError>;
+
+    /// Makes the caller the only writer of an unfinished upload's shared
+    /// journal and returns its epoch: appends carrying an older epoch fail
+    /// from now on (a replica that lost the stream but not its process
+    /// cannot write behind the new one). `NotFound` if the upload is gone.
+    async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError>;
+    /// Appends sealed journal records covering `[start, end)` of the
+    /// upload, durably, if `epoch` still holds the journal (`Conflict`
+    /// otherwise), the upload is unfinished (`NotFound`) and its customer
+    /// active (`CustomerState`: a shred accepted by any replica stops the
+    /// next append everywhere). `start` must be the journal's end
+    /// (`Conflict` otherwise).
+    async fn append_journal(
+        &self,
+        upload: &UploadId,
+        epoch: u64,
+        start: u64,
+        end: u64,
+        sealed: &[u8],
+    ) -> Result<(), CatalogError>;
+    /// The upload's journal chunks starting at `from` or later, in order, at
+    /// most `limit`. Chunks go when the upload commits or is discarded.
+    async fn journal_chunks(
+        &self,
+        upload: &UploadId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<JournalChunk>, CatalogError>;
+
+    /// The right to run the retention sweep alone among every process
+    /// sharing this catalog, held until the guard drops; `None` while
+    /// another process holds it.
+    async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, CatalogError>;
+    /// Revocations made by other processes sharing this catalog (a shred
+    /// requested or executed, objects expired, a consent changed), as they
+    /// commit. `None` when the catalog is not shared (SQLite: one process).
+    async fn watch_revocations(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Revoked>>, CatalogError> {
+        Ok(None)
+    }
+}
+
+/// The checks `append_journal` makes on every backend, in this order: the
+/// customer's state (a shred wins over everything), the writer's epoch, then
+/// contiguity.
+fn check_append(
+    current_epoch: u64,
+    epoch: u64,
+    state: &str,
+    journal_end: u64,
+    start: u64,
+    end: u64,
+) -> Result<(), CatalogError> {
+    let state = CustomerState::parse(state).unwrap_or(CustomerState::Shredded);
+    if state != CustomerState::Active {
+        return Err(CatalogError::CustomerState(state));
+    }
+    if current_epoch != epoch {
+        return Err(CatalogError::Conflict(format!(
+            "the upload was taken over by a newer stream (journal epoch {current_epoch}, this writer {epoch})"
+        )));
+    }
+    if start != journal_end || end < start {
+        return Err(CatalogError::Conflict(format!(
+            "journal append [{start}, {end}) does not continue the journal, which ends at {journal_end}"
+        )));
+    }
+    Ok(())
+}
+
+/// Sealed records of a shared upload journal, covering `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalChunk {
+    pub start: u64,
+    pub end: u64,
+    pub sealed: Vec<u8>,
+}
+
+/// Held while this process runs the retention sweep (see
+/// [`Catalog::try_sweep_lock`]); dropping it lets another process sweep.
+pub struct SweepLock {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl SweepLock {
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self { _held: Box::new(held) }
+    }
+}
+
+impl std::fmt::Debug for SweepLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SweepLock")
+    }
+}
+
+/// What another process made unreadable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// Content of this customer (shred requested or executed, consent).
+    Customer(CustomerRef),
+    /// Some objects (expiry), or unknown: notifications may have been
+    /// missed while the listener reconnected.
+    Any,
 }

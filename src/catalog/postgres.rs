@@ -19,8 +19,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, Destroyed, ExpiredObject, ExpiryCount,
-    ListFilter, NOT_HELD, PageCursor, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject, StoredPolicy,
-    UploadRecord,
+    JournalChunk, ListFilter, NOT_HELD, PageCursor, Revoked, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject,
+    StoredPolicy, SweepLock, UploadRecord, check_append,
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
@@ -176,6 +176,21 @@ CREATE TABLE tokens (
 ALTER TABLE objects ADD COLUMN duration_ms BIGINT;
 "#,
     ),
+    (
+        4,
+        "shared upload journals",
+        r#"
+ALTER TABLE uploads ADD COLUMN writer_epoch BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE journal_chunks (
+    upload_id    TEXT COLLATE "C" NOT NULL REFERENCES uploads(upload_id) ON DELETE CASCADE,
+    start_offset BIGINT NOT NULL,
+    end_offset   BIGINT NOT NULL,
+    sealed       BYTEA NOT NULL,
+    PRIMARY KEY (upload_id, start_offset)
+);
+ALTER TABLE journal_chunks ALTER COLUMN sealed SET STORAGE EXTERNAL;
+"#,
+    ),
 ];
 
 const LIVE: i16 = 0;
@@ -189,7 +204,15 @@ const OBJECT_COLUMNS: &str = "o.object_id, o.upload_id, o.customer_ref, o.custom
 
 /// Tables whose dead tuples can hold a destroyed wrapped key (or the
 /// canary) after an erasure commits.
-const SHRED_TABLES: &str = "customer_keys, objects, uploads, customers";
+const SHRED_TABLES: &str = "customer_keys, objects, uploads, customers, journal_chunks";
+
+/// The channel revocations are announced on (payload `schema:customer_ref`
+/// in hex, or `schema:*`); every replica of every schema listens to it and
+/// keeps its own schema's.
+const REVOKED_CHANNEL: &str = "recvault_revoked";
+
+/// How long a replica waits before reconnecting a lost listener.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 const EXPIRY_TABLES: &str = "objects, uploads";
 
 /// Connections in the pool: a catalog call holds one for one transaction.
@@ -197,10 +220,35 @@ const POOL_SIZE: usize = 16;
 /// How long a call waits for a pooled connection before failing.
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
+type Session = (tokio_postgres::Client, Listening);
+
+/// The polling task of a listening connection and the messages it yields.
+struct Listening {
+    task: tokio::task::JoinHandle<()>,
+    msgs: tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+}
+
+/// Keeps a session (and the advisory locks it holds) open; dropping the
+/// client closes the connection, which releases them.
+struct SessionGuard {
+    _client: tokio_postgres::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The PostgreSQL catalog. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct PostgresCatalog {
     pool: Pool,
+    /// For connections outside the pool: the listener and the sweep lock,
+    /// which live as long as a session, not a transaction.
+    config: tokio_postgres::Config,
+    schema: String,
 }
 
 /// Maps a driver error without its DETAIL, which can quote whole rows
@@ -266,7 +314,8 @@ impl PostgresCatalog {
         if config.get_application_name().is_none() {
             config.application_name("recvault");
         }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -274,7 +323,7 @@ impl PostgresCatalog {
             .create_timeout(Some(POOL_WAIT))
             .build()
             .map_err(|e| CatalogError::Backend(format!("postgres pool: {e}")))?;
-        let catalog = Self { pool };
+        let catalog = Self { pool, config, schema: schema.to_owned() };
         catalog.migrate(schema).await?;
         Ok(catalog)
     }
@@ -320,6 +369,77 @@ impl PostgresCatalog {
             tracing::info!(schema, version, name, "catalog migration applied");
         }
         tx.commit().await.map_err(backend)
+    }
+
+    /// Announces, when `tx` commits, that content of `customer` (or some
+    /// content, `None`) became unreadable (see `watch_revocations`).
+    async fn notify_revoked(
+        &self,
+        tx: &impl GenericClient,
+        customer: Option<&CustomerRef>,
+    ) -> Result<(), CatalogError> {
+        let who = customer.map_or_else(|| "*".to_owned(), |c| hex::encode(c.as_bytes()));
+        tx.execute("SELECT pg_notify($1, $2)", &[&REVOKED_CHANNEL, &format!("{}:{who}", self.schema)])
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// A connection listening on the revocation channel.
+    async fn listen(&self) -> Result<Session, CatalogError> {
+        let (client, mut connection) = self.session().await?;
+        let (msgs_tx, msgs_rx) = tokio::sync::mpsc::unbounded_channel();
+        // The connection must be polled for LISTEN to complete; messages it
+        // yields (notifications) go to `forward_notifications`.
+        let task = tokio::spawn(async move {
+            let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(msg) = futures::StreamExt::next(&mut stream).await {
+                match msg {
+                    Ok(m) => {
+                        if msgs_tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {REVOKED_CHANNEL}")).await.map_err(backend)?;
+        Ok((client, Listening { task, msgs: msgs_rx }))
+    }
+
+    /// Passes this schema's notifications on until the connection ends or
+    /// the receiver goes.
+    async fn forward_notifications(
+        &self,
+        client: tokio_postgres::Client,
+        mut listening: Listening,
+        out: &tokio::sync::mpsc::Sender<Revoked>,
+    ) {
+        let prefix = format!("{}:", self.schema);
+        while let Some(msg) = listening.msgs.recv().await {
+            let tokio_postgres::AsyncMessage::Notification(n) = msg else { continue };
+            let Some(who) = n.payload().strip_prefix(&prefix) else { continue };
+            let revoked = match <[u8; 16]>::try_from(hex::decode(who).unwrap_or_default()) {
+                Ok(bytes) => Revoked::Customer(CustomerRef::from_bytes(bytes)),
+                Err(_) => Revoked::Any,
+            };
+            if out.send(revoked).await.is_err() {
+                break;
+            }
+        }
+        listening.task.abort();
+        drop(client);
+    }
+
+    /// A connection of its own, outside the pool.
+    async fn session(
+        &self,
+    ) -> Result<
+        (tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>),
+        CatalogError,
+    > {
+        self.config.connect(NoTls).await.map_err(backend)
     }
 
     /// Removes the dead tuples an erasure left behind, so the destroyed
@@ -827,6 +947,9 @@ impl Catalog for PostgresCatalog {
             )
             .await
             .map_err(backend)?;
+            // The object now holds the bytes: the journal's records go with
+            // the commit, never before it.
+            tx.execute("DELETE FROM journal_chunks WHERE upload_id = $1", &[&upload_id]).await.map_err(backend)?;
             tx.execute("UPDATE uploads SET committed = TRUE, wrapped_dek = NULL WHERE upload_id = $1", &[&upload_id])
                 .await
                 .map_err(backend)?;
@@ -924,6 +1047,7 @@ impl Catalog for PostgresCatalog {
         )
         .await
         .map_err(backend)?;
+        self.notify_revoked(&tx, Some(&customer.customer_ref)).await?;
         let ticket = ticket_in(&tx, id).await?;
         tx.commit().await.map_err(backend)?;
         Ok(ticket)
@@ -1077,6 +1201,7 @@ impl Catalog for PostgresCatalog {
         .await
         .map_err(backend)?;
         let ticket = ticket_in(&tx, id).await?;
+        self.notify_revoked(&tx, Some(&customer.customer_ref)).await?;
         tx.commit().await.map_err(backend)?;
         drop(client);
         self.vacuum(SHRED_TABLES).await;
@@ -1315,6 +1440,9 @@ impl Catalog for PostgresCatalog {
                 expired_at_ms: now_ms,
             });
         }
+        if !expired.is_empty() {
+            self.notify_revoked(&tx, None).await?;
+        }
         tx.commit().await.map_err(backend)?;
         drop(client);
         if !expired.is_empty() {
@@ -1533,6 +1661,138 @@ impl Catalog for PostgresCatalog {
             .map_err(backend)?;
         row.as_ref().map(read_token).transpose()?.ok_or(CatalogError::NotFound)
     }
+
+    async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let row = client
+            .query_opt(
+                "UPDATE uploads SET writer_epoch = writer_epoch + 1 WHERE upload_id = $1 AND NOT committed
+                 RETURNING writer_epoch",
+                &[&upload.to_string()],
+            )
+            .await
+            .map_err(backend)?
+            .ok_or(CatalogError::NotFound)?;
+        Ok(row.try_get::<_, i64>(0).map_err(backend)? as u64)
+    }
+
+    async fn append_journal(
+        &self,
+        upload: &UploadId,
+        epoch: u64,
+        start: u64,
+        end: u64,
+        sealed: &[u8],
+    ) -> Result<(), CatalogError> {
+        let id = upload.to_string();
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(backend)?;
+        // FOR SHARE of the customer, as a commit takes it: a shred request
+        // (FOR UPDATE) either waits for this append or is seen by it. FOR
+        // UPDATE of the upload serialises appends and claims.
+        let row = tx
+            .query_opt(
+                "SELECT u.writer_epoch, c.state,
+                        COALESCE((SELECT MAX(end_offset) FROM journal_chunks j WHERE j.upload_id = u.upload_id), 0)
+                 FROM uploads u JOIN customers c ON c.customer_ref = u.customer_ref
+                 WHERE u.upload_id = $1 AND NOT u.committed
+                 FOR SHARE OF c FOR UPDATE OF u",
+                &[&id],
+            )
+            .await
+            .map_err(backend)?
+            .ok_or(CatalogError::NotFound)?;
+        let current: i64 = row.try_get(0).map_err(backend)?;
+        let state: String = row.try_get(1).map_err(backend)?;
+        let journal_end: i64 = row.try_get(2).map_err(backend)?;
+        check_append(current as u64, epoch, &state, journal_end as u64, start, end)?;
+        tx.execute(
+            "INSERT INTO journal_chunks (upload_id, start_offset, end_offset, sealed) VALUES ($1, $2, $3, $4)",
+            &[&id, &(start as i64), &(end as i64), &sealed],
+        )
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn journal_chunks(
+        &self,
+        upload: &UploadId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<JournalChunk>, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let rows = client
+            .query(
+                "SELECT start_offset, end_offset, sealed FROM journal_chunks
+                 WHERE upload_id = $1 AND start_offset >= $2 ORDER BY start_offset LIMIT $3",
+                &[&upload.to_string(), &(from as i64), &limit_param(limit)],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                Ok(JournalChunk {
+                    start: r.try_get::<_, i64>(0).map_err(backend)? as u64,
+                    end: r.try_get::<_, i64>(1).map_err(backend)? as u64,
+                    sealed: r.try_get(2).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    /// A session-level advisory lock on a connection of its own: it is
+    /// released when the guard drops the connection, and by the server if
+    /// this process dies, so a crashed sweeper never blocks the others.
+    async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, CatalogError> {
+        let (client, connection) = self.session().await?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext($1)::bigint)",
+                &[&format!("recvault.sweep:{}", self.schema)],
+            )
+            .await
+            .map_err(backend)?
+            .try_get(0)
+            .map_err(backend)?;
+        if !got {
+            return Ok(None);
+        }
+        Ok(Some(SweepLock::new(SessionGuard { _client: client, task })))
+    }
+
+    async fn watch_revocations(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Revoked>>, CatalogError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // The first connection is made here so a broken configuration
+        // fails the start; later losses are retried in the background.
+        let first = self.listen().await?;
+        let catalog = self.clone();
+        tokio::spawn(async move {
+            let mut session = Some(first);
+            loop {
+                if let Some((client, connection)) = session.take() {
+                    catalog.forward_notifications(client, connection, &tx).await;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                // Notifications sent while no one listened are lost: tell
+                // the replica to re-check everything it serves.
+                if tx.send(Revoked::Any).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(LISTEN_RETRY).await;
+                match catalog.listen().await {
+                    Ok(s) => session = Some(s),
+                    Err(e) => tracing::warn!(error = %e, "revocation listener cannot reconnect; retrying"),
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
 }
 
 #[cfg(test)]
@@ -1609,6 +1869,77 @@ mod tests {
     async fn conformance_postgres() {
         with_catalog(|catalog, _, _| async move {
             super::super::conformance::run(&catalog).await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn journal_conformance_postgres() {
+        with_catalog(|catalog, _, _| async move {
+            super::super::conformance::journal(&catalog).await;
+        })
+        .await;
+    }
+
+    /// Exactly one replica sweeps: a second session is refused the lock
+    /// while the first holds it, and gets it once the first lets go (or
+    /// dies: the server drops a session's locks with it).
+    #[tokio::test]
+    async fn one_sweeper_among_replicas() {
+        with_catalog(|catalog, _, schema| async move {
+            let conn = test_pg().unwrap_or_default();
+            let other = PostgresCatalog::connect(&conn, &schema).await.unwrap();
+            let held = catalog.try_sweep_lock().await.unwrap().expect("free at first");
+            assert!(other.try_sweep_lock().await.unwrap().is_none(), "held by the first replica");
+            assert!(catalog.try_sweep_lock().await.unwrap().is_none(), "not re-entrant either");
+            drop(held);
+            // The unlock is the connection closing: give the server a moment.
+            let mut taken = None;
+            for _ in 0..100 {
+                taken = other.try_sweep_lock().await.unwrap();
+                if taken.is_some() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            assert!(taken.is_some(), "free again once the holder let go");
+        })
+        .await;
+    }
+
+    /// A shred request committed through one catalog handle reaches a
+    /// listener of another (another replica) with the customer named.
+    #[tokio::test]
+    async fn revocations_reach_other_replicas() {
+        with_catalog(|catalog, _, schema| async move {
+            let conn = test_pg().unwrap_or_default();
+            let other = PostgresCatalog::connect(&conn, &schema).await.unwrap();
+            let mut revoked = other.watch_revocations().await.unwrap().expect("postgres is shared");
+            let customer = crate::catalog::CustomerRecord {
+                customer_ref: CustomerRef::new_random(),
+                customer_id: CustomerId::parse("crm:notify").unwrap(),
+                state: CustomerState::Active,
+                active_version: 1,
+                canary: vec![1; 61],
+                created_at_ms: 1,
+            };
+            let key = CustomerKeyRecord {
+                customer_ref: customer.customer_ref,
+                version: 1,
+                root_key_id: "t".into(),
+                wrapped_key: vec![2; 61],
+            };
+            catalog.create_customer(&customer, &key).await.unwrap();
+            let request = ShredRequest {
+                reason: "r".into(),
+                requested_by: "a".into(),
+                requested_at_ms: 1,
+                destroy_after_ms: 1,
+                requires_approval: false,
+            };
+            catalog.request_shred(&customer.customer_id, &request).await.unwrap();
+            let got = tokio::time::timeout(std::time::Duration::from_secs(30), revoked.recv()).await;
+            assert_eq!(got.expect("notified").expect("listener alive"), Revoked::Customer(customer.customer_ref));
         })
         .await;
     }

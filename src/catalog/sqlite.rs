@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     Catalog, CatalogError, CustomerKeyRecord, CustomerRecord, CustomerState, Destroyed, ExpiredObject, ExpiryCount,
-    ListFilter, NOT_HELD, PageCursor, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject, StoredPolicy,
-    UploadRecord,
+    JournalChunk, ListFilter, NOT_HELD, PageCursor, SCRUB_OBJECT, ShredRequest, ShredTicket, StoredObject,
+    StoredPolicy, SweepLock, UploadRecord, check_append,
 };
 use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
@@ -111,6 +111,14 @@ CREATE TABLE IF NOT EXISTS objects (
     key_version    INTEGER,
     wrapped_dek    BLOB
 );
+-- sealed records of shared upload journals (ingest.journal = "catalog")
+CREATE TABLE IF NOT EXISTS journal_chunks (
+    upload_id    TEXT NOT NULL REFERENCES uploads(upload_id) ON DELETE CASCADE,
+    start_offset INTEGER NOT NULL,
+    end_offset   INTEGER NOT NULL,
+    sealed       BLOB NOT NULL,
+    PRIMARY KEY (upload_id, start_offset)
+);
 CREATE INDEX IF NOT EXISTS objects_by_created ON objects(created_at_ms DESC, object_id DESC);
 CREATE INDEX IF NOT EXISTS objects_by_customer ON objects(customer_id, created_at_ms DESC, object_id DESC);
 CREATE INDEX IF NOT EXISTS objects_by_interaction ON objects(interaction_id, created_at_ms DESC, object_id DESC);
@@ -139,6 +147,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("objects", "derived_from", "TEXT"),
     ("objects", "sensitive_spans", "TEXT"),
     ("objects", "duration_ms", "INTEGER"),
+    ("uploads", "writer_epoch", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 const INDEXES_ON_ADDED: &str = "
@@ -616,6 +625,10 @@ impl Catalog for SqliteCatalog {
                 return Err(CatalogError::CustomerState(state));
             }
             if !upload.committed {
+                // The object now holds the bytes: the journal's records go
+                // with the commit, never before it.
+                tx.execute("DELETE FROM journal_chunks WHERE upload_id = ?1", [o.upload_id.to_string()])
+                    .map_err(backend)?;
                 let i = &o.spec.interaction;
                 tx.execute(
                     "INSERT INTO objects (object_id, upload_id, customer_ref, customer_id, kind, created_at_ms,
@@ -1360,6 +1373,91 @@ impl Catalog for SqliteCatalog {
         })
         .await
     }
+
+    async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError> {
+        let id = upload.to_string();
+        self.run(move |c| {
+            let epoch: Option<i64> = c
+                .query_row(
+                    "UPDATE uploads SET writer_epoch = writer_epoch + 1 WHERE upload_id = ?1 AND committed = 0
+                     RETURNING writer_epoch",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            epoch.map(|e| e as u64).ok_or(CatalogError::NotFound)
+        })
+        .await
+    }
+
+    async fn append_journal(
+        &self,
+        upload: &UploadId,
+        epoch: u64,
+        start: u64,
+        end: u64,
+        sealed: &[u8],
+    ) -> Result<(), CatalogError> {
+        let (id, sealed) = (upload.to_string(), sealed.to_vec());
+        self.run(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let row: Option<(i64, String, i64)> = tx
+                .query_row(
+                    "SELECT u.writer_epoch, c.state,
+                            COALESCE((SELECT MAX(end_offset) FROM journal_chunks j WHERE j.upload_id = u.upload_id), 0)
+                     FROM uploads u JOIN customers c ON c.customer_ref = u.customer_ref
+                     WHERE u.upload_id = ?1 AND u.committed = 0",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let (current, state, journal_end) = row.ok_or(CatalogError::NotFound)?;
+            check_append(current as u64, epoch, &state, journal_end as u64, start, end)?;
+            tx.execute(
+                "INSERT INTO journal_chunks (upload_id, start_offset, end_offset, sealed) VALUES (?1, ?2, ?3, ?4)",
+                params![id, start as i64, end as i64, sealed],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn journal_chunks(
+        &self,
+        upload: &UploadId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<JournalChunk>, CatalogError> {
+        let id = upload.to_string();
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT start_offset, end_offset, sealed FROM journal_chunks
+                     WHERE upload_id = ?1 AND start_offset >= ?2 ORDER BY start_offset LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![id, from as i64, limit as i64], |r| {
+                    Ok(JournalChunk {
+                        start: r.get::<_, i64>(0)? as u64,
+                        end: r.get::<_, i64>(1)? as u64,
+                        sealed: r.get(2)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    /// One process owns a SQLite catalog (its file lives in that process's
+    /// data directory), so the lock is always free.
+    async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, CatalogError> {
+        Ok(Some(SweepLock::new(())))
+    }
 }
 
 const TOKEN_COLUMNS: &str =
@@ -1393,6 +1491,11 @@ mod tests {
     #[tokio::test]
     async fn conformance_sqlite_memory() {
         super::super::conformance::run(&SqliteCatalog::memory().unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn journal_conformance_sqlite() {
+        super::super::conformance::journal(&SqliteCatalog::memory().unwrap()).await;
     }
 
     #[tokio::test]
