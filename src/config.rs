@@ -541,6 +541,32 @@ pub struct IngestSection {
     /// Largest body of the unary Put.
     pub put_cap: u64,
     pub caps: SizeCaps,
+    /// Where unfinished uploads are journalled before their bytes are
+    /// acknowledged: `local` (files under `spool/`), `catalog` (the
+    /// catalog's database, so any replica sharing it can resume an upload
+    /// another one acknowledged), or `auto` (`catalog` with PostgreSQL,
+    /// `local` with SQLite). docs/REPLICAS.md.
+    pub journal: JournalMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalMode {
+    #[default]
+    Auto,
+    Local,
+    Catalog,
+}
+
+impl Config {
+    /// Whether upload journals live in the catalog (`ingest.journal`).
+    pub fn shared_journal(&self) -> bool {
+        match self.ingest.journal {
+            JournalMode::Local => false,
+            JournalMode::Catalog => true,
+            JournalMode::Auto => self.catalog.backend == CatalogBackend::Postgres,
+        }
+    }
 }
 
 impl Default for Config {
@@ -570,6 +596,7 @@ impl Default for IngestSection {
             idle_timeout: Duration::from_secs(120),
             put_cap: 4 << 20,
             caps: SizeCaps::default(),
+            journal: JournalMode::Auto,
         }
     }
 }

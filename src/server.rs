@@ -16,6 +16,7 @@ use crate::api::{self, MAX_CHUNK, pb};
 use crate::audit::{Actor, AuditLog};
 use crate::auth::Authenticator;
 use crate::catalog::Catalog;
+use crate::catalog::Revoked;
 use crate::catalog::postgres::PostgresCatalog;
 use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
@@ -47,6 +48,7 @@ pub struct Parts {
     pub audit: AuditLog,
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
+    pub revocations: Arc<Revocations>,
     /// The HTTP port's listener, once bound ([`bind`]); `None` when
     /// `[http]` is disabled.
     pub http: Option<TcpListener>,
@@ -113,6 +115,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     icfg.idle_timeout = cfg.ingest.idle_timeout;
     icfg.put_cap = cfg.ingest.put_cap;
     icfg.caps = cfg.ingest.caps;
+    icfg.shared_journal = cfg.shared_journal();
     let auth = Arc::new(Authenticator::new(catalog.clone(), cfg.auth.certificates.clone(), clock.clone()));
     auth.bootstrap_admin(data).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let policies = Policies::new(Vec::new());
@@ -141,7 +144,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
             spool_dir,
             policies,
             clock: clock.clone(),
-            revocations,
+            revocations: revocations.clone(),
             signer,
             audit: audit.clone(),
         },
@@ -155,7 +158,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, http: None })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, revocations, http: None })
 }
 
 /// The ciphertext store of the config. An S3 bucket is checked before the
@@ -218,6 +221,13 @@ pub async fn serve(
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
     let audit = parts.audit.clone();
     let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
+    let watcher = match parts.catalog.watch_revocations().await {
+        Ok(None) => None,
+        Ok(Some(revoked)) => {
+            Some(tokio::spawn(follow_revocations(revoked, parts.ingest.clone(), parts.revocations.clone())))
+        }
+        Err(e) => anyhow::bail!("cannot listen for revocations by other replicas: {e}"),
+    };
     let http = match parts.http {
         None => None,
         Some(listener) => {
@@ -271,6 +281,10 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
+    if let Some(w) = watcher {
+        w.abort();
+        let _ = w.await;
+    }
     let _ = http_stop.send(());
     if let Some(t) = http_task {
         let _ = t.await;
@@ -321,8 +335,27 @@ async fn run_sweeper(retention: Arc<Retention>, interval: std::time::Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = retention.sweep(&Actor::system("retention-sweep"), false).await {
-            tracing::error!(error = %e, "retention sweep failed; retried at the next interval");
+        match retention.sweep(&Actor::system("retention-sweep"), false).await {
+            Ok(_) => {}
+            Err(crate::error::Error::Busy(_)) => tracing::debug!("another replica is sweeping; skipped"),
+            Err(e) => tracing::error!(error = %e, "retention sweep failed; retried at the next interval"),
+        }
+    }
+}
+
+/// Applies what other replicas revoked to this one: streams writing a
+/// customer being shredded stop, and reads under way re-check their object
+/// before the next bytes leave (docs/REPLICAS.md gives the bounds).
+async fn follow_revocations(
+    mut revoked: tokio::sync::mpsc::Receiver<Revoked>,
+    ingest: Arc<Ingest>,
+    revocations: Arc<Revocations>,
+) {
+    while let Some(r) = revoked.recv().await {
+        revocations.bump();
+        if let Revoked::Customer(customer) = r {
+            let stopped = ingest.cancel_customer(&customer);
+            tracing::info!(%customer, streams_stopped = stopped, "revocation by another replica applied");
         }
     }
 }

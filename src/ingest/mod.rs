@@ -40,7 +40,7 @@ use crate::model::{ContentKind, CustomerRef, ObjectId, ObjectRecord, ObjectSpec,
 use crate::retention::policy::Policies;
 use crate::store::{Store, StoreError};
 use sniff::{ContentChecker, SniffLimits};
-use spool::Journal;
+use spool::{Journal, JournalPlace};
 
 /// Size caps per content kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -75,8 +75,11 @@ impl SizeCaps {
 /// Tunables of the ingest path.
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    /// Where upload journals live (ciphertext only).
+    /// Where upload journal files live (ciphertext only).
     pub spool_dir: PathBuf,
+    /// Keep journals in the catalog instead, shared by every replica
+    /// (`ingest.journal = "catalog"`, docs/REPLICAS.md).
+    pub shared_journal: bool,
     /// Longest time received bytes wait for their fsync (and ack).
     pub commit_interval: Duration,
     /// Flush early once this many bytes are pending.
@@ -104,6 +107,7 @@ impl IngestConfig {
     pub fn new(spool_dir: PathBuf) -> Self {
         Self {
             spool_dir,
+            shared_journal: false,
             commit_interval: Duration::from_millis(100),
             commit_bytes: 4 << 20,
             idle_timeout: Duration::from_secs(120),
@@ -162,6 +166,7 @@ pub struct Ingest {
     active: Mutex<HashMap<UploadId, Active>>,
     generation: std::sync::atomic::AtomicU64,
     released: tokio::sync::Notify,
+    journals: JournalPlace,
 }
 
 /// Holds an upload for one stream; releases it on drop.
@@ -213,7 +218,13 @@ impl Ingest {
         clock: Arc<dyn Clock>,
         audit: AuditLog,
     ) -> Arc<Self> {
+        let journals = if cfg.shared_journal {
+            JournalPlace::Catalog(catalog.clone())
+        } else {
+            JournalPlace::Dir(cfg.spool_dir.clone())
+        };
         Arc::new(Self {
+            journals,
             cfg,
             catalog,
             keys,
@@ -346,15 +357,15 @@ impl Ingest {
     async fn resume(self: &Arc<Self>, lease: Lease, record: UploadRecord) -> Result<Session, Error> {
         let dek = self.upload_dek(&record).await?;
         let spool_key = Arc::new(format::derive_spool_key(&dek, record.object_id.as_bytes())?);
-        let dir = self.cfg.spool_dir.clone();
-        let object_id = record.object_id;
+        let place = self.journals.clone();
+        let (upload_id, object_id) = (record.upload_id, record.object_id);
         let content_type = record.spec.content_type.clone();
         let limits = self.cfg.sniff;
         let key = spool_key.clone();
         let (journal, checker, check) = tokio::task::spawn_blocking(move || {
             let mut checker = ContentChecker::new(&content_type, limits);
             let mut check = Ok(());
-            let journal = Journal::open(&dir, object_id, &key, |data| {
+            let journal = Journal::open(&place, upload_id, object_id, &key, |data| {
                 if check.is_ok() {
                     check = checker.update(data);
                 }
@@ -385,10 +396,10 @@ impl Ingest {
 
     /// Forgets an upload whose content was refused: journal and catalog row.
     async fn discard(&self, session: Session) {
-        let dir = self.cfg.spool_dir.clone();
+        let place = self.journals.clone();
         let id = session.record.object_id;
         drop(session.journal);
-        let removed = tokio::task::spawn_blocking(move || spool::remove(&dir, &id)).await;
+        let removed = tokio::task::spawn_blocking(move || Journal::remove(&place, &id)).await;
         if !matches!(removed, Ok(Ok(()))) {
             tracing::warn!(object_id = %id, "could not remove the journal of a refused upload");
         }
@@ -695,9 +706,9 @@ impl Ingest {
             }
             Err(e) => return Err(Refusal::Keep(e.into())),
         };
-        let dir = self.cfg.spool_dir.clone();
+        let place = self.journals.clone();
         let id = s.record.object_id;
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || spool::remove(&dir, &id)).await {
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || Journal::remove(&place, &id)).await {
             tracing::warn!(object_id = %id, error = %e, "committed, but the journal could not be removed");
         }
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
@@ -716,15 +727,15 @@ impl Ingest {
         let fields = header_fields(record);
         let sealer = SegmentSealer::new(dek, fields)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
-        let dir = self.cfg.spool_dir.clone();
-        let object_id = record.object_id;
+        let place = self.journals.clone();
+        let (upload_id, object_id) = (record.upload_id, record.object_id);
         let key = spool_key.clone();
         let producer = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32]), Error> {
             let mut enc = ObjectEncryptor::new(sealer);
             let mut hash = digest::Context::new(&digest::SHA256);
             let mut out = Vec::with_capacity(2 * BATCH);
             let mut failed = None;
-            let size = Journal::replay(&dir, object_id, &key, |data| {
+            let size = Journal::replay(&place, upload_id, object_id, &key, |data| {
                 if failed.is_some() {
                     return;
                 }
@@ -1062,7 +1073,12 @@ async fn send(out: &mpsc::Sender<Result<ServerMsg, Error>>, msg: ServerMsg) -> R
 }
 
 fn spool_error(e: spool::SpoolError) -> Error {
-    if e.is_disk_full() { Error::StorageFull } else { Error::Internal(e.to_string()) }
+    match e {
+        e if e.is_disk_full() => Error::StorageFull,
+        spool::SpoolError::TakenOver(m) => Error::Busy(m),
+        spool::SpoolError::Catalog(e) => e.into(),
+        e => Error::Internal(e.to_string()),
+    }
 }
 
 /// A reused upload id must describe the same object.

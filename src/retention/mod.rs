@@ -594,6 +594,21 @@ impl Retention {
     /// nothing and reports what would be done.
     pub async fn sweep(&self, actor: &Actor, dry_run: bool) -> Result<SweepReport, Error> {
         let _work = self.work.lock().await;
+        // Among replicas sharing the catalog, one sweeps at a time; a dry
+        // run changes nothing and needs no lock.
+        let _sweeping = match dry_run {
+            true => None,
+            false => Some(self.catalog.try_sweep_lock().await?.ok_or_else(|| {
+                Error::Busy(
+                    "another replica is running the retention sweep now; it does the same work, so there is \
+                     nothing to retry unless it fails (see its log)"
+                        .into(),
+                )
+            })?),
+        };
+        // Tests hold a replica inside its sweep (`sweep-locked=sleep(ms)`).
+        #[cfg(feature = "failpoints")]
+        tokio::task::spawn_blocking(|| fail::fail_point!("sweep-locked")).await.map_err(Error::internal)?;
         let now = self.clock.now_ms();
         let mut report = SweepReport { dry_run, ..Default::default() };
         let count = self.catalog.count_expiring(now).await?;

@@ -540,6 +540,7 @@ impl Retrieve {
             catalog: self.catalog.clone(),
             revocations: self.revocations.clone(),
             epoch,
+            checked_at: tokio::time::Instant::now(),
             id: *id,
             opener,
             seg,
@@ -644,6 +645,9 @@ fn redact_transcript(content_type: &str, plain: &[u8]) -> Result<Vec<u8>, Error>
     }
 }
 
+/// Longest a streaming read goes without re-checking its object's state.
+const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Decrypted `(offset, plaintext)` chunks of a read.
 pub type ReadStream = std::pin::Pin<Box<dyn Stream<Item = Result<(u64, Bytes), Error>> + Send + 'static>>;
 
@@ -653,6 +657,8 @@ struct RangeReader {
     revocations: Arc<Revocations>,
     /// The revocation epoch the object was last seen readable in.
     epoch: u64,
+    /// When the object was last seen readable in the catalog.
+    checked_at: tokio::time::Instant,
     id: ObjectId,
     opener: SegmentOpener,
     seg: u64,
@@ -729,7 +735,11 @@ impl RangeReader {
     /// it before the next decrypted bytes leave (E2).
     async fn still_readable(&mut self) -> Result<(), Error> {
         let now = self.revocations.epoch();
-        if now != self.epoch {
+        // The epoch moves at once for revocations made here or announced
+        // by another replica; the periodic check bounds a read's lag if an
+        // announcement is lost (docs/REPLICAS.md).
+        if now != self.epoch || self.checked_at.elapsed() >= RECHECK_INTERVAL {
+            self.checked_at = tokio::time::Instant::now();
             readable(self.catalog.as_ref(), &self.id).await?;
             self.epoch = now;
         }

@@ -8,6 +8,7 @@ mod grpc;
 mod loadgen;
 mod postgres;
 mod process;
+mod replicas;
 mod retention;
 mod s3;
 mod vectors;

@@ -41,7 +41,7 @@ fn garage_binary() -> Option<PathBuf> {
 
 /// A single-node Garage on loopback ports, with one key allowed on one
 /// bucket. Killed, and its directory removed, on drop.
-struct Garage {
+pub struct Garage {
     child: Child,
     dir: tempfile::TempDir,
     binary: PathBuf,
@@ -52,7 +52,7 @@ struct Garage {
 
 impl Garage {
     /// `None` (after a loud line on stderr) when Garage is not installed.
-    fn start(test: &str) -> Option<Self> {
+    pub fn start(test: &str) -> Option<Self> {
         let Some(binary) = garage_binary() else {
             if std::env::var("RECVAULT_REQUIRE_GARAGE").as_deref() == Ok("1") {
                 panic!(
@@ -171,7 +171,7 @@ impl Garage {
 
     /// A store on the bucket, checked and ready. Right after the layout is
     /// applied the S3 API may still answer 503 for a moment.
-    async fn store(&self, write_once: WriteOnce) -> Store {
+    pub async fn store(&self, write_once: WriteOnce) -> Store {
         let store = Store::s3(&self.settings(write_once)).expect("s3 store");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -188,7 +188,7 @@ impl Garage {
 
     /// The `[storage]` section of a server on this bucket, with the key
     /// pair in two owner-only files under `dir`.
-    fn storage_section(&self, dir: &Path) -> StorageSection {
+    pub fn storage_section(&self, dir: &Path) -> StorageSection {
         let write = |name: &str, value: &str| {
             let path = dir.join(name);
             std::fs::write(&path, value).expect("credential file");
