@@ -1,7 +1,8 @@
 //! `recvault loadgen`: benchmarks against a real `recvault serve` process
-//! (issue #7; figures and commands in BENCHMARKS.md). Three modes: many
+//! (issue #7; figures and commands in BENCHMARKS.md). Four modes: many
 //! concurrent live calls streaming G.711 in real time, server memory while
-//! one large object goes in and out, and range reads in a long recording.
+//! one large object goes in and out, range reads in a long recording, and
+//! one large upload against the same bytes written without recvault.
 //!
 //! Without `--server` it starts `recvault serve` itself (this binary) on a
 //! fresh data directory under `--work-dir` and a loopback port, and removes
@@ -50,6 +51,10 @@ pub enum LoadgenCmd {
     /// Latency of small range reads in the middle of a long recording,
     /// against full reads of the same object.
     Seek(SeekArgs),
+    /// One large recording streamed into the server's storage, against the
+    /// same bytes written without recvault in the same run: a raw multipart
+    /// PUT into the same bucket (S3 storage) or an fsync'd file (local).
+    Bulk(BulkArgs),
 }
 
 /// Which server to load.
@@ -151,6 +156,21 @@ pub struct SeekArgs {
     pub full_reads: usize,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct BulkArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Object size (K, M, G suffixes are binary).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Size of each data message.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub chunk: u64,
+    /// Uploads of each kind; the best and the median are reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
 /// Runs one mode and prints its report; fails when anything went wrong
 /// (an error status, a hash mismatch), after printing.
 pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
@@ -165,6 +185,7 @@ pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
         }
         LoadgenCmd::Memory(a) => memory(&a).await,
         LoadgenCmd::Seek(a) => seek(&a).await,
+        LoadgenCmd::Bulk(a) => bulk(&a).await,
     }
 }
 
@@ -210,7 +231,9 @@ impl Target {
         std::fs::create_dir_all(&a.work_dir).with_context(|| format!("cannot create {}", a.work_dir.display()))?;
         let dir = a.work_dir.join(format!("recvault-loadgen-{}", uuid::Uuid::new_v4()));
         let mut cmd = Command::new(&bin);
-        cmd.arg("serve").arg("--data-dir").arg(&dir).arg("--listen").arg("127.0.0.1:0");
+        // Both ports on free loopback ports: a server already running here
+        // (on the defaults, say) must not make the run fail to bind.
+        cmd.arg("serve").arg("--data-dir").arg(&dir).args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
         if let Some(c) = &a.server_config {
             cmd.arg("--config").arg(c);
         }
@@ -1073,6 +1096,17 @@ async fn ingest_bulk(
     chunk: u64,
     sampler: Option<&RssSampler>,
 ) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
+    ingest_bulk_with(client, seed, size, chunk, sampler, || {}).await
+}
+
+async fn ingest_bulk_with(
+    client: &mut Client,
+    seed: u64,
+    size: u64,
+    chunk: u64,
+    sampler: Option<&RssSampler>,
+    mut on_all_acked: impl FnMut(),
+) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
     use pb::ingest_request::{Data, Finish, Msg, Open};
     let (tx, rx) = mpsc::channel::<pb::IngestRequest>(4);
     let spec = pb::ObjectSpec {
@@ -1087,18 +1121,13 @@ async fn ingest_bulk(
     let mut resp = client.ingest(ReceiverStream::new(rx)).await?.into_inner();
     // A fixed random block, its first 8 bytes replaced by the chunk index,
     // so every chunk differs without generating gigabytes of noise.
-    let block = audio(seed, 0, chunk).to_vec();
     let sender = tokio::spawn(async move {
         let mut hash = digest::Context::new(&digest::SHA256);
         let mut offset = 0u64;
-        while offset < size {
-            let n = chunk.min(size - offset);
-            let mut piece = block[..n as usize].to_vec();
-            let tag = (offset / chunk).to_le_bytes();
-            let k = piece.len().min(8);
-            piece[..k].copy_from_slice(&tag[..k]);
+        for piece in bulk_pieces(seed, size, chunk) {
             hash.update(&piece);
-            let data = Data { offset, data: Bytes::from(piece) };
+            let n = piece.len() as u64;
+            let data = Data { offset, data: piece };
             if tx.send(pb::IngestRequest { msg: Some(Msg::Data(data)) }).await.is_err() {
                 break;
             }
@@ -1114,6 +1143,7 @@ async fn ingest_bulk(
         match resp.message().await?.and_then(|m| m.msg) {
             Some(ServerMsg::Committed(info)) => break info,
             Some(ServerMsg::Ack(a)) if a.durable_offset == size => {
+                on_all_acked();
                 streaming_peak = sampler.map_or(0, RssSampler::take_peak);
             }
             Some(_) => {}
@@ -1219,6 +1249,140 @@ fn dir_size(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------ bulk --
+
+/// The bytes `ingest_bulk` sends, piece by piece, so a peer can write the
+/// very same object.
+fn bulk_pieces(seed: u64, size: u64, chunk: u64) -> impl Iterator<Item = Bytes> {
+    let block = audio(seed, 0, chunk).to_vec();
+    (0..size.div_ceil(chunk)).map(move |i| {
+        let n = chunk.min(size - i * chunk);
+        let mut piece = block[..n as usize].to_vec();
+        let tag = i.to_le_bytes();
+        let k = piece.len().min(8);
+        piece[..k].copy_from_slice(&tag[..k]);
+        Bytes::from(piece)
+    })
+}
+
+/// Writes the bulk object without recvault: a multipart PUT with the
+/// service's own part size and client settings, or a file and its fsync.
+async fn bulk_peer(
+    bucket: Option<&Arc<dyn object_store::ObjectStore>>,
+    dir: &std::path::Path,
+    a: &BulkArgs,
+) -> anyhow::Result<Duration> {
+    use object_store::ObjectStoreExt;
+    let t = Instant::now();
+    match bucket {
+        Some(s3) => {
+            let path = object_store::path::Path::from(format!("loadgen-raw/{}", uuid::Uuid::new_v4()));
+            let upload = s3.put_multipart(&path).await?;
+            let mut mp = object_store::WriteMultipart::new_with_chunk_size(upload, crate::store::PART_SIZE);
+            for piece in bulk_pieces(a.target.seed, a.size, a.chunk) {
+                mp.wait_for_capacity(2).await?;
+                mp.write(&piece);
+            }
+            mp.finish().await?;
+            let took = t.elapsed();
+            s3.delete(&path).await?;
+            Ok(took)
+        }
+        None => {
+            use std::io::Write;
+            let path = dir.join(format!("loadgen-raw-{}", uuid::Uuid::new_v4()));
+            let (seed, size, chunk) = (a.target.seed, a.size, a.chunk);
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&p)?;
+                for piece in bulk_pieces(seed, size, chunk) {
+                    f.write_all(&piece)?;
+                }
+                f.sync_all()
+            })
+            .await??;
+            let took = t.elapsed();
+            std::fs::remove_file(&path)?;
+            Ok(took)
+        }
+    }
+}
+
+async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
+    let config = match &a.target.server_config {
+        Some(path) => crate::config::Config::from_file(path)?,
+        None => crate::config::Config::default(),
+    };
+    let s3 = config.storage.s3()?;
+    let bucket = s3.as_ref().map(crate::store::s3_client).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = Target::open(&a.target).await?;
+    let mut client = target.clients().await?.remove(0);
+    let chunk = a.chunk.clamp(1, 1 << 20);
+    let peer_dir = target.data_dir().map_or_else(|| a.target.work_dir.clone(), |d| d.to_owned());
+    let (mut peer, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new());
+    // Alternating rounds, so a drift in the machine's load hits both sides.
+    for _ in 0..a.rounds.max(1) {
+        peer.push(bulk_peer(bucket.as_ref(), &peer_dir, a).await?);
+        let t = Instant::now();
+        let (_, _, _, all_acked) = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, t).await?;
+        committed.push(t.elapsed());
+        acked.push(all_acked);
+    }
+    for v in [&mut peer, &mut acked, &mut committed] {
+        v.sort();
+    }
+    let median = |v: &[Duration]| v[v.len() / 2];
+    let gbps = |d: Duration| a.size as f64 / d.as_secs_f64() / 1e9;
+    let place = match &s3 {
+        Some(s) => format!("S3 bucket {:?} at {}", s.bucket, s.endpoint.as_deref().unwrap_or("Amazon S3")),
+        None => "local files".to_owned(),
+    };
+    let peer_name =
+        if s3.is_some() { "raw multipart PUT of the same bytes" } else { "the same bytes to a file + fsync" };
+    println!(
+        "loadgen bulk: one {:.0} MiB recording in {} KiB messages into {place}, {} rounds",
+        mib(a.size),
+        chunk >> 10,
+        a.rounds.max(1)
+    );
+    println!("  {:<52} {:>9} {:>9} {:>10}", "", "best", "median", "vs peer");
+    let row = |name: &str, v: &[Duration]| {
+        println!(
+            "  {:<52} {:>7.2} s {:>7.2} s {:>8.2} x   ({:.3} GB/s median)",
+            name,
+            v[0].as_secs_f64(),
+            median(v).as_secs_f64(),
+            median(&peer).as_secs_f64() / median(v).as_secs_f64(),
+            gbps(median(v))
+        )
+    };
+    row(&format!("peer: {peer_name}"), &peer);
+    row("recvault: every byte durable and acknowledged", &acked);
+    row("recvault: object committed in storage", &committed);
+    println!("  SHA-256 of every committed object matches what was sent");
+    Ok(())
+}
+
+/// [`ingest_bulk`], also reporting when the last byte was acknowledged.
+async fn ingest_bulk_timed(
+    client: &mut Client,
+    seed: u64,
+    size: u64,
+    chunk: u64,
+    start: Instant,
+) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64, Duration)> {
+    let acked = Arc::new(Mutex::new(None));
+    let (info, sha, peak) = ingest_bulk_with(client, seed, size, chunk, None, {
+        let acked = acked.clone();
+        move || {
+            acked.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(start.elapsed());
+        }
+    })
+    .await?;
+    let all_acked = acked.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_else(|| start.elapsed());
+    Ok((info, sha, peak, all_acked))
 }
 
 // ------------------------------------------------------------------ seek --

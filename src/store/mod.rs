@@ -18,7 +18,7 @@ use crate::model::ObjectId;
 pub mod conformance;
 mod s3;
 
-pub use s3::{S3Credentials, S3Settings};
+pub use s3::{S3Credentials, S3Settings, s3_client};
 
 /// Objects up to this size are written with one PUT; larger ones go through
 /// a multipart upload (to a staging path renamed create-only, or with

@@ -63,48 +63,55 @@ impl Store {
     /// A bucket on an S3-compatible server. Nothing is sent until the first
     /// request; [`Store::check`] makes one.
     pub fn s3(settings: &S3Settings) -> Result<Self, StoreError> {
-        // reqwest is built with rustls but no bundled crypto provider, so the
-        // process needs ring's as its default; an earlier install (ours or
-        // anyone's) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // object_store keeps its own copy of the key pair for signing, as a
-        // plain String (its Debug redacts the secret); ours stays zeroizing.
-        let credential = AwsCredential {
-            key_id: settings.credentials.access_key_id.as_str().to_owned(),
-            secret_key: settings.credentials.secret_access_key.as_str().to_owned(),
-            token: None,
-        };
-        let retry = RetryConfig {
-            backoff: BackoffConfig::default(),
-            max_retries: settings.max_retries,
-            retry_timeout: settings.retry_timeout,
-        };
-        let client = ClientOptions::new()
-            .with_allow_http(settings.allow_http)
-            .with_timeout(settings.request_timeout)
-            .with_connect_timeout(CONNECT_TIMEOUT);
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&settings.bucket)
-            .with_region(&settings.region)
-            .with_virtual_hosted_style_request(!settings.path_style)
-            .with_credentials(Arc::new(StaticCredentialProvider::new(credential)))
-            .with_retry(retry)
-            .with_client_options(client);
-        builder = match settings.write_once {
-            // PUT with `If-None-Match: *`; a large object is moved from its
-            // staging key by one UploadPartCopy completed with
-            // `If-None-Match: *` (Amazon S3 since 2024, MinIO).
-            WriteOnce::Conditional => builder
-                .with_conditional_put(S3ConditionalPut::ETagMatch)
-                .with_copy_if_not_exists(S3CopyIfNotExists::Multipart),
-            // Plain PUTs after a HEAD; a request with a condition the server
-            // ignores must not be sent as if it were honoured.
-            WriteOnce::CheckFirst => builder.with_conditional_put(S3ConditionalPut::Disabled),
-        };
-        if let Some(endpoint) = &settings.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        let s3 = builder.build()?;
-        Ok(Self::with_write_once(Arc::new(s3), settings.write_once))
+        Ok(Self::with_write_once(s3_client(settings)?, settings.write_once))
     }
+}
+
+/// The bucket's object_store client, configured as the service uses it
+/// (retries, timeouts, write-once mode). Also the load generator's peer: a
+/// raw multipart PUT through it is what an upload into the bucket costs
+/// without recvault.
+pub fn s3_client(settings: &S3Settings) -> Result<Arc<dyn object_store::ObjectStore>, StoreError> {
+    // reqwest is built with rustls but no bundled crypto provider, so the
+    // process needs ring's as its default; an earlier install (ours or
+    // anyone's) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // object_store keeps its own copy of the key pair for signing, as a
+    // plain String (its Debug redacts the secret); ours stays zeroizing.
+    let credential = AwsCredential {
+        key_id: settings.credentials.access_key_id.as_str().to_owned(),
+        secret_key: settings.credentials.secret_access_key.as_str().to_owned(),
+        token: None,
+    };
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: settings.max_retries,
+        retry_timeout: settings.retry_timeout,
+    };
+    let client = ClientOptions::new()
+        .with_allow_http(settings.allow_http)
+        .with_timeout(settings.request_timeout)
+        .with_connect_timeout(CONNECT_TIMEOUT);
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        .with_virtual_hosted_style_request(!settings.path_style)
+        .with_credentials(Arc::new(StaticCredentialProvider::new(credential)))
+        .with_retry(retry)
+        .with_client_options(client);
+    builder = match settings.write_once {
+        // PUT with `If-None-Match: *`; a large object is moved from its
+        // staging key by one UploadPartCopy completed with
+        // `If-None-Match: *` (Amazon S3 since 2024, MinIO).
+        WriteOnce::Conditional => builder
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_copy_if_not_exists(S3CopyIfNotExists::Multipart),
+        // Plain PUTs after a HEAD; a request with a condition the server
+        // ignores must not be sent as if it were honoured.
+        WriteOnce::CheckFirst => builder.with_conditional_put(S3ConditionalPut::Disabled),
+    };
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    Ok(Arc::new(builder.build()?))
 }

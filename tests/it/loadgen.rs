@@ -44,3 +44,33 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
     let left: Vec<_> = std::fs::read_dir(work.path()).expect("work dir").collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `recvault loadgen bulk` into a real Garage bucket, the real binary as
+/// server: runs both sides (raw multipart PUT and the upload through
+/// recvault) and checks the committed object's SHA-256. Figures for 1 GiB
+/// are in BENCHMARKS.md; nothing here is timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadgen_bulk_into_s3_runs_both_sides() {
+    // Garage is started and checked from this async test; loadgen runs as a
+    // separate process.
+    let Some(garage) = crate::s3::Garage::start("loadgen_bulk_into_s3_runs_both_sides") else { return };
+    garage.store(recvault::store::WriteOnce::CheckFirst).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let cfg = recvault::config::Config { storage: garage.storage_section(work.path()), ..Default::default() };
+    let config = work.path().join("s3.toml");
+    std::fs::write(&config, toml::to_string(&cfg).expect("toml")).expect("config");
+    let bin = env!("CARGO_BIN_EXE_recvault");
+    // Blocking: the server it starts is a child of its own, not of this runtime.
+    let out = std::process::Command::new(bin)
+        .args(["loadgen", "bulk", "--size", "24MiB", "--rounds", "1", "--server-bin", bin, "--server-config"])
+        .arg(&config)
+        .arg("--work-dir")
+        .arg(work.path().join("runs"))
+        .output()
+        .expect("run loadgen bulk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("peer: raw multipart PUT of the same bytes"), "{stdout}");
+    assert!(stdout.contains("recvault: object committed in storage"), "{stdout}");
+    assert!(stdout.contains("SHA-256 of every committed object matches"), "{stdout}");
+}
