@@ -9,6 +9,7 @@ mod loadgen;
 mod postgres;
 mod process;
 mod retention;
+mod rotation;
 mod s3;
 mod vectors;
 mod web;
