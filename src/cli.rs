@@ -116,6 +116,10 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Root keys, offline against the config and data directory (stop
+    /// every server first): versions, and rotation.
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Benchmarks against a real server: concurrent live calls, memory
     /// with one large object, range reads (BENCHMARKS.md).
     #[command(subcommand)]
@@ -254,6 +258,51 @@ pub enum ConsentCmd {
         #[command(flatten)]
         server: ServerArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Root key versions present, which is active, and how many customer
+    /// keys each wraps.
+    Status(LocalArgs),
+    /// Re-wrap every customer key under a new root key version, then
+    /// retire the old version once no customer key depends on it. Touches
+    /// no object. Resumable: after an interruption run it again.
+    RotateRoot {
+        /// Customer keys re-wrapped per catalog round trip.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+}
+
+/// The config and data directory of an offline admin command.
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// TOML configuration file (as given to `serve`).
+    #[arg(long, env = "RECVAULT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: the config's, or ./recvault-data].
+    #[arg(long, env = "RECVAULT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(d) = &self.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        cfg.validate()?;
+        if !cfg.data_dir.is_dir() {
+            bail!("no data directory at {} (pass --data-dir or --config)", cfg.data_dir.display());
+        }
+        Ok(cfg)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -730,6 +779,59 @@ async fn token(c: TokenCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn keys(c: KeysCmd) -> anyhow::Result<()> {
+    use crate::keys::rotate;
+    let print_status = |status: &[rotate::VersionStatus]| {
+        for v in status {
+            let version = v.version.map_or_else(|| "missing".to_owned(), |n| format!("v{n}"));
+            let active = if v.active { "active" } else { "" };
+            let location = v.location.as_deref().unwrap_or("not present: restore it before retiring anything");
+            println!("{version:<8} {active:<6} {:>8} customer key(s)  {}  {location}", v.customer_keys, v.key_id);
+        }
+    };
+    let err = |e: crate::keys::KeyError| anyhow::anyhow!("{e}");
+    match c {
+        KeysCmd::Status(local) => {
+            let cfg = local.load()?;
+            let ring = crate::server::open_root_keys(&cfg).await?;
+            let catalog = crate::server::open_catalog(&cfg).await?;
+            print_status(&rotate::status(&ring, catalog.as_ref()).await.map_err(err)?);
+        }
+        KeysCmd::RotateRoot { batch_size, local } => {
+            if batch_size == 0 {
+                bail!("--batch-size must be at least 1");
+            }
+            let cfg = local.load()?;
+            let mut ring = crate::server::open_root_keys(&cfg).await?;
+            let catalog = crate::server::open_catalog(&cfg).await?;
+            let report = rotate::rotate_root(&mut ring, catalog.as_ref(), batch_size, |r| {
+                // One line per batch, flushed: operators (and the crash
+                // test) see how far an interrupted run got.
+                println!("batch done: {} re-wrapped, {} skipped so far", r.rewrapped, r.skipped);
+                std::io::stdout().flush().ok();
+            })
+            .await
+            .map_err(err)?;
+            let how = if report.created { "new version" } else { "finished an interrupted rotation" };
+            println!(
+                "rotated to root key {} ({how}): {} customer key(s) re-wrapped, {} skipped (shredded or re-wrapped \
+                 meanwhile)",
+                report.active_key_id, report.rewrapped, report.skipped
+            );
+            for (version, id) in &report.retired {
+                println!("retired v{version} {id}: no customer key depends on it");
+            }
+            let status = rotate::status(&ring, catalog.as_ref()).await.map_err(err)?;
+            print_status(&status);
+            let left: u64 = status.iter().filter(|v| !v.active).map(|v| v.customer_keys).sum();
+            if left > 0 {
+                bail!("{left} customer key(s) are still under an older root key version; run rotate-root again");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn whoami(server: ServerArg) -> anyhow::Result<()> {
     let r = connect(&server).await?.who_am_i(pb::WhoAmIRequest {}).await.map_err(status_error)?.into_inner();
     let mut roles: Vec<&str> = r.roles.iter().map(|c| role_name(*c)).collect();
@@ -789,6 +891,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(c) => audit(c).await,
         Command::Consent(c) => consent(c).await,
         Command::Token(c) => token(c).await,
+        Command::Keys(c) => keys(c).await,
         Command::Search { filter, limit, server } => {
             let r = connect(&server)
                 .await?

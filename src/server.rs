@@ -22,8 +22,7 @@ use crate::catalog::sqlite::SqliteCatalog;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{CatalogBackend, Config};
 use crate::ingest::{Ingest, IngestConfig};
-use crate::keys::root_file::FileRootKey;
-use crate::keys::{KeyService, Pkcs11RootKey, RootKey};
+use crate::keys::{KeyService, RootKeyring};
 use crate::retention::certificate::SigningKey;
 use crate::retention::policy::Policies;
 use crate::retention::{Retention, RetentionConfig, RetentionDeps};
@@ -65,6 +64,33 @@ fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every root key version present in the configured provider (the data
+/// directory's key files, or the token), not yet checked.
+pub async fn open_root_keys(cfg: &Config) -> anyhow::Result<RootKeyring> {
+    match cfg.root_key.pkcs11()? {
+        None => RootKeyring::open_file(&cfg.data_dir).map_err(|e| anyhow::anyhow!("{e}")),
+        Some(settings) => RootKeyring::open_pkcs11(settings).await.map_err(|e| anyhow::anyhow!("pkcs11 root key: {e}")),
+    }
+}
+
+/// The configured catalog (SQLite in the data directory, or PostgreSQL).
+pub async fn open_catalog(cfg: &Config) -> anyhow::Result<Arc<dyn Catalog>> {
+    Ok(match cfg.catalog.backend {
+        CatalogBackend::Sqlite => Arc::new(
+            SqliteCatalog::open(&cfg.data_dir.join("catalog.sqlite"))
+                .map_err(|e| anyhow::anyhow!("cannot open the catalog: {e}"))?,
+        ),
+        CatalogBackend::Postgres => {
+            let url = cfg.catalog.connection_string()?;
+            Arc::new(
+                PostgresCatalog::connect(&url, &cfg.catalog.schema)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL catalog: {e}"))?,
+            )
+        }
+    })
+}
+
 /// Opens storage, catalog and root key under the data directory and
 /// unseals. Fails with a message naming what to fix.
 pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
@@ -77,30 +103,10 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
     let data = &cfg.data_dir;
     ensure_private_dir(data)?;
     // Either provider stays sealed until the known-answer check below passes.
-    let root: Arc<dyn RootKey> = match cfg.root_key.pkcs11()? {
-        None => {
-            Arc::new(FileRootKey::open_or_create(&FileRootKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?)
-        }
-        Some(settings) => {
-            Arc::new(Pkcs11RootKey::open(settings).await.map_err(|e| anyhow::anyhow!("pkcs11 root key: {e}"))?)
-        }
-    };
-    let catalog: Arc<dyn Catalog> = match cfg.catalog.backend {
-        CatalogBackend::Sqlite => Arc::new(
-            SqliteCatalog::open(&data.join("catalog.sqlite"))
-                .map_err(|e| anyhow::anyhow!("cannot open the catalog: {e}"))?,
-        ),
-        CatalogBackend::Postgres => {
-            let url = cfg.catalog.connection_string()?;
-            Arc::new(
-                PostgresCatalog::connect(&url, &cfg.catalog.schema)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL catalog: {e}"))?,
-            )
-        }
-    };
+    let ring = open_root_keys(cfg).await?;
+    let catalog = open_catalog(cfg).await?;
     let keys = Arc::new(
-        KeyService::unseal(root, catalog.clone()).await.map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+        KeyService::unseal_ring(ring, catalog.clone()).await.map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
     );
     let signer =
         Arc::new(SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?);

@@ -430,6 +430,82 @@ pub async fn run(cat: &dyn Catalog) -> Vec<Vec<u8>> {
     vec![vec![0xA1; 61], vec![0xA1 ^ 0x55; 61], vec![0xC1; 61], vec![0xC2; 61], vec![0xC3; 61], vec![0xE1; 61]]
 }
 
+/// The catalog side of root-key rotation (A4, E3): listing rows not yet
+/// under the new root key, compare-and-set re-wrapping that never
+/// re-creates a shredded customer's key, counts per root key, and the
+/// compare-and-set of the active version.
+pub async fn root_rotation(cat: &dyn Catalog) {
+    // The active version switches once: a second runner expecting the old
+    // value loses.
+    assert!(cat.meta_compare_and_set("active", None, b"v1").await.unwrap());
+    assert!(!cat.meta_compare_and_set("active", None, b"v9").await.unwrap(), "already set");
+    assert!(cat.meta_compare_and_set("active", Some(b"v1"), b"v2").await.unwrap());
+    assert!(!cat.meta_compare_and_set("active", Some(b"v1"), b"v3").await.unwrap(), "stale expectation");
+    assert_eq!(cat.meta_get("active").await.unwrap().as_deref(), Some(&b"v2"[..]));
+
+    let mut customers = Vec::new();
+    for (i, id) in ["crm:r1", "crm:r2", "crm:r3", "crm:r4"].into_iter().enumerate() {
+        customers.push(new_customer(cat, id, 0x10 + i as u8).await);
+    }
+    assert_eq!(cat.count_customer_keys_by_root().await.unwrap(), vec![("test".to_string(), 4)]);
+
+    // Paged, ordered by customer ref, each row with its customer id.
+    let first = cat.customer_keys_not_under("new", None, 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    let last = &first[2].1;
+    let rest = cat.customer_keys_not_under("new", Some((last.customer_ref, last.version)), 3).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    let all: Vec<_> = first.iter().chain(&rest).collect();
+    let mut refs: Vec<_> = all.iter().map(|(_, k)| *k.customer_ref.as_bytes()).collect();
+    let sorted = {
+        let mut s = refs.clone();
+        s.sort();
+        s
+    };
+    assert_eq!(refs, sorted, "ordered by customer ref");
+    refs.dedup();
+    assert_eq!(refs.len(), 4);
+    for (id, key) in &all {
+        let c = customers.iter().find(|c| c.customer_ref == key.customer_ref).unwrap();
+        assert_eq!(id, &c.customer_id);
+        assert_eq!(key.root_key_id, "test");
+    }
+    assert!(cat.customer_keys_not_under("test", None, 10).await.unwrap().is_empty());
+
+    // Compare-and-set on the old root key id.
+    let (_, k0) = all[0];
+    let rewrapped = CustomerKeyRecord { root_key_id: "new".into(), wrapped_key: vec![0x77; 61], ..k0.clone() };
+    assert!(cat.rewrap_customer_key(&rewrapped, "test").await.unwrap());
+    assert!(!cat.rewrap_customer_key(&rewrapped, "test").await.unwrap(), "already re-wrapped");
+    assert_eq!(cat.customer_key(&k0.customer_ref, 1).await.unwrap(), Some(rewrapped.clone()));
+    let other = CustomerKeyRecord { root_key_id: "other".into(), ..rewrapped.clone() };
+    assert!(!cat.rewrap_customer_key(&other, "test").await.unwrap(), "a stale old id changes nothing");
+    assert_eq!(cat.customer_key(&k0.customer_ref, 1).await.unwrap(), Some(rewrapped));
+    assert_eq!(cat.count_customer_keys_by_root().await.unwrap(), vec![("new".to_string(), 1), ("test".to_string(), 3)]);
+    assert_eq!(cat.customer_keys_not_under("new", None, 10).await.unwrap().len(), 3);
+
+    // E3: a rotation that listed a row before a shred destroyed it must not
+    // bring the key back.
+    let (victim_id, victim_key) = all[1];
+    let request = ShredRequest {
+        reason: "erasure".into(),
+        requested_by: "dpo".into(),
+        requested_at_ms: 10,
+        destroy_after_ms: 10,
+        requires_approval: false,
+    };
+    cat.request_shred(victim_id, &request).await.unwrap();
+    cat.destroy_customer_keys(victim_id, 20).await.unwrap();
+    let late = CustomerKeyRecord { root_key_id: "new".into(), wrapped_key: vec![0x78; 61], ..victim_key.clone() };
+    assert!(!cat.rewrap_customer_key(&late, "test").await.unwrap(), "the shred wins");
+    assert_eq!(cat.customer_key(&victim_key.customer_ref, 1).await.unwrap(), None);
+    assert!(cat.customer_key_versions(&victim_key.customer_ref).await.unwrap().is_empty());
+    assert_eq!(cat.count_customer_keys_by_root().await.unwrap(), vec![("new".to_string(), 1), ("test".to_string(), 2)]);
+    let left = cat.customer_keys_not_under("new", None, 10).await.unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|(id, _)| id != victim_id));
+}
+
 /// The shared upload journal (`ingest.journal = "catalog"`): epochs fence
 /// stale writers, appends must continue the journal, a shred stops them,
 /// and the records go when the upload commits or is discarded.

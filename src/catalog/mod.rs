@@ -361,6 +361,31 @@ pub trait Catalog: Send + Sync + 'static {
     /// revocation time); `NotFound` if unknown.
     async fn revoke_token(&self, token_id: &str, now_ms: i64) -> Result<TokenRecord, CatalogError>;
 
+    /// Stores `value` under `key` only if the stored value is `expected`
+    /// (`None`: no value yet); true if it did. Root-key rotation switches
+    /// the active version with it, so two runs cannot both switch.
+    async fn meta_compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, CatalogError>;
+    /// How many customer key rows each root key id wraps, ordered by id.
+    async fn count_customer_keys_by_root(&self) -> Result<Vec<(String, u64)>, CatalogError>;
+    /// Up to `limit` customer key rows not wrapped under `root_key_id`,
+    /// ordered by (customer ref, version) and strictly after `after`, each
+    /// with its customer id (bound into the wrapping as associated data).
+    async fn customer_keys_not_under(
+        &self,
+        root_key_id: &str,
+        after: Option<(CustomerRef, u32)>,
+        limit: usize,
+    ) -> Result<Vec<(CustomerId, CustomerKeyRecord)>, CatalogError>;
+    /// Replaces the wrapping of one customer key row, only while it is
+    /// still wrapped under `old_root_key_id` (compare-and-set); never
+    /// inserts. False when the row is gone (a shred destroyed it) or was
+    /// re-wrapped already.
+    async fn rewrap_customer_key(&self, key: &CustomerKeyRecord, old_root_key_id: &str) -> Result<bool, CatalogError>;
     /// Makes the caller the only writer of an unfinished upload's shared
     /// journal and returns its epoch: appends carrying an older epoch fail
     /// from now on (a replica that lost the stream but not its process

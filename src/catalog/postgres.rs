@@ -1662,6 +1662,99 @@ impl Catalog for PostgresCatalog {
         row.as_ref().map(read_token).transpose()?.ok_or(CatalogError::NotFound)
     }
 
+    async fn meta_compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let changed = match expected {
+            None => {
+                client
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                        &[&key, &value],
+                    )
+                    .await
+            }
+            Some(old) => {
+                client.execute("UPDATE meta SET value = $2 WHERE key = $1 AND value = $3", &[&key, &value, &old]).await
+            }
+        }
+        .map_err(backend)?;
+        Ok(changed == 1)
+    }
+
+    async fn count_customer_keys_by_root(&self) -> Result<Vec<(String, u64)>, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let rows = client
+            .query(
+                "SELECT root_key_id COLLATE \"C\" AS root_key_id, COUNT(*) AS n FROM customer_keys
+                 GROUP BY 1 ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| Ok((get(r, "root_key_id")?, u64::try_from(get::<i64>(r, "n")?).map_err(invalid)?)))
+            .collect()
+    }
+
+    async fn customer_keys_not_under(
+        &self,
+        root_key_id: &str,
+        after: Option<(CustomerRef, u32)>,
+        limit: usize,
+    ) -> Result<Vec<(CustomerId, CustomerKeyRecord)>, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        // An empty byte string sorts before every 16-byte reference.
+        let (after_ref, after_version) = after.map_or((Vec::new(), 0), |(r, v)| (r.as_bytes().to_vec(), v));
+        let rows = client
+            .query(
+                "SELECT c.customer_id, k.customer_ref, k.version, k.root_key_id, k.wrapped_key
+                 FROM customer_keys k JOIN customers c ON c.customer_ref = k.customer_ref
+                 WHERE k.root_key_id <> $1 AND (k.customer_ref, k.version) > ($2, $3)
+                 ORDER BY k.customer_ref, k.version LIMIT $4",
+                &[&root_key_id, &after_ref, &i64::from(after_version), &limit_param(limit)],
+            )
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = get(r, "customer_id")?;
+                Ok((
+                    CustomerId::parse(&id).map_err(invalid)?,
+                    CustomerKeyRecord {
+                        customer_ref: ref_from(get(r, "customer_ref")?)?,
+                        version: u32_col(r, "version")?,
+                        root_key_id: get(r, "root_key_id")?,
+                        wrapped_key: get(r, "wrapped_key")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn rewrap_customer_key(&self, key: &CustomerKeyRecord, old_root_key_id: &str) -> Result<bool, CatalogError> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let changed = client
+            .execute(
+                "UPDATE customer_keys SET root_key_id = $3, wrapped_key = $4
+                 WHERE customer_ref = $1 AND version = $2 AND root_key_id = $5",
+                &[
+                    &key.customer_ref.as_bytes().as_slice(),
+                    &i64::from(key.version),
+                    &key.root_key_id,
+                    &key.wrapped_key,
+                    &old_root_key_id,
+                ],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(changed == 1)
+    }
+
     async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError> {
         let client = self.pool.get().await.map_err(pool_err)?;
         let row = client
@@ -1940,6 +2033,14 @@ mod tests {
             catalog.request_shred(&customer.customer_id, &request).await.unwrap();
             let got = tokio::time::timeout(std::time::Duration::from_secs(30), revoked.recv()).await;
             assert_eq!(got.expect("notified").expect("listener alive"), Revoked::Customer(customer.customer_ref));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn conformance_postgres_root_rotation() {
+        with_catalog(|catalog, _, _| async move {
+            super::super::conformance::root_rotation(&catalog).await;
         })
         .await;
     }

@@ -1374,6 +1374,89 @@ impl Catalog for SqliteCatalog {
         .await
     }
 
+    async fn meta_compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<bool, CatalogError> {
+        let (key, expected, value) = (key.to_owned(), expected.map(<[u8]>::to_vec), value.to_vec());
+        self.run(move |c| {
+            let changed = match expected {
+                None => c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)", params![key, value]),
+                Some(old) => {
+                    c.execute("UPDATE meta SET value = ?2 WHERE key = ?1 AND value = ?3", params![key, value, old])
+                }
+            }
+            .map_err(backend)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn count_customer_keys_by_root(&self) -> Result<Vec<(String, u64)>, CatalogError> {
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare("SELECT root_key_id, COUNT(*) FROM customer_keys GROUP BY root_key_id ORDER BY root_key_id")
+                .map_err(backend)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn customer_keys_not_under(
+        &self,
+        root_key_id: &str,
+        after: Option<(CustomerRef, u32)>,
+        limit: usize,
+    ) -> Result<Vec<(CustomerId, CustomerKeyRecord)>, CatalogError> {
+        let root = root_key_id.to_owned();
+        // An empty blob sorts before every 16-byte reference.
+        let (after_ref, after_version) = after.map_or((Vec::new(), 0), |(r, v)| (r.as_bytes().to_vec(), v));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT c.customer_id, k.customer_ref, k.version, k.root_key_id, k.wrapped_key
+                     FROM customer_keys k JOIN customers c ON c.customer_ref = k.customer_ref
+                     WHERE k.root_key_id <> ?1 AND (k.customer_ref, k.version) > (?2, ?3)
+                     ORDER BY k.customer_ref, k.version LIMIT ?4",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![root, after_ref, after_version, limit], |r| {
+                    Ok((
+                        parse_col(&r.get::<_, String>(0)?, CustomerId::parse)?,
+                        CustomerKeyRecord {
+                            customer_ref: ref_from(r.get(1)?)?,
+                            version: r.get(2)?,
+                            root_key_id: r.get(3)?,
+                            wrapped_key: r.get(4)?,
+                        },
+                    ))
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn rewrap_customer_key(&self, key: &CustomerKeyRecord, old_root_key_id: &str) -> Result<bool, CatalogError> {
+        let (key, old) = (key.clone(), old_root_key_id.to_owned());
+        self.run(move |c| {
+            let changed = c
+                .execute(
+                    "UPDATE customer_keys SET root_key_id = ?3, wrapped_key = ?4
+                     WHERE customer_ref = ?1 AND version = ?2 AND root_key_id = ?5",
+                    params![key.customer_ref.as_bytes().as_slice(), key.version, key.root_key_id, key.wrapped_key, old],
+                )
+                .map_err(backend)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError> {
         let id = upload.to_string();
         self.run(move |c| {
@@ -1496,6 +1579,11 @@ mod tests {
     #[tokio::test]
     async fn journal_conformance_sqlite() {
         super::super::conformance::journal(&SqliteCatalog::memory().unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_sqlite_root_rotation() {
+        super::super::conformance::root_rotation(&SqliteCatalog::memory().unwrap()).await;
     }
 
     #[tokio::test]

@@ -2,8 +2,10 @@
 //! root-wrapped in the catalog) → one data key per object (stored
 //! customer-key-wrapped in the catalog, never in the object).
 
+pub mod keyring;
 pub mod pkcs11;
 pub mod root_file;
+pub mod rotate;
 
 use std::sync::Arc;
 
@@ -15,6 +17,7 @@ use crate::crypto::secret::{CustomerKey, DataKey, SecretKey};
 use crate::crypto::wrap;
 use crate::model::{CustomerId, CustomerRef, ObjectId, now_ms};
 
+pub use keyring::RootKeyring;
 pub use pkcs11::{Pkcs11RootKey, Pkcs11Settings};
 pub use root_file::FileRootKey;
 
@@ -48,43 +51,125 @@ pub enum KeyError {
     Catalog(#[from] CatalogError),
 }
 
+/// Known-answer value of the first root key (frozen: installations that
+/// never rotated keep exactly this).
 const ROOT_CHECK_META: &str = "root_check_v1";
+/// Known-answer value of one root key version: this prefix + its key id.
+const ROOT_CHECK_PREFIX: &str = "root_check_v1:";
+/// The key id of the active root key version, once a rotation has
+/// switched it (absent before the first rotation).
+const ROOT_ACTIVE_META: &str = "root_active_v1";
 const ROOT_CHECK_AAD: &[u8] = b"recvault v1 root known-answer check";
 const ROOT_CHECK_VALUE: &[u8; 32] = b"recvault root known-answer check";
 
-/// Customer and data key operations over a root key and the catalog.
+/// Customer and data key operations over the root keyring and the catalog.
 pub struct KeyService {
+    /// Wraps new customer keys.
     root: Arc<dyn RootKey>,
+    /// Unwraps customer keys under whichever version wrapped them.
+    ring: Arc<RootKeyring>,
     catalog: Arc<dyn Catalog>,
 }
 
+/// The known-answer value wrapped under `root`.
+async fn wrap_check(root: &dyn RootKey) -> Result<Vec<u8>, KeyError> {
+    let mut value = *ROOT_CHECK_VALUE;
+    let check = SecretKey::from_slice_zeroizing(&mut value).map_err(|_| KeyError::DecryptionFailed)?;
+    root.wrap(&check, ROOT_CHECK_AAD).await
+}
+
+/// Whether `stored` is the known-answer value wrapped under `root`.
+async fn check_opens(root: &dyn RootKey, stored: &[u8]) -> Result<bool, KeyError> {
+    match root.unwrap(stored, ROOT_CHECK_AAD).await {
+        Ok(value) => Ok(bool::from(value.expose().ct_eq(ROOT_CHECK_VALUE))),
+        Err(KeyError::DecryptionFailed) => Ok(false),
+        Err(other) => Err(other),
+    }
+}
+
+fn version_check_meta(key_id: &str) -> String {
+    format!("{ROOT_CHECK_PREFIX}{key_id}")
+}
+
+/// Records the known-answer value of a new root key version (kept if one is
+/// there already), and checks it.
+async fn record_version_check(root: &dyn RootKey, catalog: &dyn Catalog) -> Result<(), KeyError> {
+    let meta = version_check_meta(root.key_id());
+    let stored = match catalog.meta_get(&meta).await? {
+        Some(v) => v,
+        None => catalog.meta_put_if_absent(&meta, &wrap_check(root).await?).await?,
+    };
+    if !check_opens(root, &stored).await? {
+        return Err(KeyError::Sealed(format!(
+            "root key {} does not match the check value the catalog holds for it",
+            root.key_id()
+        )));
+    }
+    Ok(())
+}
+
+/// The active root key version, after its known-answer check. Before any
+/// rotation this is the one key that opens `root_check_v1` (stored on first
+/// start); afterwards the catalog names the active key id.
+async fn active_version<'r>(
+    ring: &'r RootKeyring,
+    catalog: &dyn Catalog,
+) -> Result<&'r keyring::RootKeyVersion, KeyError> {
+    if let Some(id) = catalog.meta_get(ROOT_ACTIVE_META).await? {
+        let id = String::from_utf8(id)
+            .map_err(|_| KeyError::Sealed("the catalog's active root key id is corrupt".into()))?;
+        let Some(active) = ring.get(&id) else {
+            return Err(KeyError::Sealed(format!(
+                "the active root key {id} (named in the catalog) is not available: restore its key file \
+                 (root.key or root.v<N>.key in the data directory) or token key; present: {}",
+                describe(ring)
+            )));
+        };
+        let stored = catalog
+            .meta_get(&version_check_meta(&id))
+            .await?
+            .ok_or_else(|| KeyError::Sealed(format!("the catalog has no check value for the active root key {id}")))?;
+        if !check_opens(active.key.as_ref(), &stored).await? {
+            return Err(KeyError::Sealed(format!(
+                "the root key at {} claims id {id} but does not match this catalog: restore the original",
+                active.location
+            )));
+        }
+        return Ok(active);
+    }
+    let stored = match catalog.meta_get(ROOT_CHECK_META).await? {
+        Some(v) => v,
+        None => catalog.meta_put_if_absent(ROOT_CHECK_META, &wrap_check(ring.newest().key.as_ref()).await?).await?,
+    };
+    for v in ring.versions() {
+        if check_opens(v.key.as_ref(), &stored).await? {
+            return Ok(v);
+        }
+    }
+    Err(KeyError::Sealed(format!(
+        "the root key ({}) does not match this data directory's catalog: the key file (or token \
+         key) was replaced or belongs to another installation; restore the original root key",
+        describe(ring)
+    )))
+}
+
+fn describe(ring: &RootKeyring) -> String {
+    ring.versions().iter().map(|v| v.key.key_id()).collect::<Vec<_>>().join(", ")
+}
+
 impl KeyService {
-    /// Checks the root key against the known-answer value stored in the
+    /// Checks one root key against the known-answer value stored in the
     /// catalog (storing one on first start). Until this succeeds the
     /// service is sealed and serves nothing.
     pub async fn unseal(root: Arc<dyn RootKey>, catalog: Arc<dyn Catalog>) -> Result<Self, KeyError> {
-        let stored = match catalog.meta_get(ROOT_CHECK_META).await? {
-            Some(v) => v,
-            None => {
-                let mut value = *ROOT_CHECK_VALUE;
-                let check = SecretKey::from_slice_zeroizing(&mut value).map_err(|_| KeyError::DecryptionFailed)?;
-                let wrapped = root.wrap(&check, ROOT_CHECK_AAD).await?;
-                catalog.meta_put_if_absent(ROOT_CHECK_META, &wrapped).await?
-            }
-        };
-        let ok = match root.unwrap(&stored, ROOT_CHECK_AAD).await {
-            Ok(value) => bool::from(value.expose().ct_eq(ROOT_CHECK_VALUE)),
-            Err(KeyError::DecryptionFailed) => false,
-            Err(other) => return Err(other),
-        };
-        if !ok {
-            return Err(KeyError::Sealed(format!(
-                "the root key ({}) does not match this data directory's catalog: the key file (or token \
-                 key) was replaced or belongs to another installation; restore the original root key",
-                root.key_id()
-            )));
-        }
-        Ok(Self { root, catalog })
+        Self::unseal_ring(RootKeyring::single(root), catalog).await
+    }
+
+    /// [`KeyService::unseal`] over every root key version present: the
+    /// active one (named in the catalog) must pass its known-answer check.
+    pub async fn unseal_ring(ring: RootKeyring, catalog: Arc<dyn Catalog>) -> Result<Self, KeyError> {
+        let root = active_version(&ring, catalog.as_ref()).await?.key.clone();
+        Ok(Self { root, ring: Arc::new(ring), catalog })
     }
 
     pub fn root_key_id(&self) -> &str {
@@ -149,8 +234,17 @@ impl KeyService {
             .customer_key(customer_ref, version)
             .await?
             .ok_or(KeyError::CustomerState(CustomerState::Shredded))?;
-        let key = self
-            .root
+        let root = self.ring.get(&record.root_key_id).ok_or_else(|| {
+            // A replica started before a rotation, or a version file or
+            // token key removed too early: say which key is missing.
+            KeyError::Unavailable(format!(
+                "customer key is wrapped under root key {}, which this server did not load; restart it after \
+                 a root-key rotation, or restore that key",
+                record.root_key_id
+            ))
+        })?;
+        let key = root
+            .key
             .unwrap(
                 &record.wrapped_key,
                 &wrap::customer_key_aad(customer_ref.as_bytes(), customer_id.as_str(), version),

@@ -77,30 +77,7 @@ impl Pkcs11RootKey {
 
     /// [`Pkcs11RootKey::open`] for callers already off the async runtime.
     pub fn open_blocking(settings: &Pkcs11Settings) -> Result<Self, KeyError> {
-        let pin = read_pin(&settings.pin_file)?;
-        let ctx = context(&settings.module)?;
-        let slot = find_token(&ctx, &settings.token_label)?;
-        let session = ctx.open_ro_session(slot).map_err(|e| token_error(settings, "open a session", &e))?;
-        match session.login(UserType::User, Some(&pin)) {
-            // Login state is shared by every session of this process on the
-            // token: a second provider on the same token is already logged in.
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
-                return Err(KeyError::Config(format!(
-                    "pkcs11 token {:?} refused the user PIN from {}",
-                    settings.token_label,
-                    settings.pin_file.display()
-                )));
-            }
-            Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                return Err(KeyError::Config(format!(
-                    "pkcs11 token {:?}: the user PIN is locked; unlock it with the SO PIN",
-                    settings.token_label
-                )));
-            }
-            Err(e) => return Err(token_error(settings, "log in", &e)),
-        }
-        drop(pin);
+        let (ctx, slot, session) = logged_in_session(settings, false)?;
         let key = match find_key(&session, settings)? {
             Some(key) => key,
             None if settings.create_key => {
@@ -222,6 +199,92 @@ impl RootKey for Pkcs11RootKey {
         })
         .await
     }
+}
+
+/// Opens a session on the configured token and logs the user in.
+fn logged_in_session(
+    settings: &Pkcs11Settings,
+    read_write: bool,
+) -> Result<(Pkcs11, cryptoki::slot::Slot, Session), KeyError> {
+    let pin = read_pin(&settings.pin_file)?;
+    let ctx = context(&settings.module)?;
+    let slot = find_token(&ctx, &settings.token_label)?;
+    let session = if read_write { ctx.open_rw_session(slot) } else { ctx.open_ro_session(slot) }
+        .map_err(|e| token_error(settings, "open a session", &e))?;
+    match session.login(UserType::User, Some(&pin)) {
+        // Login state is shared by every session of this process on the
+        // token: a second provider on the same token is already logged in.
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _)) => {
+            return Err(KeyError::Config(format!(
+                "pkcs11 token {:?} refused the user PIN from {}",
+                settings.token_label,
+                settings.pin_file.display()
+            )));
+        }
+        Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+            return Err(KeyError::Config(format!(
+                "pkcs11 token {:?}: the user PIN is locked; unlock it with the SO PIN",
+                settings.token_label
+            )));
+        }
+        Err(e) => return Err(token_error(settings, "log in", &e)),
+    }
+    drop(pin);
+    Ok((ctx, slot, session))
+}
+
+/// The CKA_LABEL of root key version `version`: version 1 is the
+/// configured label itself (so a token set up before rotation existed
+/// keeps working), later versions add `.v<N>`.
+pub fn version_label(base: &str, version: u32) -> String {
+    if version == 1 { base.to_owned() } else { format!("{base}.v{version}") }
+}
+
+fn label_version(base: &str, label: &str) -> Option<u32> {
+    if label == base {
+        return Some(1);
+    }
+    let n: u32 = label.strip_prefix(base)?.strip_prefix(".v")?.parse().ok()?;
+    (n >= 2 && label == version_label(base, n)).then_some(n)
+}
+
+/// The root key versions present in the token: AES keys whose label is
+/// the configured one or a versioned form of it, oldest first.
+pub fn present_versions(settings: &Pkcs11Settings) -> Result<Vec<u32>, KeyError> {
+    let (_ctx, _slot, session) = logged_in_session(settings, false)?;
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])
+        .map_err(|e| token_error(settings, "list its keys", &e))?;
+    let mut versions = Vec::new();
+    for key in keys {
+        let attrs = session
+            .get_attributes(key, &[AttributeType::Label])
+            .map_err(|e| token_error(settings, "read a label", &e))?;
+        for attr in attrs {
+            if let Attribute::Label(label) = attr
+                && let Ok(label) = std::str::from_utf8(&label)
+                && let Some(v) = label_version(&settings.key_label, label)
+            {
+                versions.push(v);
+            }
+        }
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    Ok(versions)
+}
+
+/// Destroys the key object labelled `settings.key_label` in the token (a
+/// retired root key version). Absent already counts as done, so an
+/// interrupted retirement can be repeated.
+pub fn destroy_key_blocking(settings: &Pkcs11Settings) -> Result<(), KeyError> {
+    let (_ctx, _slot, session) = logged_in_session(settings, true)?;
+    if let Some(key) = find_key(&session, settings)? {
+        session.destroy_object(key).map_err(|e| token_error(settings, "destroy the retired key", &e))?;
+        tracing::info!(token_label = %settings.token_label, key_label = %settings.key_label, "pkcs11 root key destroyed");
+    }
+    Ok(())
 }
 
 fn envelope_aad(aad: &[u8]) -> Vec<u8> {
@@ -629,6 +692,17 @@ mod tests {
         settings.pin_file = wrong;
         let err = Pkcs11RootKey::open(settings).await.err().expect("refused").to_string();
         assert!(err.contains("refused the user PIN") && !err.contains("98765"), "{err}");
+    }
+
+    #[test]
+    fn versioned_labels() {
+        assert_eq!(version_label("root", 1), "root");
+        assert_eq!(version_label("root", 2), "root.v2");
+        assert_eq!(label_version("root", "root"), Some(1));
+        assert_eq!(label_version("root", "root.v12"), Some(12));
+        for other in ["root.v1", "root.v02", "root.v", "root2", "rooty.v2", "other", "root.v2x"] {
+            assert_eq!(label_version("root", other), None, "{other}");
+        }
     }
 
     #[test]

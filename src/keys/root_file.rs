@@ -2,7 +2,8 @@
 //!
 //! File layout (v1, do not change): 8 bytes magic `RVROOTK1`, 16 bytes key
 //! id, 32 bytes key. Created on first start with mode 0600; a file that is
-//! readable by group or others is refused.
+//! readable by group or others is refused. Root-key rotation adds versions
+//! `root.v<N>.key` beside `root.key` (version 1), each in this same layout.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -34,6 +35,24 @@ impl FileRootKey {
     }
 
     fn create(path: &Path) -> Result<Self, KeyError> {
+        Self::create_via(path, path)
+    }
+
+    /// Creates a new key file whole or not at all: written to `<path>.tmp`,
+    /// synced, then renamed into place, so a crash never leaves a short key
+    /// file that would stop the next start. Used for rotated versions.
+    pub fn create_atomic(path: &Path) -> Result<Self, KeyError> {
+        let tmp = temp_path(path);
+        // A temp file is left only by a crash before its rename: that key
+        // never wrapped anything.
+        erase_file(&tmp)?;
+        let created = Self::create_via(&tmp, path)?;
+        std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))?;
+        sync_parent(path)?;
+        Ok(created)
+    }
+
+    fn create_via(write_to: &Path, path: &Path) -> Result<Self, KeyError> {
         let key = SecretKey::generate().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
         let id: [u8; 16] = random_bytes().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
         let mut contents = zeroize::Zeroizing::new(Vec::with_capacity(FILE_LEN));
@@ -44,13 +63,11 @@ impl FileRootKey {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-            .map_err(|e| file_error(path, e))?;
-        file.write_all(&contents).map_err(|e| file_error(path, e))?;
-        file.sync_all().map_err(|e| file_error(path, e))?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file_error(dir, e))?;
-        }
+            .open(write_to)
+            .map_err(|e| file_error(write_to, e))?;
+        file.write_all(&contents).map_err(|e| file_error(write_to, e))?;
+        file.sync_all().map_err(|e| file_error(write_to, e))?;
+        sync_parent(write_to)?;
         tracing::info!(path = %path.display(), "created a new root key file");
         Ok(Self { key: RootKeyMaterial::from_secret(key), key_id: format!("file:{}", hex::encode(id)) })
     }
@@ -85,6 +102,39 @@ impl FileRootKey {
     pub fn default_path(data_dir: &Path) -> PathBuf {
         data_dir.join("root.key")
     }
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn sync_parent(path: &Path) -> Result<(), KeyError> {
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| file_error(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Retires a key file: overwrites its bytes with zeros, syncs, removes it
+/// and syncs the directory. Absent already counts as done. On
+/// copy-on-write file systems and flash the old blocks may survive the
+/// overwrite (docs/KEYS.md says what to do about backups and media).
+pub fn erase_file(path: &Path) -> Result<(), KeyError> {
+    let len = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_file() => meta.len(),
+        Ok(_) => return Err(KeyError::Config(format!("{} is not a regular file", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(file_error(path, e)),
+    };
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| file_error(path, e))?;
+    let zeros = vec![0u8; usize::try_from(len).unwrap_or(FILE_LEN)];
+    file.write_all(&zeros).map_err(|e| file_error(path, e))?;
+    file.sync_all().map_err(|e| file_error(path, e))?;
+    drop(file);
+    std::fs::remove_file(path).map_err(|e| file_error(path, e))?;
+    sync_parent(path)
 }
 
 fn file_error(path: &Path, e: std::io::Error) -> KeyError {

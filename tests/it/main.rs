@@ -10,6 +10,7 @@ mod postgres;
 mod process;
 mod replicas;
 mod retention;
+mod rotation;
 mod s3;
 mod vectors;
 mod web;
