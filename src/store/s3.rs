@@ -105,6 +105,10 @@ impl Store {
             builder = builder.with_endpoint(endpoint);
         }
         let s3 = builder.build()?;
-        Ok(Self::with_write_once(Arc::new(s3), settings.write_once))
+        // The client retries each request (every part too); retrying again
+        // here would multiply the attempts. The deadline covers the
+        // client's whole retry window.
+        let retry = super::RetryPolicy::client_retries(settings.retry_timeout + settings.request_timeout);
+        Ok(Self::with_write_once(Arc::new(s3), settings.write_once).with_retry(retry))
     }
 }
