@@ -166,7 +166,12 @@ impl Journal {
                 )
                 .map_err(|_| SpoolError::Crypto)?;
             out.extend_from_slice(tag.as_ref());
-            self.file.write_all(&out)?;
+            // Two writes, so crash tests can stop between them and leave a
+            // torn record (A1); recovery cuts it off.
+            let half = out.len() / 2;
+            self.file.write_all(&out[..half])?;
+            fail::fail_point!("spool-mid-record");
+            self.file.write_all(&out[half..])?;
             self.end += u64::from(len);
         }
         Ok(())
