@@ -7,7 +7,6 @@
 use std::sync::{Arc, Mutex};
 
 use recvault::api::pb;
-use tonic::Code;
 
 use crate::common::*;
 
@@ -119,10 +118,11 @@ async fn read_answers(
 
 /// After a restart: what a coach can see of `customer` is only whole
 /// committed objects, each bit-exact.
+#[cfg(feature = "failpoints")]
 async fn visible_objects(c: &mut Client, customer: &str, data: &[u8]) -> usize {
     let objects = match c.list(pb::ListRequest { customer_id: customer.into(), ..Default::default() }).await {
         Ok(r) => r.into_inner().objects,
-        Err(s) if s.code() == Code::NotFound => Vec::new(),
+        Err(s) if s.code() == tonic::Code::NotFound => Vec::new(),
         Err(s) => panic!("list: {s}"),
     };
     for o in &objects {
