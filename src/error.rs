@@ -37,7 +37,10 @@ pub enum Error {
     /// Opaque integrity failure of stored data. Never says which check.
     #[error("stored object failed its integrity check")]
     Integrity,
-    #[error("storage is full")]
+    #[error(
+        "the server's storage is full; nothing past the last acknowledgement was kept — retry once space is freed \
+         (a stream resumes from its durable offset)"
+    )]
     StorageFull,
     #[error("{0}")]
     OutOfRange(String),
@@ -99,6 +102,23 @@ impl From<StoreError> for Error {
             // A committed object missing from storage is an integrity problem
             // of the deployment, not a user error.
             StoreError::NotFound => Self::Integrity,
+            // The operator must act (C4): say so loudly in the log, and
+            // tell the caller its data is safe to send again later.
+            StoreError::Denied(detail) => {
+                tracing::error!(%detail, "object storage refused access; check its credentials and bucket policy");
+                Self::Unavailable(
+                    "object storage refused access; nothing was committed — retry after an operator fixes the \
+                     storage credentials or bucket policy"
+                        .into(),
+                )
+            }
+            StoreError::Unavailable { op, attempts, .. } => Self::Unavailable(format!(
+                "object storage failed {attempts} time(s) on {op}; nothing was committed — retry later (an upload \
+                 keeps its durable bytes)"
+            )),
+            e @ (StoreError::TimedOut(_) | StoreError::Short { .. }) => {
+                Self::Unavailable(format!("object storage misbehaved ({e}); nothing was committed — retry later"))
+            }
             other => Self::Internal(other.to_string()),
         }
     }

@@ -8,6 +8,21 @@ fn main() -> std::process::ExitCode {
     // builds (the `failpoints` feature is off).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    // `FAILPOINTS=name=panic` stops the whole process at that point, as
+    // `kill -9` would (no destructor, no flush), instead of unwinding one
+    // task: the crash tests (tests/it/crash.rs) need the process gone.
+    #[cfg(feature = "failpoints")]
+    {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let text = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or("");
+            if text.starts_with("failpoint ") {
+                eprintln!("recvault: {text}: aborting (crash test)");
+                std::process::abort();
+            }
+            default(info);
+        }));
+    }
     let serving = matches!(cli.command, recvault::cli::Command::Serve(_));
     // Logs go to stderr; stdout carries results only.
     tracing_subscriber::fmt()

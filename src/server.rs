@@ -99,6 +99,17 @@ pub async fn open(cfg: &Config) -> anyhow::Result<Parts> {
 
 /// [`open`] with a given clock (tests move time instead of sleeping).
 pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Parts> {
+    open_with_store(cfg, clock, |s| s).await
+}
+
+/// [`open_with_clock`] with the configured store passed through `wrap`
+/// (tests put a fault-injecting backend or a quicker retry policy under
+/// the service; docs/FAULTS.md).
+pub async fn open_with_store(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    wrap: impl FnOnce(Store) -> Store,
+) -> anyhow::Result<Parts> {
     cfg.validate()?;
     let data = &cfg.data_dir;
     ensure_private_dir(data)?;
@@ -112,7 +123,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         Arc::new(SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?);
     let audit = AuditLog::open(&data.join("audit.sqlite"), signer.clone(), clock.clone())
         .map_err(|e| anyhow::anyhow!("cannot open the audit trail: {e}"))?;
-    let store = open_store(cfg).await?;
+    let store = wrap(open_store(cfg).await?);
     let spool_dir = data.join("spool");
     ensure_private_dir(&spool_dir)?;
     let mut icfg = IngestConfig::new(spool_dir.clone());
@@ -194,7 +205,16 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<(Parts, TcpListener)> {
 }
 
 pub async fn bind_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Parts, TcpListener)> {
-    let mut parts = open_with_clock(cfg, clock).await?;
+    bind_with_store(cfg, clock, |s| s).await
+}
+
+/// [`bind_with_clock`] over a wrapped store ([`open_with_store`]).
+pub async fn bind_with_store(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    wrap: impl FnOnce(Store) -> Store,
+) -> anyhow::Result<(Parts, TcpListener)> {
+    let mut parts = open_with_store(cfg, clock, wrap).await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another server running?)", cfg.listen))?;

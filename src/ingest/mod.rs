@@ -549,6 +549,7 @@ impl Ingest {
                     let (journal, end) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
                     s.journal = Some(journal);
                     s.durable = end;
+                    fail::fail_point!("ingest-before-ack");
                     send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
                     if !s.pending.is_empty() && (s.pending.len() >= self.cfg.commit_bytes
                         || flush_at.is_some_and(|t| t <= tokio::time::Instant::now())) {
@@ -594,6 +595,7 @@ impl Ingest {
                         Some(Ok(ClientMsg::Finish { expected_sha256, expected_size })) => {
                             self.settle(s).await.map_err(Refusal::Keep)?;
                             if s.durable > 0 {
+                                fail::fail_point!("ingest-before-ack");
                                 send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
                             }
                             return self.finish(actor, s, expected_sha256, expected_size).await.map(Some);
@@ -662,7 +664,9 @@ impl Ingest {
         checker.finish().map_err(|e| Refusal::Discard(e.into()))?;
         let journal = s.journal.take();
         drop(journal);
+        fail::fail_point!("ingest-before-store-write");
         let (size, sha256) = self.assemble(&s.record, &s.dek, &s.spool_key).await.map_err(Refusal::Keep)?;
+        fail::fail_point!("ingest-after-store-write");
         if size != s.durable {
             return Err(Refusal::Keep(Error::Internal(format!(
                 "journal replay produced {size} bytes, expected {}",
@@ -706,11 +710,13 @@ impl Ingest {
             }
             Err(e) => return Err(Refusal::Keep(e.into())),
         };
+        fail::fail_point!("ingest-after-catalog-commit");
         let place = self.journals.clone();
         let id = s.record.object_id;
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || Journal::remove(&place, &id)).await {
             tracing::warn!(object_id = %id, error = %e, "committed, but the journal could not be removed");
         }
+        fail::fail_point!("ingest-before-response");
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
         Ok(committed)
     }
@@ -772,6 +778,7 @@ impl Ingest {
             writer.abort().await;
             return Err(e.into());
         }
+        fail::fail_point!("ingest-before-object-commit");
         self.commit_object(writer, size).await?;
         Ok((size, sha))
     }

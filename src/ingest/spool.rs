@@ -167,7 +167,12 @@ impl FileJournal {
         for piece in data.chunks(MAX_RECORD) {
             out.clear();
             seal_record(key, &self.object_id, self.end, piece, &mut out)?;
-            self.file.write_all(&out)?;
+            // Two writes, so crash tests can stop between them and leave a
+            // torn record (A1); recovery cuts it off.
+            let half = out.len() / 2;
+            self.file.write_all(&out[..half])?;
+            fail::fail_point!("spool-mid-record");
+            self.file.write_all(&out[half..])?;
             self.end += piece.len() as u64;
         }
         Ok(())

@@ -4,6 +4,12 @@
 //! This layer knows nothing of keys; it moves ciphertext only. Backends:
 //! local files, memory (tests) and S3-compatible buckets (`s3`,
 //! docs/S3.md). One conformance suite (`conformance`) runs against each.
+//!
+//! Every call to the backend runs under a [`RetryPolicy`]: transient
+//! failures are retried a bounded number of times with jittered backoff,
+//! each attempt has a deadline, permanent ones fail at once, and a write is
+//! checked for its full length before a commit reports success
+//! (docs/FAULTS.md).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,8 +22,11 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use crate::model::ObjectId;
 
 pub mod conformance;
+pub mod faulty;
+mod retry;
 mod s3;
 
+pub use retry::RetryPolicy;
 pub use s3::{S3Credentials, S3Settings, s3_client};
 
 /// Objects up to this size are written with one PUT; larger ones go through
@@ -35,6 +44,20 @@ pub enum StoreError {
     AlreadyExists,
     #[error("storage is full")]
     Full,
+    /// The backend refused us (403, 401): a credential or bucket policy
+    /// changed. Retrying cannot help.
+    #[error("object storage refused access: {0}")]
+    Denied(String),
+    /// One attempt took longer than the policy's deadline.
+    #[error("no answer from object storage within {0:?}")]
+    TimedOut(std::time::Duration),
+    /// Stored bytes are not the bytes written (a short write), or a stale
+    /// object of another length sat at the path.
+    #[error("object storage holds {found} bytes where {expected} were written")]
+    Short { expected: u64, found: u64 },
+    /// Transient failures outlasted the retry policy.
+    #[error("object storage failed {attempts} time(s) on {op}: {last}")]
+    Unavailable { op: &'static str, attempts: u32, last: String },
     /// The backend lacks something commits rely on (found by [`Store::check`]).
     #[error("{0}")]
     Unsupported(String),
@@ -47,21 +70,55 @@ impl From<object_store::Error> for StoreError {
         match e {
             object_store::Error::NotFound { .. } => Self::NotFound,
             object_store::Error::AlreadyExists { .. } => Self::AlreadyExists,
+            e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }) => {
+                Self::Denied(e.to_string())
+            }
             other if is_disk_full(&other) => Self::Full,
             other => Self::Backend(other),
         }
     }
 }
 
+impl StoreError {
+    /// Worth another attempt: the backend may answer differently next time.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::TimedOut(_) | Self::Short { .. } => true,
+            Self::Backend(object_store::Error::JoinError { .. }) => true,
+            Self::Backend(e @ object_store::Error::Generic { store, .. }) => match io_cause(e) {
+                // A disk error may pass (EIO on a flaky mount, EINTR); a
+                // full or read-only disk or a refused permission will not.
+                Some(io) => !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::ReadOnlyFilesystem
+                        | std::io::ErrorKind::InvalidInput
+                ),
+                // Without an I/O cause, a local store's error is a logic
+                // error (a range past the end); a remote store's is a
+                // failed request whose client gave up.
+                None => *store != "LocalFileSystem",
+            },
+            _ => false,
+        }
+    }
+}
+
 fn is_disk_full(e: &object_store::Error) -> bool {
+    io_cause(e).is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+}
+
+/// The I/O error at the root of `e`, if any.
+fn io_cause(e: &object_store::Error) -> Option<&std::io::Error> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::StorageFull;
+            return Some(io);
         }
         source = s.source();
     }
-    false
+    None
 }
 
 /// Where an object's ciphertext lives. Built only from server-generated ids,
@@ -104,13 +161,18 @@ pub enum WriteOnce {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     write_once: WriteOnce,
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Store {
     // Only the backend's name (and bucket): a client's settings may hold
     // credentials.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.inner.to_string()).field("write_once", &self.write_once).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.inner.to_string())
+            .field("write_once", &self.write_once)
+            .field("retry", &self.retry)
+            .finish()
     }
 }
 
@@ -121,7 +183,24 @@ impl Store {
     }
 
     pub fn with_write_once(inner: Arc<dyn ObjectStore>, write_once: WriteOnce) -> Self {
-        Self { inner, write_once }
+        Self { inner, write_once, retry: RetryPolicy::default() }
+    }
+
+    /// The same store with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn retry(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// The same store over a wrapped backend (tests put a
+    /// [`faulty::FaultyStore`] between the service and real storage).
+    pub fn map_backend(mut self, wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> Self {
+        self.inner = wrap(self.inner);
+        self
     }
 
     /// A local file-system store under `root`, fsyncing files and their
@@ -207,26 +286,37 @@ impl Store {
 
     /// Starts a write-once upload of object `id`.
     pub fn writer(&self, id: ObjectId) -> ObjectWriter {
-        ObjectWriter { store: self.inner.clone(), write_once: self.write_once, id, buffer: Vec::new(), multipart: None }
+        ObjectWriter {
+            store: self.inner.clone(),
+            write_once: self.write_once,
+            retry: self.retry,
+            id,
+            buffer: Vec::new(),
+            multipart: None,
+            written: 0,
+        }
     }
 
     /// Size of the stored object.
     pub async fn size(&self, id: &ObjectId) -> Result<u64, StoreError> {
-        Ok(self.inner.head(&object_path(id)).await?.size)
+        let path = &object_path(id);
+        let inner = self.inner.as_ref();
+        self.retry.run("head", |_| async move { Ok(inner.head(path).await?.size) }).await
     }
 
-    /// Reads a byte range of the stored ciphertext.
+    /// Reads a byte range of the stored ciphertext. A short answer is the
+    /// reader's to judge (a truncated object is an integrity failure, not
+    /// something a retry fixes).
     pub async fn read_range(&self, id: &ObjectId, range: Range<u64>) -> Result<Bytes, StoreError> {
-        Ok(self.inner.get_range(&object_path(id), range).await?)
+        let (path, range) = (&object_path(id), &range);
+        let inner = self.inner.as_ref();
+        self.retry.run("get", |_| async move { Ok(inner.get_range(path, range.clone()).await?) }).await
     }
 
     /// Deletes an object and any staging leftovers; absent is fine.
     pub async fn delete(&self, id: &ObjectId) -> Result<(), StoreError> {
         for path in [object_path(id), staging_path(id)] {
-            match self.inner.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.retry.run("delete", |_| delete_if_present(self.inner.as_ref(), &path)).await?;
         }
         Ok(())
     }
@@ -241,6 +331,40 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+async fn delete_if_present(store: &dyn ObjectStore, path: &Path) -> Result<(), StoreError> {
+    match store.delete(path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Checks that `path` holds exactly `expected` bytes. A short object (a
+/// truncated write) is removed so no catalog row can ever point at it, and
+/// reported as [`StoreError::Short`], which a retry may fix.
+async fn verify_length(store: &dyn ObjectStore, path: &Path, expected: u64) -> Result<(), StoreError> {
+    let found = match store.head(path).await {
+        Ok(meta) => meta.size,
+        // Acknowledged but not there: as short as can be.
+        Err(object_store::Error::NotFound { .. }) => return Err(StoreError::Short { expected, found: 0 }),
+        Err(e) => return Err(e.into()),
+    };
+    if found == expected {
+        return Ok(());
+    }
+    tracing::warn!(%path, expected, found, "stored object has the wrong length; removed");
+    delete_if_present(store, path).await?;
+    Err(StoreError::Short { expected, found })
+}
+
+/// An error of a write. A write answered "not found" means the bucket (or
+/// directory) is gone — an operator's problem, not a missing object.
+fn write_error(e: object_store::Error) -> StoreError {
+    match e {
+        object_store::Error::NotFound { .. } => StoreError::Denied(format!("the storage location is missing: {e}")),
+        other => other.into(),
     }
 }
 
@@ -259,9 +383,13 @@ async fn refuse_if_exists(store: &dyn ObjectStore, path: &Path) -> Result<(), St
 pub struct ObjectWriter {
     store: Arc<dyn ObjectStore>,
     write_once: WriteOnce,
+    retry: RetryPolicy,
     id: ObjectId,
     buffer: Vec<u8>,
     multipart: Option<WriteMultipart>,
+    /// Bytes handed to [`ObjectWriter::write`]; the committed object must
+    /// hold exactly these.
+    written: u64,
 }
 
 impl ObjectWriter {
@@ -276,15 +404,26 @@ impl ObjectWriter {
 
     /// Appends ciphertext. Switches to a multipart upload once the object
     /// outgrows a single PUT, so memory stays bounded by the part size.
+    ///
+    /// A part already handed to the backend cannot be sent again through
+    /// this interface, so parts get the deadline but no retry here: S3's
+    /// client retries each part request itself, and a failed commit leaves
+    /// the upload's journal intact for the next finish.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.written += data.len() as u64;
         if let Some(mp) = &mut self.multipart {
-            mp.wait_for_capacity(2).await?;
+            self.retry.once("put part", async { Ok(mp.wait_for_capacity(2).await?) }).await?;
             mp.write(data);
             return Ok(());
         }
         self.buffer.extend_from_slice(data);
         if self.buffer.len() > SINGLE_PUT_MAX {
-            let upload = self.store.put_multipart(&self.multipart_path()).await?;
+            let path = &self.multipart_path();
+            let store = self.store.as_ref();
+            let upload = self
+                .retry
+                .run("create multipart upload", |_| async move { store.put_multipart(path).await.map_err(write_error) })
+                .await?;
             let mut mp = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             mp.write(&std::mem::take(&mut self.buffer));
             self.multipart = Some(mp);
@@ -292,38 +431,76 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Makes the object visible at its final path, write-once. Returns
-    /// [`StoreError::AlreadyExists`] if an object is already there (a retried
-    /// commit: the caller decides whether that is the same object).
+    /// Makes the object visible at its final path, write-once, after
+    /// checking it holds every byte written. Returns
+    /// [`StoreError::AlreadyExists`] if an object is already there (a
+    /// retried commit whose first answer was lost: the caller decides
+    /// whether that is the same object).
     pub async fn commit(self) -> Result<(), StoreError> {
-        let final_path = object_path(&self.id);
+        let final_path = &object_path(&self.id);
+        let store = self.store.as_ref();
+        let expected = self.written;
+        let retry = self.retry;
         match (self.write_once, self.multipart) {
             (WriteOnce::Conditional, None) => {
-                let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-                self.store.put_opts(&final_path, PutPayload::from(self.buffer), opts).await?;
+                let payload = &PutPayload::from(self.buffer);
+                retry
+                    .run("put", |_| async move {
+                        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+                        match store.put_opts(final_path, payload.clone(), opts).await {
+                            Ok(_) => verify_length(store, final_path, expected).await,
+                            Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::AlreadyExists),
+                            Err(e) => Err(write_error(e)),
+                        }
+                    })
+                    .await?;
             }
             (WriteOnce::Conditional, Some(mp)) => {
-                mp.finish().await?;
-                let staging = staging_path(&self.id);
-                let renamed = self.store.rename_if_not_exists(&staging, &final_path).await;
+                let staging = &staging_path(&self.id);
+                if let Err(e) = retry.once("complete multipart upload", async { Ok(mp.finish().await?) }).await {
+                    let _ = delete_if_present(store, staging).await;
+                    return Err(e);
+                }
+                let renamed = retry
+                    .run("rename", |attempt| async move {
+                        match store.rename_if_not_exists(staging, final_path).await {
+                            Ok(()) => verify_length(store, final_path, expected).await,
+                            Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::AlreadyExists),
+                            // An earlier attempt moved it and lost its answer.
+                            Err(object_store::Error::NotFound { .. }) if attempt > 0 => Err(StoreError::AlreadyExists),
+                            Err(e) => Err(e.into()),
+                        }
+                    })
+                    .await;
                 if renamed.is_err() {
-                    let _ = self.store.delete(&staging).await;
+                    let _ = delete_if_present(store, staging).await;
                 }
                 renamed?;
             }
             (WriteOnce::CheckFirst, None) => {
-                refuse_if_exists(self.store.as_ref(), &final_path).await?;
-                self.store.put(&final_path, PutPayload::from(self.buffer)).await?;
+                let payload = &PutPayload::from(self.buffer);
+                retry
+                    .run("put", |_| async move {
+                        match store.head(final_path).await {
+                            Ok(_) => return Err(StoreError::AlreadyExists),
+                            Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        store.put(final_path, payload.clone()).await.map_err(write_error)?;
+                        verify_length(store, final_path, expected).await
+                    })
+                    .await?;
             }
             (WriteOnce::CheckFirst, Some(mp)) => {
                 // The parts went straight to the final path: an S3 multipart
                 // upload stays invisible until completed, and completing in
                 // place spares a server-side copy of the whole object.
-                if let Err(e) = refuse_if_exists(self.store.as_ref(), &final_path).await {
+                if let Err(e) = retry.run("head", |_| refuse_if_exists(store, final_path)).await {
                     let _ = mp.abort().await;
                     return Err(e);
                 }
-                mp.finish().await?;
+                retry.once("complete multipart upload", async { Ok(mp.finish().await?) }).await?;
+                verify_length(store, final_path, expected).await?;
             }
         }
         Ok(())

@@ -63,7 +63,11 @@ impl Store {
     /// A bucket on an S3-compatible server. Nothing is sent until the first
     /// request; [`Store::check`] makes one.
     pub fn s3(settings: &S3Settings) -> Result<Self, StoreError> {
-        Ok(Self::with_write_once(s3_client(settings)?, settings.write_once))
+        // The client retries each request (every part too); retrying again
+        // here would multiply the attempts. The deadline covers the
+        // client's whole retry window.
+        let retry = super::RetryPolicy::client_retries(settings.retry_timeout + settings.request_timeout);
+        Ok(Self::with_write_once(s3_client(settings)?, settings.write_once).with_retry(retry))
     }
 }
 

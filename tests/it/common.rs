@@ -57,6 +57,17 @@ impl TestServer {
 
     /// Tests shred at once (grace 0) unless they tune it back.
     pub async fn start_full(data: tempfile::TempDir, clock: Arc<dyn Clock>, tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_store(data, clock, tune, |s| s).await
+    }
+
+    /// A server whose object store is first passed through `wrap` (a
+    /// fault-injecting backend, a quicker retry policy).
+    pub async fn start_store(
+        data: tempfile::TempDir,
+        clock: Arc<dyn Clock>,
+        tune: impl FnOnce(&mut Config),
+        wrap: impl FnOnce(recvault::store::Store) -> recvault::store::Store,
+    ) -> Self {
         let mut cfg = Config {
             data_dir: data.path().to_owned(),
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -65,7 +76,7 @@ impl TestServer {
         cfg.retention.shred_grace = std::time::Duration::ZERO;
         cfg.http.listen = "127.0.0.1:0".parse().expect("addr");
         tune(&mut cfg);
-        let (parts, listener) = recvault::server::bind_with_clock(&cfg, clock).await.expect("server starts");
+        let (parts, listener) = recvault::server::bind_with_store(&cfg, clock, wrap).await.expect("server starts");
         let addr = listener.local_addr().expect("addr");
         let http = parts.http.as_ref().map(|l| l.local_addr().expect("http addr"));
         let auth = parts.auth.clone();
@@ -385,6 +396,27 @@ impl Stream {
             }
         }
     }
+}
+
+/// Sends `data` from `offset` in 256 KiB messages, then a finish with its
+/// digest and size, from a task of its own, so the caller can read answers
+/// meanwhile (a server that fails the stream stops reading).
+pub fn spawn_sender(s: &Stream, offset: u64, data: &[u8]) -> tokio::task::JoinHandle<()> {
+    let tx = s.tx.clone();
+    let rest = data[offset as usize..].to_vec();
+    let (sha, size) = (sha256(data), data.len() as u64);
+    tokio::spawn(async move {
+        let msg = |m| pb::IngestRequest { msg: Some(m) };
+        for (i, c) in rest.chunks(256 << 10).enumerate() {
+            let data =
+                pb::ingest_request::Data { offset: offset + (i * (256 << 10)) as u64, data: Bytes::copy_from_slice(c) };
+            if tx.send(msg(pb::ingest_request::Msg::Data(data))).await.is_err() {
+                return;
+            }
+        }
+        let finish = pb::ingest_request::Finish { expected_sha256: Bytes::from(sha), expected_size: size };
+        let _ = tx.send(msg(pb::ingest_request::Msg::Finish(finish))).await;
+    })
 }
 
 /// One-shot ingest of `data`; returns the committed object.

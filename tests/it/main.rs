@@ -4,6 +4,8 @@ mod access;
 mod audit;
 mod coaching;
 mod common;
+mod crash;
+mod faults;
 mod grpc;
 mod loadgen;
 mod postgres;
