@@ -23,6 +23,7 @@ use crate::config::{CatalogBackend, Config};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::keys::root_file::FileRootKey;
 use crate::keys::{KeyService, Pkcs11RootKey, RootKey};
+use crate::readiness::Readiness;
 use crate::retention::certificate::SigningKey;
 use crate::retention::policy::Policies;
 use crate::retention::{Retention, RetentionConfig, RetentionDeps};
@@ -47,6 +48,8 @@ pub struct Parts {
     pub audit: AuditLog,
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
+    /// Unsealed keys: the readiness probe re-runs their known-answer check.
+    pub keys: Arc<KeyService>,
     /// The HTTP port's listener, once bound ([`bind`]); `None` when
     /// `[http]` is disabled.
     pub http: Option<TcpListener>,
@@ -137,7 +140,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
             catalog: catalog.clone(),
             store: store.clone(),
             ingest: ingest.clone(),
-            keys,
+            keys: keys.clone(),
             spool_dir,
             policies,
             clock: clock.clone(),
@@ -155,7 +158,7 @@ pub async fn open_with_clock(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Res
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, http: None })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, keys, http: None })
 }
 
 /// The ciphertext store of the config. An S3 bucket is checked before the
@@ -217,6 +220,17 @@ pub async fn serve(
     // Room for a full Put (or one data chunk) plus its metadata.
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
     let audit = parts.audit.clone();
+    let local_objects = match cfg.storage.backend {
+        crate::config::StorageBackend::Local => Some(cfg.data_dir.join("objects")),
+        crate::config::StorageBackend::S3 => None,
+    };
+    let readiness = Arc::new(Readiness::new(
+        parts.keys.clone(),
+        parts.store.clone(),
+        local_objects,
+        cfg.health.probe_timeout,
+        health.clone(),
+    ));
     let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
     let http = match parts.http {
         None => None,
@@ -245,6 +259,8 @@ pub async fn serve(
             auth: parts.auth.clone(),
             retrieve: parts.retrieve.clone(),
             audit: parts.audit.clone(),
+            readiness: readiness.clone(),
+            metrics: cfg.http.metrics,
         });
         tokio::spawn(web::serve(listener, tls, router, async {
             let _ = http_stopped.await;
@@ -253,7 +269,10 @@ pub async fn serve(
     let service = pb::recvault_server::RecvaultServer::from_arc(service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
+    // Health follows readiness from the first answer on (the probe sets
+    // it), and then every probe_interval.
+    let _ = readiness.check().await;
+    let watcher = tokio::spawn(readiness.clone().watch(cfg.health.probe_interval));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         builder = builder.tls_config(tls_config(tls)?).context("invalid TLS configuration")?;
@@ -271,6 +290,8 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
+    watcher.abort();
+    let _ = watcher.await;
     let _ = http_stop.send(());
     if let Some(t) = http_task {
         let _ = t.await;
@@ -284,19 +305,8 @@ pub async fn serve(
 /// Reads the TLS files named by the config. The private key must be
 /// readable by its owner only, like the root key.
 fn tls_config(t: &crate::config::TlsSection) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    use std::os::unix::fs::PermissionsExt;
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let mode = std::fs::metadata(&t.key_file)
-        .with_context(|| format!("cannot read tls.key_file {}", t.key_file.display()))?
-        .permissions()
-        .mode();
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "tls.key_file {} has mode {:04o}, readable by group or others; run `chmod 600 {}`",
-        t.key_file.display(),
-        mode & 0o777,
-        t.key_file.display()
-    );
+    crate::config::check_private_file("tls.key_file", &t.key_file)?;
     let key = zeroize::Zeroizing::new(read(&t.key_file)?);
     let identity = tonic::transport::Identity::from_pem(read(&t.cert_file)?, key.as_slice());
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);

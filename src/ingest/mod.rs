@@ -199,6 +199,10 @@ struct Session {
     pending: Vec<u8>,
     /// The journal write + fsync under way, if any (it owns the journal).
     in_flight: Option<JoinHandle<FlushResult>>,
+    /// When the oldest byte of `pending`, and of the batch being flushed,
+    /// arrived: the ack latency metric measures from there.
+    pending_since: Option<std::time::Instant>,
+    flushing_since: Option<std::time::Instant>,
 }
 
 type FlushResult = Result<(Journal, u64), spool::SpoolError>;
@@ -380,6 +384,8 @@ impl Ingest {
             durable: end,
             pending: Vec::new(),
             in_flight: None,
+            pending_since: None,
+            flushing_since: None,
         })
     }
 
@@ -459,6 +465,7 @@ impl Ingest {
             }
             Opening::Session(s) => *s,
         };
+        let _open = crate::metrics::stream_opened();
         send(
             out,
             ServerMsg::Opened {
@@ -539,6 +546,7 @@ impl Ingest {
                     s.journal = Some(journal);
                     s.durable = end;
                     send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
+                    s.acked();
                     if !s.pending.is_empty() && (s.pending.len() >= self.cfg.commit_bytes
                         || flush_at.is_some_and(|t| t <= tokio::time::Instant::now())) {
                         s.in_flight = Some(self.start_flush(s));
@@ -584,6 +592,7 @@ impl Ingest {
                             self.settle(s).await.map_err(Refusal::Keep)?;
                             if s.durable > 0 {
                                 send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
+                                s.acked();
                             }
                             return self.finish(actor, s, expected_sha256, expected_size).await.map(Some);
                         }
@@ -603,6 +612,8 @@ impl Ingest {
     fn start_flush(&self, s: &mut Session) -> JoinHandle<FlushResult> {
         let mut journal = s.journal.take().expect("no flush in flight");
         let data = std::mem::take(&mut s.pending);
+        // A batch awaited without an ack (settle) keeps its older start.
+        s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
         tokio::task::spawn_blocking(move || {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
@@ -701,6 +712,7 @@ impl Ingest {
             tracing::warn!(object_id = %id, error = %e, "committed, but the journal could not be removed");
         }
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        crate::metrics::object_committed();
         Ok(committed)
     }
 
@@ -775,6 +787,7 @@ impl Ingest {
         data: Bytes,
         expected_sha256: Option<[u8; 32]>,
     ) -> Result<ObjectRecord, Error> {
+        crate::metrics::ingest_bytes(data.len() as u64);
         self.put_object(actor, upload_id, spec, data, expected_sha256, None).await
     }
 
@@ -901,6 +914,7 @@ impl Ingest {
             other => other.into(),
         })?;
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        crate::metrics::object_committed();
         Ok(committed)
     }
 }
@@ -1033,9 +1047,18 @@ impl Session {
             ))));
         }
         self.checker.update(data).map_err(|e| Refusal::Discard(e.into()))?;
+        self.pending_since.get_or_insert_with(std::time::Instant::now);
         self.pending.extend_from_slice(data);
         self.received = end;
+        crate::metrics::ingest_bytes(data.len() as u64);
         Ok(())
+    }
+
+    /// Everything flushed so far was just acknowledged.
+    fn acked(&mut self) {
+        if let Some(t) = self.flushing_since.take() {
+            crate::metrics::ack_latency(t.elapsed());
+        }
     }
 }
 

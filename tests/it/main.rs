@@ -6,6 +6,7 @@ mod coaching;
 mod common;
 mod grpc;
 mod loadgen;
+mod ops;
 mod postgres;
 mod process;
 mod retention;

@@ -12,7 +12,7 @@ use crate::common::*;
 
 const DEFAULT_TEST_PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=test";
 
-fn test_pg() -> Option<String> {
+pub fn test_pg() -> Option<String> {
     if std::env::var("RECVAULT_SKIP_PG").as_deref() == Ok("1") {
         use std::io::Write;
         let _ = writeln!(std::io::stderr(), "!!!!! SKIPPED: PostgreSQL server test (RECVAULT_SKIP_PG=1)");
@@ -22,9 +22,9 @@ fn test_pg() -> Option<String> {
 }
 
 /// Drops the test's schema when the test ends, also on a panic.
-struct DropSchema {
-    conn: String,
-    schema: String,
+pub struct DropSchema {
+    pub conn: String,
+    pub schema: String,
 }
 
 impl Drop for DropSchema {
