@@ -210,7 +210,10 @@ impl Target {
         std::fs::create_dir_all(&a.work_dir).with_context(|| format!("cannot create {}", a.work_dir.display()))?;
         let dir = a.work_dir.join(format!("recvault-loadgen-{}", uuid::Uuid::new_v4()));
         let mut cmd = Command::new(&bin);
+        // Both ports ephemeral: a fixed HTTP port collides with any other
+        // server on the machine.
         cmd.arg("serve").arg("--data-dir").arg(&dir).arg("--listen").arg("127.0.0.1:0");
+        cmd.arg("--http-listen").arg("127.0.0.1:0");
         if let Some(c) = &a.server_config {
             cmd.arg("--config").arg(c);
         }
