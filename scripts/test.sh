@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+# PyYAML for the deploy/ manifest checks below.
+python3 -m pip install --quiet --disable-pip-version-check "PyYAML==6.0.3"
 
 # `failpoints` compiles the crash-test failure points into the test build
 # (they stay inert unless FAILPOINTS is set); release builds have none.
@@ -13,6 +15,10 @@ python3 -m pip install --quiet --disable-pip-version-check -r tests/interop/requ
 # kill -9 tests would run a binary without the failpoints.
 cargo test --locked --all-targets --features failpoints
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop
+
+# deploy/ (issue #6): the Kubernetes manifests and compose file parse and
+# agree with each other, and their recvault.toml passes `config check`.
+python3 scripts/check_deploy.py --recvault "$PWD/target/debug/recvault"
 
 # The coaching page end to end in headless Chromium (issue #5): Debian's
 # chromium driven by playwright-core (`.ci/run` installs chromium).

@@ -38,6 +38,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (embedded defaults: ./recvault-data, 127.0.0.1:7420).
     Serve(ServeArgs),
+    /// Configuration: `config check` validates and prints the effective
+    /// configuration, secrets redacted.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Store a file; prints the new object id.
     Put(PutArgs),
     /// Read an object (or an inclusive byte range of it).
@@ -237,6 +241,23 @@ pub enum TokenCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate a configuration as `serve` would (file, then RECVAULT__*
+    /// env, then flags; secret files and their permissions) without
+    /// opening storage or the catalog, and print the effective
+    /// configuration as TOML with secrets redacted. Exit 1 on any problem.
+    Check {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Skip reading the files the configuration names (secrets, TLS,
+        /// PKCS#11 module): for checking a config away from the machine or
+        /// pod it is meant for.
+        #[arg(long)]
+        skip_files: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ConsentCmd {
     /// Record a customer's choice (e.g. when they opt out); applies to the
     /// next read.
@@ -320,6 +341,46 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:7421].
     #[arg(long, env = "RECVAULT_HTTP_LISTEN")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Log format on stderr (overrides `[log] format`).
+    #[arg(long, env = "RECVAULT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
+}
+
+impl ServeArgs {
+    /// The effective configuration: defaults, the file, `RECVAULT__*`
+    /// variables, then these flags (and their env shorthands), validated.
+    pub fn resolve(&self) -> anyhow::Result<crate::config::Loaded> {
+        let mut loaded = Config::load(self.config.as_deref(), std::env::vars())?;
+        let cfg = &mut loaded.config;
+        if let Some(d) = &self.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(l) = self.listen {
+            cfg.listen = l;
+        }
+        if let Some(l) = self.http_listen {
+            cfg.http.listen = l;
+        }
+        if let Some(f) = self.log_format {
+            cfg.log.format = f;
+        }
+        cfg.validate()?;
+        Ok(loaded)
+    }
+}
+
+/// Installs the stderr logger: `format` from the config, level filter from
+/// env `RECVAULT_LOG` (default `default_level`).
+pub fn init_logging(format: crate::config::LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RECVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        crate::config::LogFormat::Text => builder.init(),
+        // One JSON object per line, the event's fields at the top level
+        // next to timestamp, level, target and message.
+        crate::config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -879,7 +940,8 @@ pub fn parse_range(s: &str) -> Result<(u64, Option<u64>), String> {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(a) => serve(a).await,
+        Command::Serve(a) => serve(a.resolve()?.config).await,
+        Command::Config(ConfigCmd::Check { serve, skip_files }) => config_check(&serve, skip_files),
         Command::Put(a) => put(a).await,
         Command::Get(a) => get(a).await,
         Command::Stat(a) => stat(a).await,
@@ -974,20 +1036,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = match &a.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(d) = a.data_dir {
-        cfg.data_dir = d;
+/// `recvault config check`: the same resolution and file checks as
+/// `serve`, then the effective configuration on stdout.
+fn config_check(a: &ServeArgs, skip_files: bool) -> anyhow::Result<()> {
+    let loaded = a.resolve()?;
+    if !skip_files {
+        loaded.config.check_files()?;
     }
-    if let Some(l) = a.listen {
-        cfg.listen = l;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "# recvault effective configuration (secrets redacted)")?;
+    match &a.config {
+        Some(p) => writeln!(out, "# file: {}", p.display())?,
+        None => writeln!(out, "# file: none (embedded defaults)")?,
     }
-    if let Some(l) = a.http_listen {
-        cfg.http.listen = l;
+    for name in &loaded.env_keys {
+        writeln!(out, "# env: {name}")?;
     }
+    out.write_all(loaded.config.redacted_toml()?.as_bytes())?;
+    let files = if skip_files { "files not checked (--skip-files)" } else { "files checked" };
+    eprintln!("config ok ({files})");
+    Ok(())
+}
+
+/// Runs the server on a resolved configuration.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    // The same checks `config check` makes, before anything is opened.
+    cfg.check_files()?;
     let (parts, listener) = crate::server::bind(&cfg).await?;
     let addr = listener.local_addr()?;
     let page = match &parts.http {

@@ -41,6 +41,45 @@ pub struct Config {
     pub retention: RetentionSection,
     pub consent: ConsentSection,
     pub http: HttpSection,
+    pub health: HealthSection,
+    pub log: LogSection,
+}
+
+/// Readiness probing (`GET /ready` and the gRPC health service).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    /// How often the gRPC health status is re-probed when nobody asks
+    /// `/ready`.
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_interval: Duration,
+    /// Longest wait for the catalog, the root key provider or the store in
+    /// one probe; slower counts as not ready.
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_timeout: Duration,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self { probe_interval: Duration::from_secs(10), probe_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// Logging on stderr; the level filter is env `RECVAULT_LOG` (e.g.
+/// `info,recvault=debug`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `text` for people, `json` (one object per line) for log shippers.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,16 +145,7 @@ impl CatalogSection {
 /// `key`, trimmed of surrounding whitespace. Refused if group or others may
 /// read the file, or if it is empty.
 pub fn read_secret_file(key: &str, path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?;
-    anyhow::ensure!(meta.is_file(), "{key} {} is not a regular file", path.display());
-    let mode = meta.permissions().mode() & 0o777;
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "{key} {} has mode {mode:04o}, readable by group or others; run `chmod 600 {}`",
-        path.display(),
-        path.display()
-    );
+    check_private_file(key, path)?;
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?,
     );
@@ -412,6 +442,9 @@ pub struct HttpSection {
     /// name (e.g. `https://recvault.example`); default: the bound address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Serve Prometheus metrics at `/metrics` (unauthenticated: counts
+    /// only, no ids; bind `listen` where only the scraper reaches it).
+    pub metrics: bool,
 }
 
 impl Default for HttpSection {
@@ -421,6 +454,7 @@ impl Default for HttpSection {
             listen: DEFAULT_HTTP_LISTEN.parse().expect("valid default address"),
             link_ttl: Duration::from_secs(600),
             public_url: None,
+            metrics: true,
         }
     }
 }
@@ -584,6 +618,8 @@ impl Default for Config {
             retention: RetentionSection::default(),
             consent: ConsentSection::default(),
             http: HttpSection::default(),
+            health: HealthSection::default(),
+            log: LogSection::default(),
         }
     }
 }
@@ -601,18 +637,119 @@ impl Default for IngestSection {
     }
 }
 
+/// Environment variables that set a config key start with this, then the
+/// key's path in upper case with `__` between sections:
+/// `RECVAULT__STORAGE__BUCKET`, `RECVAULT__LOG__FORMAT`,
+/// `RECVAULT__DATA_DIR`. (One `_` after `RECVAULT` is the CLI's own
+/// variables: `RECVAULT_CONFIG`, `RECVAULT_LOG`, `RECVAULT_SERVER`, ...)
+pub const ENV_PREFIX: &str = "RECVAULT__";
+
+/// The effective configuration and where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// The `RECVAULT__*` variables applied, in the order applied.
+    pub env_keys: Vec<String>,
+}
+
 impl Config {
     /// Reads a TOML file; every problem names the file and the key.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+        Ok(Self::load(Some(path), std::iter::empty())?.config)
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let cfg: Self = toml::from_str(text)?;
+        let table: toml::Table = toml::from_str(text).map_err(one_line)?;
+        let cfg = Self::from_table(table, &[])?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The file (if any) with `RECVAULT__*` variables of `env` on top,
+    /// validated. Pass `std::env::vars()` for the process environment.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Loaded> {
+        let mut table = match path {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), one_line(e)))?
+            }
+        };
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        vars.sort();
+        let mut applied = Vec::new();
+        for (name, value) in &vars {
+            let dotted = apply_env(&mut table, &defaults, name, value)?;
+            applied.push((name.clone(), dotted));
+        }
+        let origin = match path {
+            Some(p) => format!("config file {}", p.display()),
+            None => "config".to_owned(),
+        };
+        let config = Self::from_table(table, &applied).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        config.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        Ok(Loaded { config, env_keys: applied.into_iter().map(|(name, _)| name).collect() })
+    }
+
+    /// Deserialises, naming the key's full path on failure (and the
+    /// variable, when one set it).
+    fn from_table(table: toml::Table, env: &[(String, String)]) -> anyhow::Result<Self> {
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let by_env = env
+                .iter()
+                .find(|(_, dotted)| path == *dotted || path.starts_with(&format!("{dotted}.")))
+                .map(|(name, _)| format!(" (set by env {name})"))
+                .unwrap_or_default();
+            let inner = one_line(e.into_inner());
+            if path == "." || path.is_empty() {
+                anyhow::anyhow!("{inner}{by_env}")
+            } else {
+                anyhow::anyhow!("{path}: {inner}{by_env}")
+            }
+        })
+    }
+
+    /// Reads every file the configuration names, with the checks the
+    /// server applies when it opens them (owner-only secrets, non-empty,
+    /// readable certificates), and keeps none of the contents.
+    pub fn check_files(&self) -> anyhow::Result<()> {
+        if self.catalog.backend == CatalogBackend::Postgres {
+            self.catalog.connection_string()?;
+        }
+        self.storage.s3()?;
+        if let Some(p) = self.root_key.pkcs11()? {
+            anyhow::ensure!(
+                p.module.is_file(),
+                "root_key.module {} is not a file (the token vendor's PKCS#11 library)",
+                p.module.display()
+            );
+            crate::keys::pkcs11::read_pin(&p.pin_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if let Some(t) = &self.tls {
+            check_private_file("tls.key_file", &t.key_file)?;
+            for (key, path) in
+                [("tls.cert_file", Some(&t.cert_file)), ("tls.client_ca_file", t.client_ca_file.as_ref())]
+            {
+                if let Some(path) = path {
+                    std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with every secret replaced by
+    /// `[redacted]`: a password in `catalog.url`, and any key named like a
+    /// password, secret or PIN (files holding secrets are shown by path).
+    pub fn redacted_toml(&self) -> anyhow::Result<String> {
+        let mut c = self.clone();
+        c.catalog.url = c.catalog.url.as_deref().map(redact_connection_string);
+        let mut table = toml::Table::try_from(&c).map_err(|e| anyhow::anyhow!("{e}"))?;
+        redact_named_secrets(&mut table);
+        toml::to_string_pretty(&table).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -688,12 +825,185 @@ impl Config {
             r.abandoned_upload_ttl >= Duration::from_secs(3600),
             "retention.abandoned_upload_ttl must be at least 1h (a dropped call must have time to resume)"
         );
+        let hs = &self.health;
+        anyhow::ensure!(
+            hs.probe_timeout >= Duration::from_millis(100) && hs.probe_timeout <= Duration::from_secs(60),
+            "health.probe_timeout must be between 100ms and 1m"
+        );
+        anyhow::ensure!(
+            hs.probe_interval >= Duration::from_secs(1) && hs.probe_interval >= hs.probe_timeout,
+            "health.probe_interval must be at least 1s and at least health.probe_timeout"
+        );
         let policies = r.policies()?;
         let mut names = std::collections::HashSet::new();
         for p in &policies {
             anyhow::ensure!(names.insert(&p.name), "retention policy {} is defined twice", p.name);
         }
         Ok(())
+    }
+}
+
+/// Sets the key named by env variable `name` in `table`, typed like the
+/// default value at that path (a string where the default is a string,
+/// otherwise a TOML value: `true`, `5`, `["a"]`). Returns the dotted path.
+fn apply_env(table: &mut toml::Table, defaults: &toml::Table, name: &str, value: &str) -> anyhow::Result<String> {
+    let segments: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+    let dotted = segments.join(".");
+    anyhow::ensure!(
+        segments.iter().all(|s| !s.is_empty()),
+        "env {name}: a config key is RECVAULT__ then its path with `__` between sections, e.g.          RECVAULT__STORAGE__BUCKET"
+    );
+    let (last, sections) = segments.split_last().expect("split yields at least one segment");
+    let mut here = table;
+    let mut default = Some(defaults);
+    for (i, section) in sections.iter().enumerate() {
+        if default.and_then(|d| d.get(section)).is_some_and(|v| !v.is_table()) {
+            anyhow::bail!("env {name}: {} is a value, not a section", segments[..=i].join("."));
+        }
+        let entry = here.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        here = match entry {
+            toml::Value::Table(t) => t,
+            _ => anyhow::bail!("env {name}: {} is a value, not a section", segments[..=i].join(".")),
+        };
+        default = default.and_then(|d| d.get(section)).and_then(toml::Value::as_table);
+    }
+    // Keys without a default (optional ones) are strings, except lists and
+    // tables (`auth.certificate`) and the booleans of absent sections.
+    let structured = value.trim_start().starts_with(['[', '{']) || value == "true" || value == "false";
+    let typed = match default.and_then(|d| d.get(last)).or_else(|| here.get(last)) {
+        Some(toml::Value::String(_)) => toml::Value::String(value.to_owned()),
+        None if !structured => toml::Value::String(value.to_owned()),
+        _ => {
+            let mut parsed: toml::Table = toml::from_str(&format!("v = {value}"))
+                .map_err(|_| anyhow::anyhow!("env {name} = {value:?} is not a valid value for {dotted}"))?;
+            parsed.remove("v").expect("parsed `v = ...`")
+        }
+    };
+    here.insert(last.clone(), typed);
+    Ok(dotted)
+}
+
+/// A TOML error on one line (they carry a snippet of the file).
+fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
+    let text = e.to_string();
+    // Leave out the quoted source lines ("3 | url = ..."): the line may
+    // hold a secret, and the message already names line and column.
+    let snippet = |l: &str| l.starts_with('|') || l.split_once(" |").is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+    let parts: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !snippet(l)).collect();
+    anyhow::anyhow!("{}", parts.join("; "))
+}
+
+/// Refuses a file holding a secret that group or others may read.
+pub fn check_private_file(key: &str, path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{key} {}: {e}", path.display()))?;
+    anyhow::ensure!(meta.is_file(), "{key} {} is not a regular file", path.display());
+    let mode = meta.permissions().mode() & 0o777;
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "{key} {} has mode {mode:04o}, readable by group or others; run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    );
+    Ok(())
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// A PostgreSQL connection string without its password, in either form:
+/// `postgres://user:PASSWORD@host/db?password=...` or
+/// `host=db user=u password=PASSWORD` (values may be 'quoted').
+pub fn redact_connection_string(s: &str) -> String {
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:{REDACTED}@{host}"),
+                None => format!("{userinfo}@{host}"),
+            },
+            None => authority.to_owned(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|p| match p.split_once('=') {
+                        Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={REDACTED}"),
+                        _ => p.to_owned(),
+                    })
+                    .collect();
+                format!("{path}?{}", params.join("&"))
+            }
+            None => tail.to_owned(),
+        };
+        return format!("{scheme}://{authority}{tail}");
+    }
+    // key=value pairs separated by spaces; a value may be 'quoted' with \' escapes.
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'=').is_none() {
+            out.push(key);
+            continue;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\\' {
+                    if let Some(n) = chars.next() {
+                        value.push(n);
+                    }
+                } else if c == '\'' {
+                    break;
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        if key.eq_ignore_ascii_case("password") {
+            value = REDACTED.to_owned();
+        }
+        out.push(format!("{key}={value}"));
+    }
+    out.join(" ")
+}
+
+/// Replaces string values whose key names a password, secret or PIN; a
+/// `*_file` key names where a secret is, which is not itself secret.
+fn redact_named_secrets(table: &mut toml::Table) {
+    for (key, value) in table.iter_mut() {
+        let k = key.to_ascii_lowercase();
+        let secret =
+            !k.ends_with("_file") && ["password", "secret", "pin"].iter().any(|w| k.split('_').any(|p| p == *w));
+        match value {
+            toml::Value::String(s) if secret => *s = REDACTED.to_owned(),
+            toml::Value::Table(t) => redact_named_secrets(t),
+            toml::Value::Array(items) => {
+                for item in items {
+                    if let toml::Value::Table(t) = item {
+                        redact_named_secrets(t);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -911,6 +1221,100 @@ mod tests {
             let err = from_env.s3().unwrap_err().to_string();
             assert!(err.contains("access_key_id_file") && err.contains(S3_ENV_ACCESS_KEY_ID), "{err}");
         }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn env_overrides_reach_every_key_typed_like_its_default() {
+        let loaded = Config::load(
+            None,
+            env(&[
+                ("RECVAULT__DATA_DIR", "/srv/recvault"),
+                ("RECVAULT__CATALOG__BACKEND", "postgres"),
+                ("RECVAULT__CATALOG__URL", "host=db user=r"),
+                ("RECVAULT__HTTP__METRICS", "false"),
+                ("RECVAULT__INGEST__CAPS__IMAGE", "1048576"),
+                ("RECVAULT__RETENTION__SHRED_GRACE", "1day"),
+                ("RECVAULT__STORAGE__BUCKET", "123"),
+                ("RECVAULT__STORAGE__BACKEND", "s3"),
+                ("RECVAULT__STORAGE__WRITE_ONCE", "check-first"),
+                ("RECVAULT__AUTH__CERTIFICATE", "[{subject = \"pbx\", roles = [\"ingest\"]}]"),
+                ("RECVAULT_LOG", "debug"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.data_dir, PathBuf::from("/srv/recvault"));
+        assert_eq!(c.catalog.backend, CatalogBackend::Postgres);
+        assert!(!c.http.metrics);
+        assert_eq!(c.ingest.caps.image, 1 << 20);
+        assert_eq!(c.retention.shred_grace, Duration::from_secs(86_400));
+        assert_eq!(c.storage.bucket.as_deref(), Some("123"), "a string key stays a string");
+        assert_eq!(c.auth.certificates[0].subject, "pbx");
+        assert_eq!(loaded.env_keys.len(), 10, "only RECVAULT__ variables: {:?}", loaded.env_keys);
+
+        for (name, value, expect) in [
+            ("RECVAULT__LISEN", "x", "lisen"),
+            ("RECVAULT__HTTP__METRICS", "maybe", "not a valid value for http.metrics"),
+            ("RECVAULT__LISTEN__PORT", "1", "listen is a value, not a section"),
+            ("RECVAULT__", "x", "RECVAULT__STORAGE__BUCKET"),
+            ("RECVAULT__INGEST____X", "x", "RECVAULT__STORAGE__BUCKET"),
+            ("RECVAULT__HTTP__LINK_TTL", "1s", "http.link_ttl"),
+        ] {
+            let err = Config::load(None, env(&[(name, value)])).unwrap_err().to_string();
+            assert!(err.contains(expect), "{name}={value}: {err}");
+        }
+        let err = Config::load(None, env(&[("RECVAULT__STORAGE__BUKKET", "x")])).unwrap_err().to_string();
+        assert!(err.contains("storage.bukket") && err.contains("(set by env RECVAULT__STORAGE__BUKKET)"), "{err}");
+    }
+
+    #[test]
+    fn the_file_names_the_full_path_of_a_bad_key() {
+        let err = Config::from_toml("[storage]\nbukket = \"x\"").unwrap_err().to_string();
+        assert!(err.starts_with("storage.bukket: unknown field"), "{err}");
+        let err = Config::from_toml("[[retention.policy]]\nname = \"x\"\nkind = \"image\"\nretain = \"1d\"\nqueue = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("retention.policy[0].queue:"), "{err}");
+    }
+
+    #[test]
+    fn connection_string_passwords_are_redacted_in_both_forms() {
+        for (given, shown) in [
+            ("host=db user=r password=s3cret dbname=x", "host=db user=r password=[redacted] dbname=x"),
+            ("host=db password = 'with space \\' quote' port=5", "host=db password=[redacted] port=5"),
+            ("host=db PASSWORD=x", "host=db PASSWORD=[redacted]"),
+            ("host=db user=r", "host=db user=r"),
+            ("postgres://u:s3cret@db:5432/x?sslmode=require", "postgres://u:[redacted]@db:5432/x?sslmode=require"),
+            ("postgresql://u@db/x?password=s3cret&a=b", "postgresql://u@db/x?password=[redacted]&a=b"),
+            ("postgres://u:p@ss@db", "postgres://u:[redacted]@db"),
+        ] {
+            assert_eq!(redact_connection_string(given), shown, "{given}");
+        }
+        let cfg = Config {
+            catalog: CatalogSection {
+                backend: CatalogBackend::Postgres,
+                url: Some("host=db password=s3cret".into()),
+                url_file: None,
+                schema: "recvault".into(),
+            },
+            ..Config::default()
+        };
+        let shown = cfg.redacted_toml().unwrap();
+        assert!(!shown.contains("s3cret") && shown.contains("password=[redacted]"), "{shown}");
+        let mut table: toml::Table =
+            toml::from_str("[x]\npassword = \"a\"\npin_file = \"/p\"\ntoken_label = \"t\"\nsecret_key = \"k\"")
+                .unwrap();
+        redact_named_secrets(&mut table);
+        let x = table["x"].as_table().unwrap();
+        assert_eq!(x["password"].as_str(), Some(REDACTED));
+        assert_eq!(x["secret_key"].as_str(), Some(REDACTED));
+        assert_eq!(x["pin_file"].as_str(), Some("/p"), "a path to a secret is not the secret");
+        assert_eq!(x["token_label"].as_str(), Some("t"));
     }
 
     #[test]

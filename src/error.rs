@@ -79,7 +79,10 @@ impl From<CatalogError> for Error {
             CatalogError::NotFound => Self::NotFound("not found".into()),
             CatalogError::CustomerState(s) => Self::from_state(s),
             e @ (CatalogError::Held(_) | CatalogError::Conflict(_)) => Self::Precondition(e.to_string()),
-            CatalogError::Backend(m) => Self::Internal(format!("catalog: {m}")),
+            CatalogError::Backend(m) => {
+                crate::metrics::catalog_error();
+                Self::Internal(format!("catalog: {m}"))
+            }
         }
     }
 }
@@ -97,6 +100,7 @@ impl From<KeyError> for Error {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
+        crate::metrics::store_error();
         match e {
             StoreError::Full => Self::StorageFull,
             // A committed object missing from storage is an integrity problem

@@ -21,6 +21,10 @@
 //! crypto/     pure: segmented AES-256-GCM format, key wrapping, secret types
 //! ```
 //!
+//! Beside the layers: `config` (file + `RECVAULT__*` env + flags), `server`
+//! (wiring), `readiness` (the `/ready` and gRPC health probe) and `metrics`
+//! (process-wide counters, recorded by one-line calls from the use cases).
+//!
 //! # Threat model in brief
 //!
 //! Every object has its own random data key, wrapped by its customer's key,
@@ -55,7 +59,9 @@ pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod loadgen;
+pub mod metrics;
 pub mod model;
+pub mod readiness;
 pub mod retention;
 pub mod retrieve;
 pub mod revocation;

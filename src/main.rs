@@ -23,15 +23,20 @@ fn main() -> std::process::ExitCode {
             default(info);
         }));
     }
-    let serving = matches!(cli.command, recvault::cli::Command::Serve(_));
+    // `serve` reads its configuration before logging starts: the config
+    // chooses the log format.
+    let serve_config = match &cli.command {
+        recvault::cli::Command::Serve(a) => match a.resolve() {
+            Ok(loaded) => Some(loaded.config),
+            Err(e) => return fail(e),
+        },
+        _ => None,
+    };
     // Logs go to stderr; stdout carries results only.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RECVAULT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })),
-        )
-        .init();
+    match &serve_config {
+        Some(cfg) => recvault::cli::init_logging(cfg.log.format, "info"),
+        None => recvault::cli::init_logging(recvault::config::LogFormat::Text, "warn"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -39,12 +44,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(recvault::cli::run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("recvault: {}", format!("{e:#}").replace('\n', " "));
-            std::process::ExitCode::FAILURE
+    let result = runtime.block_on(async {
+        match serve_config {
+            Some(cfg) => recvault::cli::serve(cfg).await,
+            None => recvault::cli::run(cli).await,
         }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(e),
     }
+}
+
+/// One line on stderr: the error and its causes.
+fn fail(e: anyhow::Error) -> std::process::ExitCode {
+    eprintln!("recvault: {}", format!("{e:#}").replace('\n', " "));
+    std::process::ExitCode::FAILURE
 }

@@ -23,6 +23,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{CatalogBackend, Config};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::keys::{KeyService, RootKeyring};
+use crate::readiness::Readiness;
 use crate::retention::certificate::SigningKey;
 use crate::retention::policy::Policies;
 use crate::retention::{Retention, RetentionConfig, RetentionDeps};
@@ -48,6 +49,8 @@ pub struct Parts {
     pub auth: Arc<Authenticator>,
     pub clock: Arc<dyn Clock>,
     pub revocations: Arc<Revocations>,
+    /// Unsealed keys: the readiness probe re-runs their known-answer check.
+    pub keys: Arc<KeyService>,
     /// The HTTP port's listener, once bound ([`bind`]); `None` when
     /// `[http]` is disabled.
     pub http: Option<TcpListener>,
@@ -157,7 +160,7 @@ pub async fn open_with_store(
             catalog: catalog.clone(),
             store: store.clone(),
             ingest: ingest.clone(),
-            keys,
+            keys: keys.clone(),
             spool_dir,
             policies,
             clock: clock.clone(),
@@ -175,7 +178,7 @@ pub async fn open_with_store(
         .sync_config_policies(&r.policies()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot apply the retention policies: {e}"))?;
-    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, revocations, http: None })
+    Ok(Parts { ingest, retrieve, retention, catalog, store, audit, auth, clock, revocations, keys, http: None })
 }
 
 /// The ciphertext store of the config. An S3 bucket is checked before the
@@ -246,8 +249,19 @@ pub async fn serve(
     // Room for a full Put (or one data chunk) plus its metadata.
     let max_message = (cfg.ingest.put_cap as usize).max(MAX_CHUNK) + (64 << 10);
     let audit = parts.audit.clone();
+    let local_objects = match cfg.storage.backend {
+        crate::config::StorageBackend::Local => Some(cfg.data_dir.join("objects")),
+        crate::config::StorageBackend::S3 => None,
+    };
+    let readiness = Arc::new(Readiness::new(
+        parts.keys.clone(),
+        parts.store.clone(),
+        local_objects,
+        cfg.health.probe_timeout,
+        health.clone(),
+    ));
     let sweeper = tokio::spawn(run_sweeper(parts.retention.clone(), cfg.retention.sweep_interval));
-    let watcher = match parts.catalog.watch_revocations().await {
+    let revocation_watcher = match parts.catalog.watch_revocations().await {
         Ok(None) => None,
         Ok(Some(revoked)) => {
             Some(tokio::spawn(follow_revocations(revoked, parts.ingest.clone(), parts.revocations.clone())))
@@ -281,6 +295,8 @@ pub async fn serve(
             auth: parts.auth.clone(),
             retrieve: parts.retrieve.clone(),
             audit: parts.audit.clone(),
+            readiness: readiness.clone(),
+            metrics: cfg.http.metrics,
         });
         tokio::spawn(web::serve(listener, tls, router, async {
             let _ = http_stopped.await;
@@ -289,7 +305,10 @@ pub async fn serve(
     let service = pb::recvault_server::RecvaultServer::from_arc(service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    health.set_serving::<pb::recvault_server::RecvaultServer<api::Service>>().await;
+    // Health follows readiness from the first answer on (the probe sets
+    // it), and then every probe_interval.
+    let _ = readiness.check().await;
+    let watcher = tokio::spawn(readiness.clone().watch(cfg.health.probe_interval));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.tls {
         builder = builder.tls_config(tls_config(tls)?).context("invalid TLS configuration")?;
@@ -307,10 +326,12 @@ pub async fn serve(
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
-    if let Some(w) = watcher {
+    if let Some(w) = revocation_watcher {
         w.abort();
         let _ = w.await;
     }
+    watcher.abort();
+    let _ = watcher.await;
     let _ = http_stop.send(());
     if let Some(t) = http_task {
         let _ = t.await;
@@ -324,19 +345,8 @@ pub async fn serve(
 /// Reads the TLS files named by the config. The private key must be
 /// readable by its owner only, like the root key.
 fn tls_config(t: &crate::config::TlsSection) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    use std::os::unix::fs::PermissionsExt;
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let mode = std::fs::metadata(&t.key_file)
-        .with_context(|| format!("cannot read tls.key_file {}", t.key_file.display()))?
-        .permissions()
-        .mode();
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "tls.key_file {} has mode {:04o}, readable by group or others; run `chmod 600 {}`",
-        t.key_file.display(),
-        mode & 0o777,
-        t.key_file.display()
-    );
+    crate::config::check_private_file("tls.key_file", &t.key_file)?;
     let key = zeroize::Zeroizing::new(read(&t.key_file)?);
     let identity = tonic::transport::Identity::from_pem(read(&t.cert_file)?, key.as_slice());
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);

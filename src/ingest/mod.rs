@@ -204,6 +204,10 @@ struct Session {
     pending: Vec<u8>,
     /// The journal write + fsync under way, if any (it owns the journal).
     in_flight: Option<JoinHandle<FlushResult>>,
+    /// When the oldest byte of `pending`, and of the batch being flushed,
+    /// arrived: the ack latency metric measures from there.
+    pending_since: Option<std::time::Instant>,
+    flushing_since: Option<std::time::Instant>,
 }
 
 type FlushResult = Result<(Journal, u64), spool::SpoolError>;
@@ -391,6 +395,8 @@ impl Ingest {
             durable: end,
             pending: Vec::new(),
             in_flight: None,
+            pending_since: None,
+            flushing_since: None,
         })
     }
 
@@ -470,6 +476,7 @@ impl Ingest {
             }
             Opening::Session(s) => *s,
         };
+        let _open = crate::metrics::stream_opened();
         send(
             out,
             ServerMsg::Opened {
@@ -551,6 +558,7 @@ impl Ingest {
                     s.durable = end;
                     fail::fail_point!("ingest-before-ack");
                     send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
+                    s.acked();
                     if !s.pending.is_empty() && (s.pending.len() >= self.cfg.commit_bytes
                         || flush_at.is_some_and(|t| t <= tokio::time::Instant::now())) {
                         s.in_flight = Some(self.start_flush(s));
@@ -597,6 +605,7 @@ impl Ingest {
                             if s.durable > 0 {
                                 fail::fail_point!("ingest-before-ack");
                                 send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
+                                s.acked();
                             }
                             return self.finish(actor, s, expected_sha256, expected_size).await.map(Some);
                         }
@@ -616,6 +625,8 @@ impl Ingest {
     fn start_flush(&self, s: &mut Session) -> JoinHandle<FlushResult> {
         let mut journal = s.journal.take().expect("no flush in flight");
         let data = std::mem::take(&mut s.pending);
+        // A batch awaited without an ack (settle) keeps its older start.
+        s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
         tokio::task::spawn_blocking(move || {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
@@ -718,6 +729,7 @@ impl Ingest {
         }
         fail::fail_point!("ingest-before-response");
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        crate::metrics::object_committed();
         Ok(committed)
     }
 
@@ -793,6 +805,7 @@ impl Ingest {
         data: Bytes,
         expected_sha256: Option<[u8; 32]>,
     ) -> Result<ObjectRecord, Error> {
+        crate::metrics::ingest_bytes(data.len() as u64);
         self.put_object(actor, upload_id, spec, data, expected_sha256, None).await
     }
 
@@ -919,6 +932,7 @@ impl Ingest {
             other => other.into(),
         })?;
         tracing::info!(object_id = %committed.object_id, size = committed.size, kind = committed.spec.kind.name(), "object committed");
+        crate::metrics::object_committed();
         Ok(committed)
     }
 }
@@ -1051,9 +1065,18 @@ impl Session {
             ))));
         }
         self.checker.update(data).map_err(|e| Refusal::Discard(e.into()))?;
+        self.pending_since.get_or_insert_with(std::time::Instant::now);
         self.pending.extend_from_slice(data);
         self.received = end;
+        crate::metrics::ingest_bytes(data.len() as u64);
         Ok(())
+    }
+
+    /// Everything flushed so far was just acknowledged.
+    fn acked(&mut self) {
+        if let Some(t) = self.flushing_since.take() {
+            crate::metrics::ack_latency(t.elapsed());
+        }
     }
 }
 

@@ -324,6 +324,40 @@ impl KeyService {
     }
 }
 
+impl KeyService {
+    /// The readiness probe's question: does the root key still open the
+    /// catalog's known-answer value? It asks both the catalog and the key
+    /// provider (a token pulled from its slot, a catalog restored from
+    /// another installation), so a server that would fail every request
+    /// stops reporting ready.
+    pub async fn check_unsealed(&self) -> Result<(), KeyError> {
+        let meta = match self.catalog.meta_get(ROOT_ACTIVE_META).await? {
+            None => ROOT_CHECK_META.to_owned(),
+            Some(id) if id == self.root.key_id().as_bytes() => version_check_meta(self.root.key_id()),
+            Some(_) => {
+                return Err(KeyError::Sealed(format!(
+                    "the catalog's active root key is no longer {} (a rotation ran since this server started); \
+                     restart it to load the new version",
+                    self.root.key_id()
+                )));
+            }
+        };
+        let stored = self
+            .catalog
+            .meta_get(&meta)
+            .await?
+            .ok_or_else(|| KeyError::Sealed("the catalog has lost its root key known-answer value".into()))?;
+        if check_opens(self.root.as_ref(), &stored).await? {
+            Ok(())
+        } else {
+            Err(KeyError::Sealed(format!(
+                "the root key ({}) no longer opens the catalog's known-answer value",
+                self.root.key_id()
+            )))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +374,24 @@ mod tests {
         let err = KeyService::unseal(other, catalog).await.err().expect("sealed");
         assert!(matches!(err, KeyError::Sealed(_)));
         assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn d4_the_readiness_check_notices_a_replaced_known_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::memory().unwrap());
+        let root = Arc::new(FileRootKey::open_or_create(&dir.path().join("a.key")).unwrap());
+        let keys = KeyService::unseal(root, catalog.clone()).await.unwrap();
+        keys.check_unsealed().await.unwrap();
+        // The known-answer value of another installation's catalog.
+        let other_catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::memory().unwrap());
+        let other = Arc::new(FileRootKey::open_or_create(&dir.path().join("b.key")).unwrap());
+        KeyService::unseal(other, other_catalog.clone()).await.unwrap();
+        let foreign = other_catalog.meta_get(ROOT_CHECK_META).await.unwrap().unwrap();
+        let keys = KeyService { root: keys.root.clone(), ring: keys.ring.clone(), catalog: other_catalog };
+        assert!(!foreign.is_empty());
+        let err = keys.check_unsealed().await.unwrap_err();
+        assert!(matches!(err, KeyError::Sealed(_)), "{err}");
     }
 
     #[tokio::test]

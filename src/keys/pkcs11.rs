@@ -418,7 +418,8 @@ fn token_error(settings: &Pkcs11Settings, what: &str, e: &CkError) -> KeyError {
 }
 
 /// Reads the user PIN; the file must not be readable by group or others.
-fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
+/// (`recvault config check` runs it too.)
+pub fn read_pin(path: &Path) -> Result<AuthPin, KeyError> {
     let meta =
         std::fs::metadata(path).map_err(|e| KeyError::Config(format!("root_key.pin_file {}: {e}", path.display())))?;
     if !meta.is_file() {

@@ -357,6 +357,7 @@ impl Retention {
             streams_stopped = stopped,
             "shred requested"
         );
+        crate::metrics::shred_requested();
         let _work = self.work.lock().await;
         let ticket = self.advance_shred(actor, ticket).await?;
         self.status_of(id, Some(ticket)).await
@@ -573,6 +574,7 @@ impl Retention {
             key_versions = destroyed.key_versions.len(),
             "customer shredded and verified"
         );
+        crate::metrics::shred_completed();
         Ok(ticket)
     }
 
@@ -593,6 +595,16 @@ impl Retention {
     /// discard abandoned uploads and orphaned journals. A dry run changes
     /// nothing and reports what would be done.
     pub async fn sweep(&self, actor: &Actor, dry_run: bool) -> Result<SweepReport, Error> {
+        let result = self.sweep_once(actor, dry_run).await;
+        match &result {
+            Ok(report) if !dry_run => crate::metrics::sweep(report),
+            Ok(_) => {}
+            Err(_) => crate::metrics::sweep_failed(),
+        }
+        result
+    }
+
+    async fn sweep_once(&self, actor: &Actor, dry_run: bool) -> Result<SweepReport, Error> {
         let _work = self.work.lock().await;
         // Among replicas sharing the catalog, one sweeps at a time; a dry
         // run changes nothing and needs no lock.

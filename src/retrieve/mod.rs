@@ -410,6 +410,7 @@ impl Retrieve {
         let event = event.detail("range", [range.start, end_incl]);
         let event = if spans.is_empty() { event } else { event.detail("silenced_spans", spans.len()) };
         self.audit.append(actor, event.clone()).await?;
+        crate::metrics::read(purpose);
         if spans.is_empty() {
             return self.open_range(stored, range.start, end_incl, epoch).await;
         }

@@ -239,6 +239,14 @@ impl Store {
         outcome
     }
 
+    /// The readiness probe: one listing of an empty prefix, which a remote
+    /// backend answers only when reachable with these credentials and the
+    /// bucket exists. Writes nothing.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.inner.list_with_delimiter(Some(&Path::from("probe"))).await?;
+        Ok(())
+    }
+
     async fn check_conditional(&self, run: &uuid::Uuid) -> Result<(), StoreError> {
         let hint = "set storage.write_once = \"check-first\" for this server (docs/S3.md)";
         let create = PutOptions { mode: PutMode::Create, ..Default::default() };

@@ -109,15 +109,24 @@ pub struct Web {
     pub auth: Arc<Authenticator>,
     pub retrieve: Arc<Retrieve>,
     pub audit: AuditLog,
+    pub readiness: Arc<crate::readiness::Readiness>,
+    /// Serve `/metrics` (`[http] metrics`).
+    pub metrics: bool,
 }
 
 /// The HTTP routes.
 pub fn router(web: Web) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if web.metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .route("/", get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }))
         .route("/app.css", get(|| async { page(APP_CSS, "text/css; charset=utf-8") }))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/live", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
         .route("/api/whoami", get(whoami))
         .route("/api/search", post(search))
         .route("/api/sample", post(sample))
@@ -126,6 +135,24 @@ pub fn router(web: Web) -> Router {
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "NOT_FOUND", "no such page".into()) })
         .layer(axum::middleware::map_response(security_headers))
         .with_state(web)
+}
+
+/// 200 when unsealed and the catalog and store answer; 503 with the reason
+/// otherwise (details in the server log, not for an unauthenticated caller).
+async fn ready(State(web): State<Web>) -> Response {
+    match web.readiness.check().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(crate::readiness::NotReady(reason)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response()
+        }
+    }
+}
+
+/// Prometheus text format. Unauthenticated like any scrape target: it
+/// holds counts only, labelled by closed sets, never an id.
+async fn metrics() -> Response {
+    let body = crate::metrics::global().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 fn page(body: &'static str, content_type: &'static str) -> Response {

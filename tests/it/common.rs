@@ -149,6 +149,8 @@ pub fn with_token(channel: Channel, token: Option<&str>) -> Client {
 pub struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The HTTP port, when the serving line names one.
+    pub http: Option<SocketAddr>,
     pub data_dir: PathBuf,
 }
 
@@ -190,7 +192,11 @@ impl ChildServer {
             .nth(3)
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
-        Self { child, addr, data_dir: data_dir.to_owned() }
+        // "...; coaching page http://127.0.0.1:PORT/"
+        let http = line
+            .split_once("coaching page http://")
+            .and_then(|(_, rest)| rest.trim_end().trim_end_matches('/').parse().ok());
+        Self { child, addr, http, data_dir: data_dir.to_owned() }
     }
 
     pub fn url(&self) -> String {

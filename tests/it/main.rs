@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod grpc;
 mod loadgen;
+mod ops;
 mod postgres;
 mod process;
 mod replicas;
