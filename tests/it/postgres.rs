@@ -36,6 +36,19 @@ impl Drop for DropSchema {
             rt.block_on(async {
                 if let Ok((client, connection)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
                     tokio::spawn(connection);
+                    // A server of the test may have been stopped inside a
+                    // transaction whose rollback cannot be sent now (the
+                    // test's runtime is blocked on this drop): end every
+                    // session holding a lock in the schema, then drop it.
+                    let _ = client
+                        .execute(
+                            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                             JOIN pg_class c ON c.oid = l.relation
+                             JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                            &[&schema],
+                        )
+                        .await;
                     let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await;
                 }
             });
