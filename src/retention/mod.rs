@@ -662,6 +662,9 @@ impl Retention {
             if expired.is_empty() {
                 break;
             }
+            // Crash tests stop here: data keys scrubbed, ciphertext not yet
+            // deleted (`expire-after-scrub=panic`).
+            fail::fail_point!("expire-after-scrub");
             self.revocations.bump();
             for e in &expired {
                 let event = Event::new("object.expire").customer(&e.customer_id).target(e.object_id);
