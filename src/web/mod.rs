@@ -442,12 +442,8 @@ struct SearchJson {
 }
 
 async fn search(State(web): State<Web>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let req: SearchJson = match parse_json(&body) {
-        Ok(r) => r,
-        Err(m) => return bad_request(m),
-    };
-    let filter = match req.filter.to_pb() {
-        Ok(f) => f,
+    let (req, filter) = match parse_json::<SearchJson>(&body).and_then(|r| Ok((r.filter.to_pb()?, r))) {
+        Ok((filter, req)) => (req, filter),
         Err(m) => return bad_request(m),
     };
     let message = pb::SearchRequest { filter: Some(filter), page_size: req.page_size, page_token: req.page_token };
@@ -476,12 +472,8 @@ struct SampleJson {
 }
 
 async fn sample(State(web): State<Web>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let req: SampleJson = match parse_json(&body) {
-        Ok(r) => r,
-        Err(m) => return bad_request(m),
-    };
-    let filter = match req.filter.to_pb() {
-        Ok(f) => f,
+    let (req, filter) = match parse_json::<SampleJson>(&body).and_then(|r| Ok((r.filter.to_pb()?, r))) {
+        Ok((filter, req)) => (req, filter),
         Err(m) => return bad_request(m),
     };
     let (stratify, count, per_stratum) = match (req.per_agent, req.per_queue) {

@@ -507,3 +507,14 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         .filter(|p| std::fs::read(p).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false))
         .collect()
 }
+
+/// Requests a customer's shred ("erasure request", by `by`).
+pub async fn shred(c: &mut Client, customer: &str, by: &str) -> Result<pb::ShredStatus, tonic::Status> {
+    c.shred_customer(pb::ShredCustomerRequest {
+        customer_id: customer.into(),
+        reason: "erasure request".into(),
+        requested_by: by.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}

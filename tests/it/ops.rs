@@ -165,15 +165,7 @@ async fn metrics_count_ingest_reads_and_shreds() {
     read_for(&mut c, &call.object_id, pb::Purpose::Coaching).await.unwrap();
     read_for(&mut c, &call.object_id, pb::Purpose::Legal).await.unwrap();
     get(&mut c, &call.object_id, Some((0, Some(99)))).await.unwrap();
-    let status = c
-        .shred_customer(pb::ShredCustomerRequest {
-            customer_id: "metrics-cust-1".into(),
-            reason: "erasure request".into(),
-            requested_by: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = shred(&mut c, "metrics-cust-1", "").await.unwrap();
     assert_eq!(status.state, pb::CustomerState::Shredded as i32);
     let reply = http_get(http, "/metrics", &[]).await;
     assert!(!reply.text().contains("metrics-cust-1"), "no customer id in any label");

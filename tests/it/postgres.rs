@@ -94,15 +94,7 @@ async fn the_service_runs_on_the_postgres_catalog() {
     let mut c = server.client().await;
     assert_eq!(get(&mut c, &call.object_id, None).await.unwrap(), audio);
 
-    let status = c
-        .shred_customer(pb::ShredCustomerRequest {
-            customer_id: "pg-1".into(),
-            reason: "erasure".into(),
-            requested_by: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = shred(&mut c, "pg-1", "").await.unwrap();
     assert_eq!(status.state, pb::CustomerState::Shredded as i32);
     assert_eq!(status.objects_shredded, 2);
     let public = std::fs::read_to_string(server.data.path().join("signing.pub")).unwrap();

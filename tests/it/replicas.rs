@@ -130,15 +130,7 @@ async fn two_replicas_share_uploads_shreds_and_one_sweeper() {
     live.open(&new_id(), spec("crm:gone", REC, "audio/wav")).await.unwrap();
     live.data(0, &audio[..64_000]).await;
     live.acked(64_000).await.unwrap();
-    let shredded = c2
-        .shred_customer(pb::ShredCustomerRequest {
-            customer_id: "crm:gone".into(),
-            reason: "erasure request".into(),
-            requested_by: "dpo".into(),
-        })
-        .await
-        .expect("shred on replica 2")
-        .into_inner();
+    let shredded = shred(&mut c2, "crm:gone", "dpo").await.expect("shred on replica 2");
     assert_eq!(shredded.state, pb::CustomerState::Shredded as i32);
     // Every read on replica 1 from now on is refused.
     let refused = get(&mut c1, &gone.object_id, None).await.unwrap_err();

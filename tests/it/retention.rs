@@ -33,16 +33,6 @@ async fn stat(c: &mut Client, id: &str) -> Result<pb::ObjectInfo, tonic::Status>
     c.stat(pb::StatRequest { object_id: id.into() }).await.map(|r| r.into_inner())
 }
 
-async fn shred(c: &mut Client, customer: &str, by: &str) -> Result<pb::ShredStatus, tonic::Status> {
-    c.shred_customer(pb::ShredCustomerRequest {
-        customer_id: customer.into(),
-        reason: "erasure request".into(),
-        requested_by: by.into(),
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
 async fn hold(c: &mut Client, customer: &str, interaction: &str) -> pb::Hold {
     c.place_hold(pb::PlaceHoldRequest {
         customer_id: customer.into(),

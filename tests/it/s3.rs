@@ -330,15 +330,7 @@ async fn the_service_runs_on_s3() {
     assert!(in_bucket.iter().all(|k| k.starts_with("objects/")), "only committed objects: {in_bucket:?}");
     assert_eq!(in_bucket.len(), 3);
 
-    let status = c
-        .shred_customer(pb::ShredCustomerRequest {
-            customer_id: "s3-1".into(),
-            reason: "erasure".into(),
-            requested_by: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = shred(&mut c, "s3-1", "").await.unwrap();
     assert_eq!(status.state, pb::CustomerState::Shredded as i32);
     assert_eq!(status.objects_shredded, 2);
     for shredded in [&call.object_id, &chat.object_id] {
