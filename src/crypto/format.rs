@@ -343,6 +343,28 @@ impl ObjectEncryptor {
         self.seal_pending(true, out)
     }
 
+    /// An encryptor continuing an object whose header and first
+    /// `next_index` segments were already emitted (an upload journal
+    /// resumed after a restart). Feed it the plaintext after those
+    /// segments.
+    pub fn resume(sealer: SegmentSealer, next_index: u64) -> Self {
+        let mut enc = Self::new(sealer);
+        enc.next_index = next_index;
+        enc.header_emitted = true;
+        enc
+    }
+
+    /// Plaintext bytes already sealed into emitted segments.
+    pub fn sealed_len(&self) -> u64 {
+        self.next_index * u64::from(self.sealer.segment_size())
+    }
+
+    /// The plaintext held back, not yet in any emitted segment (at most one
+    /// segment: the one that may turn out to be the last).
+    pub fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
     /// Test hook for F11: starts the counter near its limit.
     #[doc(hidden)]
     pub fn with_next_index(mut self, index: u64) -> Self {

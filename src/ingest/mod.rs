@@ -1,18 +1,22 @@
 //! Streaming capture: durable encrypted spool, content checks, commit.
 //!
 //! An upload is identified by the client's `upload_id`. Its bytes go to a
-//! journal of records sealed under a spool key (see [`spool`]); an ack is
-//! sent only after the journal is fsynced, so acknowledged bytes survive
-//! `kill -9`. Acks are group-committed: one fsync covers everything received
-//! in the last `commit_interval` (or `commit_bytes`), which bounds ack
-//! latency without an fsync per message. At finish the journal is replayed
-//! through the segment encryptor into the object store (write-once) and the
-//! catalog commit makes the object visible.
+//! journal (see [`spool`]): full segments sealed as in the final object,
+//! the tail as records sealed under a spool key. An ack is sent only after
+//! the journal is fsynced, so acknowledged bytes survive `kill -9`. Acks
+//! are group-committed: one fsync covers everything received in the last
+//! `commit_interval` (or `commit_bytes`), which bounds ack latency without
+//! an fsync per message. At finish the last segment is sealed and the
+//! journal's segments file becomes the object (linked into a local store,
+//! copied into a remote one; a journal kept in the catalog is sealed into
+//! the store from its records), write-once, and the catalog commit makes
+//! the object visible.
 //!
 //! Only one stream drives an upload at a time. A reopening stream takes the
 //! upload over from a stale one (a telephony platform reconnecting after a
 //! network drop must not wait for the old TCP connection to time out).
 
+mod follow;
 pub mod sniff;
 pub mod spool;
 
@@ -195,6 +199,12 @@ struct Session {
     dek: DataKey,
     spool_key: Arc<LessSafeKey>,
     journal: Option<Journal>,
+    /// A finish sealed the last segment before the stream ended: only a
+    /// finish is taken now.
+    sealed: bool,
+    /// Uploads the journal's sealed segments into a remote store while
+    /// the stream goes on (local journal, remote store only).
+    follower: Option<follow::Follower>,
     checker: ContentChecker,
     cap: u64,
     /// End of the bytes received (durable or pending).
@@ -366,15 +376,17 @@ impl Ingest {
         let content_type = record.spec.content_type.clone();
         let limits = self.cfg.sniff;
         let key = spool_key.clone();
-        let (journal, checker, check) = tokio::task::spawn_blocking(move || {
+        let fields = header_fields(&record);
+        let (journal, checker, check, dek) = tokio::task::spawn_blocking(move || {
             let mut checker = ContentChecker::new(&content_type, limits);
             let mut check = Ok(());
-            let journal = Journal::open(&place, upload_id, object_id, &key, |data| {
+            let keys = spool::JournalKeys { spool: &key, dek: &dek, fields };
+            let journal = Journal::open(&place, upload_id, object_id, &keys, |data| {
                 if check.is_ok() {
                     check = checker.update(data);
                 }
             });
-            (journal, checker, check)
+            (journal, checker, check, dek)
         })
         .await
         .map_err(Error::internal)?;
@@ -383,7 +395,18 @@ impl Ingest {
         // rules changed in between. Refuse rather than commit unchecked data.
         check?;
         let end = journal.end();
+        let follower = match &journal {
+            Journal::File(f) if !self.store.links_files() => {
+                let follower =
+                    follow::Follower::start(self.store.clone(), record.object_id, f.segments_path().to_owned());
+                follower.durable(f.segments_len());
+                Some(follower)
+            }
+            _ => None,
+        };
         Ok(Session {
+            sealed: journal.is_sealed(),
+            follower,
             lease,
             cap: self.cfg.caps.for_kind(record.spec.kind),
             record,
@@ -554,8 +577,7 @@ impl Ingest {
                 }
                 done = wait_flush(&mut s.in_flight) => {
                     let (journal, end) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
-                    s.journal = Some(journal);
-                    s.durable = end;
+                    s.flushed(journal, end);
                     fail::fail_point!("ingest-before-ack");
                     send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
                     s.acked();
@@ -632,7 +654,7 @@ impl Ingest {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
             fail::fail_point!("ingest-flush");
             journal.append(&key, &data)?;
-            journal.sync()?;
+            journal.sync(&key)?;
             let end = journal.end();
             Ok((journal, end))
         })
@@ -642,13 +664,11 @@ impl Ingest {
     async fn settle(&self, s: &mut Session) -> Result<(), Error> {
         if s.in_flight.is_some() {
             let (journal, end) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
-            s.journal = Some(journal);
-            s.durable = end;
+            s.flushed(journal, end);
         }
         if !s.pending.is_empty() {
             let (journal, end) = self.start_flush(s).await.map_err(Error::internal)?.map_err(spool_error)?;
-            s.journal = Some(journal);
-            s.durable = end;
+            s.flushed(journal, end);
         }
         Ok(())
     }
@@ -674,9 +694,15 @@ impl Ingest {
             std::mem::replace(&mut s.checker, ContentChecker::new("application/octet-stream", self.cfg.sniff));
         checker.finish().map_err(|e| Refusal::Discard(e.into()))?;
         let journal = s.journal.take();
-        drop(journal);
         fail::fail_point!("ingest-before-store-write");
-        let (size, sha256) = self.assemble(&s.record, &s.dek, &s.spool_key).await.map_err(Refusal::Keep)?;
+        let (size, sha256) = match journal {
+            Some(Journal::File(journal)) => self.publish(journal, s.follower.take(), s.record.object_id).await,
+            other => {
+                drop(other);
+                self.assemble(&s.record, &s.dek, &s.spool_key).await
+            }
+        }
+        .map_err(Refusal::Keep)?;
         fail::fail_point!("ingest-after-store-write");
         if size != s.durable {
             return Err(Refusal::Keep(Error::Internal(format!(
@@ -733,9 +759,48 @@ impl Ingest {
         Ok(committed)
     }
 
-    /// Seals the journal's plaintext into the object store. Idempotent: a
-    /// retried finish after a crash finds the (identical) object already
-    /// stored.
+    /// Seals the last segment of a local journal and publishes its
+    /// segments file as the object: a hard link into a local store, a copy
+    /// into a remote one. Idempotent: a retried finish after a crash finds
+    /// the file sealed and the (identical) object already stored.
+    async fn publish(
+        &self,
+        mut journal: Box<spool::FileJournal>,
+        follower: Option<follow::Follower>,
+        object_id: ObjectId,
+    ) -> Result<(u64, [u8; 32]), Error> {
+        let (journal, sealed) = tokio::task::spawn_blocking(move || {
+            let sealed = journal.seal();
+            (journal, sealed)
+        })
+        .await
+        .map_err(Error::internal)?;
+        let (size, sha) = sealed.map_err(spool_error)?;
+        let path = journal.segments_path().to_owned();
+        drop(journal);
+        fail::fail_point!("ingest-before-object-commit");
+        let len = format::ciphertext_len(size, format::DEFAULT_SEGMENT_SIZE);
+        let published = match follower.map(|f| f.finish(len)) {
+            Some(finishing) => match finishing.await {
+                follow::Outcome::Committed(result) => result,
+                follow::Outcome::GaveUp(e) => {
+                    tracing::debug!(%object_id, error = %e, "the upload ahead failed; copying the object");
+                    self.store.publish_file(object_id, &path, len).await
+                }
+            },
+            None => self.store.publish_file(object_id, &path, len).await,
+        };
+        match published {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => self.accept_existing(&object_id, size).await?,
+            Err(e) => return Err(e.into()),
+        }
+        Ok((size, sha))
+    }
+
+    /// Seals a shared journal's plaintext into the object store.
+    /// Idempotent: a retried finish after a crash finds the (identical)
+    /// object already stored.
     async fn assemble(
         &self,
         record: &UploadRecord,
@@ -753,7 +818,10 @@ impl Ingest {
             let mut hash = digest::Context::new(&digest::SHA256);
             let mut out = Vec::with_capacity(2 * BATCH);
             let mut failed = None;
-            let size = Journal::replay(&place, upload_id, object_id, &key, |data| {
+            let JournalPlace::Catalog(catalog) = &place else {
+                return Err(Error::Internal("a local journal is published, not replayed".into()));
+            };
+            let size = Journal::replay_shared(catalog.as_ref(), upload_id, object_id, &key, |data| {
                 if failed.is_some() {
                     return;
                 }
@@ -992,14 +1060,19 @@ impl Ingest {
         let id = writer.id();
         match writer.commit().await {
             Ok(()) => Ok(()),
-            Err(StoreError::AlreadyExists) => {
-                if self.store.size(&id).await? == format::ciphertext_len(plaintext_len, format::DEFAULT_SEGMENT_SIZE) {
-                    Ok(())
-                } else {
-                    Err(Error::Internal(format!("object {id} exists with a different size")))
-                }
-            }
+            Err(StoreError::AlreadyExists) => self.accept_existing(&id, plaintext_len).await,
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A write-once commit found the object there: accept it when its
+    /// length is right (the same key, nonce prefix and plaintext always
+    /// seal to the same ciphertext).
+    async fn accept_existing(&self, id: &ObjectId, plaintext_len: u64) -> Result<(), Error> {
+        if self.store.size(id).await? == format::ciphertext_len(plaintext_len, format::DEFAULT_SEGMENT_SIZE) {
+            Ok(())
+        } else {
+            Err(Error::Internal(format!("object {id} exists with a different size")))
         }
     }
 }
@@ -1055,6 +1128,12 @@ impl Session {
                 self.received, self.durable
             ))));
         }
+        if self.sealed && !data.is_empty() {
+            return Err(Refusal::Keep(Error::Precondition(format!(
+                "upload {} was finished at {} bytes and takes no more data; send finish",
+                self.record.upload_id, self.durable
+            ))));
+        }
         let end = self.received + data.len() as u64;
         if end > self.cap {
             return Err(Refusal::Discard(Error::TooLarge(format!(
@@ -1070,6 +1149,15 @@ impl Session {
         self.received = end;
         crate::metrics::ingest_bytes(data.len() as u64);
         Ok(())
+    }
+
+    /// A flush made everything up to `end` durable.
+    fn flushed(&mut self, journal: Journal, end: u64) {
+        if let (Some(follower), Journal::File(f)) = (&self.follower, &journal) {
+            follower.durable(f.segments_len());
+        }
+        self.journal = Some(journal);
+        self.durable = end;
     }
 
     /// Everything flushed so far was just acknowledged.
@@ -1106,6 +1194,7 @@ fn spool_error(e: spool::SpoolError) -> Error {
     match e {
         e if e.is_disk_full() => Error::StorageFull,
         spool::SpoolError::TakenOver(m) => Error::Busy(m),
+        e @ spool::SpoolError::Sealed(_) => Error::Precondition(e.to_string()),
         spool::SpoolError::Catalog(e) => e.into(),
         e => Error::Internal(e.to_string()),
     }

@@ -1,24 +1,41 @@
-//! The durable spool of an upload in progress: an append-only journal of
-//! encrypted records, fsynced before any byte in it is acknowledged.
+//! The durable spool of an upload in progress, fsynced before any byte in
+//! it is acknowledged. No plaintext reaches disk.
 //!
-//! Records are sealed under a spool key derived from the object's data key
-//! (distinct from the segment key) with fresh random nonces, so no plaintext
-//! reaches disk and a record can be rewritten after a crash without reusing
-//! a segment nonce. The object itself is sealed from the journal at commit,
-//! from bytes that are already durable and can never change.
+//! A local upload journal is two files:
 //!
-//! Layout (v1, do not change):
+//! - `<object_id>.seg` is the object itself as far as it is known: its
+//!   header and every full segment that is certainly not the last, sealed
+//!   exactly as in the final object (a segment's nonce is fixed by the
+//!   object's nonce prefix and its index, so resealing one after a crash
+//!   gives the same bytes). At finish the last segment is appended and the
+//!   file becomes the object: linked into a local store, or copied into a
+//!   remote one, with no second pass of encryption or disk writes
+//!   (BENCHMARKS.md, "Bulk ingest").
+//! - `<object_id>.journal` holds the bytes after the last sealed segment
+//!   (the held-back tail, under one segment) as records sealed under a spool
+//!   key derived from the data key (distinct from the segment key) with
+//!   fresh random nonces, so a record can be rewritten after a crash
+//!   without reusing a segment nonce. Records wholly inside the sealed
+//!   segments are obsolete; once they outgrow [`ROTATE_AT`] the journal is
+//!   rewritten holding the tail only.
+//!
+//! Layout of the journal (v2; v1 files, whose records start at 0 and never
+//! overlap, are read the same way):
 //! ```text
-//! file   := "RVSPOOL1" object_id[16] record*
+//! file   := "RVSPOOL2" object_id[16] record*
 //! record := start_offset u64 | plain_len u32 | nonce[12] | ciphertext[plain_len] | tag[16]
 //! aad    := "recvault v1 spool record" object_id start_offset plain_len
 //! ```
-//! A torn or corrupt tail (a crash mid-write) is cut off at recovery; the
-//! bytes before it are exactly the acknowledged ones.
+//! Recovery reads the segments first, cutting a torn or corrupt one off,
+//! then the records in order: a record may start anywhere up to the end
+//! known so far (overlapping bytes are skipped); one that starts beyond it,
+//! is torn or does not open ends the journal there. The bytes before that
+//! are exactly the acknowledged ones (or more).
 //!
-//! With `ingest.journal = "catalog"` the same records live in the catalog
+//! With `ingest.journal = "catalog"` the records live in the catalog
 //! instead (`CatalogJournal`), one chunk per sync, so that an acknowledged
-//! byte survives the loss of the replica that received it.
+//! byte survives the loss of the replica that received it; the object is
+//! then sealed from them at finish.
 //!
 //! Everything here is blocking I/O: call it from `spawn_blocking`.
 
@@ -29,17 +46,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ring::aead::{Aad, LessSafeKey, Nonce};
+use ring::digest;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::crypto::DataKey;
+use crate::crypto::format::{self, HeaderFields, ObjectEncryptor, SegmentOpener, SegmentSealer};
 use crate::crypto::secret::random_bytes;
 use crate::model::{ObjectId, UploadId};
 
-const MAGIC: &[u8; 8] = b"RVSPOOL1";
+const MAGIC: &[u8; 8] = b"RVSPOOL2";
+/// Journals written before the segment file existed (records from 0).
+const MAGIC_V1: &[u8; 8] = b"RVSPOOL1";
 const FILE_HEADER_LEN: u64 = 8 + 16;
 const RECORD_HEADER_LEN: usize = 8 + 4 + 12;
 const TAG_LEN: usize = 16;
 /// Largest plaintext in one record; bigger flushes are split.
 pub const MAX_RECORD: usize = 1024 * 1024;
+/// A journal file longer than this is rewritten with the tail only.
+pub const ROTATE_AT: u64 = 1024 * 1024;
 const AAD_LABEL: &[u8] = b"recvault v1 spool record";
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +81,10 @@ pub enum SpoolError {
     /// Another stream (on this or another replica) holds the upload now.
     #[error("{0}")]
     TakenOver(String),
+    /// The last segment was sealed (a finish got that far): the upload
+    /// takes no more data, only a finish.
+    #[error("the upload was finished at {0} bytes and takes no more data; send finish")]
+    Sealed(u64),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
 }
@@ -72,6 +100,21 @@ pub fn journal_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
     spool_dir.join(format!("{object_id}.journal"))
 }
 
+/// Path of an upload's sealed segments (the object in the making).
+pub fn segments_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
+    spool_dir.join(format!("{object_id}.seg"))
+}
+
+fn rotating_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
+    spool_dir.join(format!("{object_id}.journal.new"))
+}
+
+/// The object id a spool file belongs to, from its name (any of the files
+/// of an upload journal), or `None` for a name no journal uses.
+pub fn spool_file_id(file_name: &str) -> Option<&str> {
+    [".journal", ".seg", ".journal.new"].iter().find_map(|suffix| file_name.strip_suffix(suffix))
+}
+
 fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> Vec<u8> {
     let mut aad = AAD_LABEL.to_vec();
     aad.extend_from_slice(object_id.as_bytes());
@@ -80,79 +123,231 @@ fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> Vec<u8> {
     aad
 }
 
-/// An open journal file, positioned at its end.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// The keys of a local journal: the spool key of its records and the
+/// object's segment keys.
+pub struct JournalKeys<'a> {
+    pub spool: &'a LessSafeKey,
+    pub dek: &'a DataKey,
+    pub fields: HeaderFields,
+}
+
+/// An open local journal: segments file plus records file, both
+/// positioned at their ends.
 pub struct FileJournal {
+    seg: File,
+    seg_path: PathBuf,
     file: File,
     path: PathBuf,
     object_id: ObjectId,
-    /// End of the bytes written (durable once `sync` returns).
+    /// Seals the segments; `None` once the last one is written.
+    enc: Option<ObjectEncryptor>,
+    /// SHA-256 of every byte recorded, in order.
+    hash: digest::Context,
+    /// End of the bytes recorded (durable once `sync` returns).
     end: u64,
+    /// Length of the records file.
+    file_len: u64,
+    /// Length of the segments file.
+    seg_len: u64,
+    seg_dirty: bool,
+    file_dirty: bool,
+    scratch: Vec<u8>,
+}
+
+/// One full or final segment read back from a segments file.
+enum SegRead {
+    Full,
+    Last,
+    /// Torn, corrupt or absent: the file ends before this segment.
+    End,
 }
 
 impl FileJournal {
-    /// Opens or creates the journal, replaying every intact record through
-    /// `sink` (plaintext, in order) and cutting off a torn tail.
+    /// Opens or creates the journal, replaying every intact byte through
+    /// `sink` (plaintext, in order) and cutting off torn tails.
     pub fn open(
         spool_dir: &Path,
         object_id: ObjectId,
-        key: &LessSafeKey,
+        keys: &JournalKeys<'_>,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(spool_dir)?;
-        let path = journal_path(spool_dir, &object_id);
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        let len = file.metadata()?.len();
-        if len < FILE_HEADER_LEN {
-            // New (or torn before its header was complete): start afresh.
-            file.set_len(0)?;
-            file.write_all(MAGIC)?;
-            file.write_all(object_id.as_bytes())?;
-            file.sync_all()?;
-            if let Some(dir) = path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
-            return Ok(Self { file, path, object_id, end: 0 });
+        let sealer = SegmentSealer::new(keys.dek, keys.fields.clone()).map_err(|_| SpoolError::Crypto)?;
+        let segment_size = u64::from(sealer.segment_size());
+        let mut hash = digest::Context::new(&digest::SHA256);
+        let mut feed = |data: &[u8]| {
+            hash.update(data);
+            sink(data);
+        };
+
+        // 1. The sealed segments.
+        let seg_path = segments_path(spool_dir, &object_id);
+        let mut seg = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&seg_path)?;
+        let seg_len = seg.metadata()?.len();
+        let header = *sealer.header();
+        if seg_len < format::HEADER_LEN as u64 {
+            seg.set_len(0)?;
+            seg.write_all(&header)?;
+            seg.sync_all()?;
+            sync_dir(&seg_path)?;
         }
-        let mut reader = BufReader::with_capacity(MAX_RECORD + 64, &mut file);
-        let mut header = [0u8; FILE_HEADER_LEN as usize];
-        reader.read_exact(&mut header)?;
-        if &header[..8] != MAGIC || header[8..] != object_id.as_bytes()[..] {
+        let opener = SegmentOpener::new(keys.dek, &header).map_err(|_| SpoolError::Crypto)?;
+        seg.seek(SeekFrom::Start(0))?;
+        let mut reader = BufReader::with_capacity(1 << 20, &mut seg);
+        let mut found = [0u8; format::HEADER_LEN];
+        reader.read_exact(&mut found)?;
+        if found != header {
             return Err(SpoolError::Foreign);
         }
-        let mut valid_len = FILE_HEADER_LEN;
-        let mut end = 0u64;
-        let mut buf = Vec::new();
+        let mut segments = 0u64;
+        let mut last_plain: Vec<u8> = Vec::new();
+        let mut sealed = false;
+        let mut buf = Vec::with_capacity(segment_size as usize + TAG_LEN);
         loop {
-            let mut rh = [0u8; RECORD_HEADER_LEN];
-            if read_full(&mut reader, &mut rh)? < RECORD_HEADER_LEN {
-                break;
+            match read_segment(&mut reader, &opener, segments, segment_size, &mut buf)? {
+                SegRead::Full => {
+                    feed(&buf);
+                    std::mem::swap(&mut last_plain, &mut buf);
+                    segments += 1;
+                }
+                SegRead::Last => {
+                    feed(&buf);
+                    segments += 1;
+                    sealed = true;
+                    break;
+                }
+                SegRead::End => break,
             }
-            let start = u64::from_be_bytes(rh[..8].try_into().expect("8 bytes"));
-            let plain_len = u32::from_be_bytes(rh[8..12].try_into().expect("4 bytes"));
-            if start != end || plain_len as usize > MAX_RECORD {
-                break;
-            }
-            buf.resize(plain_len as usize + TAG_LEN, 0);
-            if read_full(&mut reader, &mut buf)? < buf.len() {
-                break;
-            }
-            let nonce = Nonce::assume_unique_for_key(rh[12..].try_into().expect("12 bytes"));
-            let Ok(plain) = key.open_in_place(nonce, Aad::from(record_aad(&object_id, start, plain_len)), &mut buf)
-            else {
-                break;
-            };
-            sink(plain);
-            end += u64::from(plain_len);
-            valid_len += (RECORD_HEADER_LEN + plain_len as usize + TAG_LEN) as u64;
         }
         drop(reader);
-        if file.metadata()?.len() != valid_len {
-            tracing::warn!(%object_id, kept = end, "cut a torn record off an upload journal");
-            file.set_len(valid_len)?;
-            file.sync_all()?;
+        let mut seg_end =
+            if sealed { (segments - 1) * segment_size + buf.len() as u64 } else { segments * segment_size };
+        let valid_seg_len = format::segment_offset(segments, sealer.segment_size())
+            - if sealed { segment_size - buf.len() as u64 } else { 0 };
+        if seg.metadata()?.len() != valid_seg_len {
+            if sealed {
+                // Never shorten a sealed file: it may be a published object.
+                return Err(SpoolError::Corrupt);
+            }
+            tracing::warn!(%object_id, kept = seg_end, "cut a torn segment off an upload journal");
+            seg.set_len(valid_seg_len)?;
+            seg.sync_all()?;
         }
-        file.seek(SeekFrom::Start(valid_len))?;
-        Ok(Self { file, path, object_id, end })
+        seg.seek(SeekFrom::Start(valid_seg_len))?;
+
+        // 2. The records after the segments.
+        let path = journal_path(spool_dir, &object_id);
+        let _ = std::fs::remove_file(rotating_path(spool_dir, &object_id));
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let len = file.metadata()?.len();
+        let mut end = seg_end;
+        let mut tail: Vec<u8> = Vec::new();
+        let file_len = if len < FILE_HEADER_LEN {
+            // New (or torn before its header was complete): start afresh.
+            write_journal_header(&mut file, &object_id)?;
+            sync_dir(&path)?;
+            FILE_HEADER_LEN
+        } else {
+            let mut reader = BufReader::with_capacity(MAX_RECORD + 64, &mut file);
+            let mut header = [0u8; FILE_HEADER_LEN as usize];
+            reader.read_exact(&mut header)?;
+            if (&header[..8] != MAGIC && &header[..8] != MAGIC_V1) || header[8..] != object_id.as_bytes()[..] {
+                return Err(SpoolError::Foreign);
+            }
+            let mut valid_len = FILE_HEADER_LEN;
+            let mut buf = Vec::new();
+            loop {
+                let mut rh = [0u8; RECORD_HEADER_LEN];
+                if read_full(&mut reader, &mut rh)? < RECORD_HEADER_LEN {
+                    break;
+                }
+                let start = u64::from_be_bytes(rh[..8].try_into().expect("8 bytes"));
+                let plain_len = u32::from_be_bytes(rh[8..12].try_into().expect("4 bytes"));
+                if start > end || plain_len as usize > MAX_RECORD {
+                    break;
+                }
+                buf.resize(plain_len as usize + TAG_LEN, 0);
+                if read_full(&mut reader, &mut buf)? < buf.len() {
+                    break;
+                }
+                let nonce = Nonce::assume_unique_for_key(rh[12..].try_into().expect("12 bytes"));
+                let aad = Aad::from(record_aad(&object_id, start, plain_len));
+                let Ok(plain) = keys.spool.open_in_place(nonce, aad, &mut buf) else {
+                    break;
+                };
+                let record_end = start + u64::from(plain_len);
+                if record_end > end && !sealed {
+                    let new = &plain[(end - start) as usize..];
+                    feed(new);
+                    tail.extend_from_slice(new);
+                    end = record_end;
+                }
+                valid_len += (RECORD_HEADER_LEN + plain_len as usize + TAG_LEN) as u64;
+            }
+            drop(reader);
+            if file.metadata()?.len() != valid_len {
+                tracing::warn!(%object_id, kept = end, "cut a torn record off an upload journal");
+                file.set_len(valid_len)?;
+                file.sync_all()?;
+            }
+            file.seek(SeekFrom::Start(valid_len))?;
+            valid_len
+        };
+        let mut journal = Self {
+            seg,
+            seg_path,
+            file,
+            path,
+            object_id,
+            enc: None,
+            hash,
+            end,
+            file_len,
+            seg_len: valid_seg_len,
+            seg_dirty: false,
+            file_dirty: false,
+            scratch: Vec::new(),
+        };
+        if sealed {
+            return Ok(journal);
+        }
+
+        // 3. Restore the encryptor: the held-back tail is never empty while
+        // any segment is sealed (the last segment must hold a byte), so if
+        // a crash left every recorded byte inside sealed segments, the last
+        // of them goes back to the tail: recorded first, then cut.
+        let mut next_index = segments;
+        if tail.is_empty() && segments > 0 {
+            next_index -= 1;
+            seg_end -= segment_size;
+            journal.rewrite_records(keys.spool, seg_end, &last_plain)?;
+            tail = std::mem::take(&mut last_plain);
+            let cut = format::segment_offset(next_index, sealer.segment_size());
+            journal.seg.set_len(cut)?;
+            journal.seg.sync_all()?;
+            journal.seg.seek(SeekFrom::Start(cut))?;
+            journal.seg_len = cut;
+        }
+        let mut enc = ObjectEncryptor::resume(sealer, next_index);
+        // Segments that were recorded but whose sealed copy was lost are
+        // sealed again (the same bytes) and made durable now.
+        let mut out = Vec::new();
+        enc.update(&tail, &mut out).map_err(|_| SpoolError::Crypto)?;
+        if !out.is_empty() {
+            journal.seg.write_all(&out)?;
+            journal.seg.sync_data()?;
+            journal.seg_len += out.len() as u64;
+        }
+        debug_assert_eq!(enc.sealed_len() + enc.pending().len() as u64, end);
+        journal.enc = Some(enc);
+        Ok(journal)
     }
 
     /// Bytes recorded so far.
@@ -160,44 +355,173 @@ impl FileJournal {
         self.end
     }
 
-    /// Encrypts and appends `data` (which starts at `self.end()`); not yet
-    /// durable.
+    /// Whether the last segment is written: no more data, only a publish.
+    pub fn is_sealed(&self) -> bool {
+        self.enc.is_none()
+    }
+
+    /// Seals full segments of `data` (which starts at `self.end()`) into
+    /// the segments file and records the rest; not yet durable.
     pub fn append(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
+        let Some(enc) = self.enc.as_mut() else {
+            return Err(SpoolError::Sealed(self.end));
+        };
+        self.hash.update(data);
+        self.scratch.clear();
+        enc.update(data, &mut self.scratch).map_err(|_| SpoolError::Crypto)?;
+        let sealed_to = enc.sealed_len();
+        if !self.scratch.is_empty() {
+            // Two writes, so crash tests can stop between them and leave a
+            // torn segment (A1); recovery cuts it off.
+            let half = self.scratch.len() / 2;
+            self.seg.write_all(&self.scratch[..half])?;
+            fail::fail_point!("spool-mid-segment");
+            self.seg.write_all(&self.scratch[half..])?;
+            self.seg_dirty = true;
+            self.seg_len += self.scratch.len() as u64;
+        }
+        let start = self.end;
+        self.end += data.len() as u64;
+        // Only the bytes not sealed above need a record.
+        let from = sealed_to.max(start);
+        if from < self.end {
+            self.append_records(key, from, &data[(from - start) as usize..])?;
+        }
+        Ok(())
+    }
+
+    fn append_records(&mut self, key: &LessSafeKey, mut at: u64, data: &[u8]) -> Result<(), SpoolError> {
         let mut out = Vec::with_capacity(data.len().min(MAX_RECORD) + RECORD_HEADER_LEN + TAG_LEN);
         for piece in data.chunks(MAX_RECORD) {
             out.clear();
-            seal_record(key, &self.object_id, self.end, piece, &mut out)?;
+            seal_record(key, &self.object_id, at, piece, &mut out)?;
             // Two writes, so crash tests can stop between them and leave a
             // torn record (A1); recovery cuts it off.
             let half = out.len() / 2;
             self.file.write_all(&out[..half])?;
             fail::fail_point!("spool-mid-record");
             self.file.write_all(&out[half..])?;
-            self.end += piece.len() as u64;
+            self.file_len += out.len() as u64;
+            at += piece.len() as u64;
+        }
+        self.file_dirty = true;
+        Ok(())
+    }
+
+    /// Makes everything appended durable. A records file grown past
+    /// [`ROTATE_AT`] is then rewritten holding the tail only.
+    pub fn sync(&mut self, key: &LessSafeKey) -> Result<(), SpoolError> {
+        if self.seg_dirty {
+            self.seg.sync_data()?;
+            self.seg_dirty = false;
+        }
+        if self.file_dirty {
+            self.file.sync_data()?;
+            self.file_dirty = false;
+        }
+        if self.file_len > ROTATE_AT
+            && let Some(enc) = &self.enc
+        {
+            let (from, tail) = (enc.sealed_len(), enc.pending().to_vec());
+            self.rewrite_records(key, from, &tail)?;
         }
         Ok(())
     }
 
-    /// Makes every appended record durable.
-    pub fn sync(&mut self) -> Result<(), SpoolError> {
-        self.file.sync_data()?;
+    /// Replaces the records file, atomically, with one holding `data` at
+    /// `from`. Everything before `from` must be durable in the segments.
+    fn rewrite_records(&mut self, key: &LessSafeKey, from: u64, data: &[u8]) -> Result<(), SpoolError> {
+        let dir = self.path.parent().map(Path::to_owned).unwrap_or_default();
+        let new_path = rotating_path(&dir, &self.object_id);
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&new_path)?;
+        write_journal_header(&mut file, &self.object_id)?;
+        let mut out = Vec::new();
+        let mut at = from;
+        for piece in data.chunks(MAX_RECORD) {
+            seal_record(key, &self.object_id, at, piece, &mut out)?;
+            at += piece.len() as u64;
+        }
+        file.write_all(&out)?;
+        file.sync_data()?;
+        std::fs::rename(&new_path, &self.path)?;
+        sync_dir(&self.path)?;
+        self.file = file;
+        self.file_len = FILE_HEADER_LEN + out.len() as u64;
+        self.file_dirty = false;
         Ok(())
+    }
+
+    /// Seals the last segment and makes the segments file the complete,
+    /// durable object. Returns the plaintext size and SHA-256; the file at
+    /// [`FileJournal::segments_path`] is then ready to publish. Idempotent.
+    pub fn seal(&mut self) -> Result<(u64, [u8; 32]), SpoolError> {
+        if let Some(enc) = self.enc.take() {
+            self.scratch.clear();
+            enc.finish(&mut self.scratch).map_err(|_| SpoolError::Crypto)?;
+            self.seg.write_all(&self.scratch)?;
+            self.seg.sync_data()?;
+            self.seg_dirty = false;
+            self.seg_len += self.scratch.len() as u64;
+        }
+        let sha = self.hash.clone().finish().as_ref().try_into().expect("SHA-256 is 32 bytes");
+        Ok((self.end, sha))
+    }
+
+    /// Bytes of the segments file written (durable once `sync` returns):
+    /// a prefix of the final object that never changes.
+    pub fn segments_len(&self) -> u64 {
+        self.seg_len
+    }
+
+    /// The segments file (the whole object once sealed).
+    pub fn segments_path(&self) -> &Path {
+        &self.seg_path
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
-    /// Reads the journal back from the start, handing plaintext pieces to
-    /// `sink` in order (used to build the object at commit).
-    pub fn replay(
-        spool_dir: &Path,
-        object_id: ObjectId,
-        key: &LessSafeKey,
-        sink: impl FnMut(&[u8]),
-    ) -> Result<u64, SpoolError> {
-        Ok(Self::open(spool_dir, object_id, key, sink)?.end)
+fn write_journal_header(file: &mut File, object_id: &ObjectId) -> std::io::Result<()> {
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(MAGIC)?;
+    file.write_all(object_id.as_bytes())?;
+    file.sync_all()
+}
+
+/// Reads and opens segment `index` of a segments file into `buf`.
+fn read_segment(
+    reader: &mut impl Read,
+    opener: &SegmentOpener,
+    index: u64,
+    segment_size: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<SegRead> {
+    let full = segment_size as usize + TAG_LEN;
+    buf.resize(full, 0);
+    let n = read_full(reader, buf)?;
+    buf.truncate(n);
+    if n == 0 {
+        return Ok(SegRead::End);
     }
+    if n == full {
+        // Almost always a middle segment; a last one of exactly full size
+        // is tried from a copy (opening fails destructively).
+        let copy = buf.clone();
+        if opener.open_segment(index, false, buf).is_ok() {
+            return Ok(SegRead::Full);
+        }
+        buf.clear();
+        buf.extend_from_slice(&copy);
+    }
+    if opener.open_segment(index, true, buf).is_ok() {
+        // A last segment must end the file.
+        let mut more = [0u8; 1];
+        return Ok(if read_full(reader, &mut more)? == 0 { SegRead::Last } else { SegRead::End });
+    }
+    Ok(SegRead::End)
 }
 
 /// Seals one record of at most [`MAX_RECORD`] bytes starting at `start`
@@ -338,7 +662,7 @@ impl CatalogJournal {
 /// Blocking: call it from `spawn_blocking` (the catalog variant waits on
 /// the runtime from there).
 pub enum Journal {
-    File(FileJournal),
+    File(Box<FileJournal>),
     Catalog(CatalogJournal),
 }
 
@@ -350,14 +674,14 @@ impl Journal {
         place: &JournalPlace,
         upload_id: UploadId,
         object_id: ObjectId,
-        key: &LessSafeKey,
+        keys: &JournalKeys<'_>,
         sink: impl FnMut(&[u8]),
     ) -> Result<Self, SpoolError> {
         match place {
-            JournalPlace::Dir(dir) => FileJournal::open(dir, object_id, key, sink).map(Self::File),
+            JournalPlace::Dir(dir) => FileJournal::open(dir, object_id, keys, sink).map(|j| Self::File(Box::new(j))),
             JournalPlace::Catalog(catalog) => {
                 let epoch = tokio::runtime::Handle::current().block_on(catalog.claim_journal(&upload_id))?;
-                let end = CatalogJournal::replay(catalog.as_ref(), &upload_id, &object_id, key, sink)?;
+                let end = CatalogJournal::replay(catalog.as_ref(), &upload_id, &object_id, keys.spool, sink)?;
                 Ok(Self::Catalog(CatalogJournal {
                     catalog: catalog.clone(),
                     upload_id,
@@ -369,6 +693,11 @@ impl Journal {
                 }))
             }
         }
+    }
+
+    /// Whether the upload's last segment is sealed (it takes no more data).
+    pub fn is_sealed(&self) -> bool {
+        matches!(self, Self::File(f) if f.is_sealed())
     }
 
     /// Bytes recorded so far (durable once `sync` returns).
@@ -395,9 +724,9 @@ impl Journal {
     }
 
     /// Makes every appended record durable.
-    pub fn sync(&mut self) -> Result<(), SpoolError> {
+    pub fn sync(&mut self, key: &LessSafeKey) -> Result<(), SpoolError> {
         match self {
-            Self::File(f) => f.sync(),
+            Self::File(f) => f.sync(key),
             Self::Catalog(c) => {
                 if c.end == c.synced {
                     return Ok(());
@@ -422,21 +751,16 @@ impl Journal {
         }
     }
 
-    /// Reads the upload's journal back from the start, handing plaintext
-    /// pieces to `sink` in order (used to build the object at commit).
-    pub fn replay(
-        place: &JournalPlace,
+    /// Reads a shared journal back from the start, handing plaintext pieces
+    /// to `sink` in order (the object is sealed from them at commit).
+    pub fn replay_shared(
+        catalog: &dyn Catalog,
         upload_id: UploadId,
         object_id: ObjectId,
         key: &LessSafeKey,
         sink: impl FnMut(&[u8]),
     ) -> Result<u64, SpoolError> {
-        match place {
-            JournalPlace::Dir(dir) => FileJournal::replay(dir, object_id, key, sink),
-            JournalPlace::Catalog(catalog) => {
-                CatalogJournal::replay(catalog.as_ref(), &upload_id, &object_id, key, sink)
-            }
-        }
+        CatalogJournal::replay(catalog, &upload_id, &object_id, key, sink)
     }
 
     /// Removes a local journal file; the catalog removes its chunks itself
@@ -460,98 +784,291 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// Removes an upload's journal; absent is fine.
+/// Removes an upload's journal files; absent is fine. A published
+/// object linked to the segments file keeps its own name.
 pub fn remove(spool_dir: &Path, object_id: &ObjectId) -> std::io::Result<()> {
-    match std::fs::remove_file(journal_path(spool_dir, object_id)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    for path in
+        [journal_path(spool_dir, object_id), segments_path(spool_dir, object_id), rotating_path(spool_dir, object_id)]
+    {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::DataKey;
-    use crate::crypto::format::derive_spool_key;
+    use crate::crypto::format::{DEFAULT_SEGMENT_SIZE, decrypt_object, derive_spool_key};
 
-    fn setup() -> (tempfile::TempDir, ObjectId, LessSafeKey) {
+    const SEG: usize = DEFAULT_SEGMENT_SIZE as usize;
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        id: ObjectId,
+        dek: DataKey,
+        spool: LessSafeKey,
+        fields: HeaderFields,
+    }
+
+    fn setup() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let id = ObjectId::new_random();
-        let key = derive_spool_key(&DataKey::generate().unwrap(), id.as_bytes()).unwrap();
-        (dir, id, key)
+        let dek = DataKey::generate().unwrap();
+        let spool = derive_spool_key(&dek, id.as_bytes()).unwrap();
+        let fields = HeaderFields::new(1, *id.as_bytes(), [7u8; 16], 1).unwrap();
+        Setup { dir, id, dek, spool, fields }
     }
 
-    fn collect(dir: &Path, id: ObjectId, key: &LessSafeKey) -> Vec<u8> {
-        let mut all = Vec::new();
-        FileJournal::replay(dir, id, key, |p| all.extend_from_slice(p)).unwrap();
-        all
+    impl Setup {
+        fn keys(&self) -> JournalKeys<'_> {
+            JournalKeys { spool: &self.spool, dek: &self.dek, fields: self.fields.clone() }
+        }
+
+        fn open(&self) -> FileJournal {
+            FileJournal::open(self.dir.path(), self.id, &self.keys(), |_| {}).unwrap()
+        }
+
+        /// Every byte a reopen recovers.
+        fn recovered(&self) -> Vec<u8> {
+            let mut all = Vec::new();
+            FileJournal::open(self.dir.path(), self.id, &self.keys(), |p| all.extend_from_slice(p)).unwrap();
+            all
+        }
+
+        fn seg_path(&self) -> PathBuf {
+            segments_path(self.dir.path(), &self.id)
+        }
+
+        fn journal_len(&self) -> u64 {
+            std::fs::metadata(journal_path(self.dir.path(), &self.id)).unwrap().len()
+        }
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    /// Equal bytes, reported by length and first difference (not dumped).
+    #[track_caller]
+    fn same(got: &[u8], want: &[u8]) {
+        let differ = got.iter().zip(want).position(|(g, w)| g != w);
+        assert!(
+            got.len() == want.len() && differ.is_none(),
+            "got {} bytes, want {}; first difference at {differ:?}",
+            got.len(),
+            want.len()
+        );
+    }
+
+    fn sha(data: &[u8]) -> [u8; 32] {
+        digest::digest(&digest::SHA256, data).as_ref().try_into().unwrap()
     }
 
     #[test]
-    fn append_sync_replay() {
-        let (dir, id, key) = setup();
-        let mut j = FileJournal::open(dir.path(), id, &key, |_| panic!("new journal is empty")).unwrap();
-        j.append(&key, b"hello ").unwrap();
-        j.append(&key, &vec![7u8; MAX_RECORD + 10]).unwrap();
-        j.sync().unwrap();
-        assert_eq!(j.end(), 6 + MAX_RECORD as u64 + 10);
-        let all = collect(dir.path(), id, &key);
-        assert_eq!(&all[..6], b"hello ");
-        assert_eq!(all.len(), 6 + MAX_RECORD + 10);
+    fn full_segments_go_to_the_object_and_only_the_tail_to_records() {
+        let t = setup();
+        let mut j = t.open();
+        let a = data(3 * SEG + 100, 1);
+        j.append(&t.spool, &a).unwrap();
+        j.sync(&t.spool).unwrap();
+        assert_eq!(j.end(), a.len() as u64);
+        // Three segments sealed; the 100-byte tail is a record.
+        assert_eq!(std::fs::metadata(t.seg_path()).unwrap().len(), format::segment_offset(3, DEFAULT_SEGMENT_SIZE));
+        assert!(t.journal_len() < FILE_HEADER_LEN + 200);
+        drop(j);
+        same(&t.recovered(), &a);
     }
 
     #[test]
-    fn a1_torn_tail_is_cut_and_appends_continue() {
-        let (dir, id, key) = setup();
-        let mut j = FileJournal::open(dir.path(), id, &key, |_| {}).unwrap();
-        j.append(&key, b"durable").unwrap();
-        j.sync().unwrap();
-        j.append(&key, b"torn away").unwrap();
+    fn sealing_makes_the_segments_file_the_object() {
+        let t = setup();
+        let mut j = t.open();
+        let a = data(2 * SEG + 5, 2);
+        for piece in a.chunks(777) {
+            j.append(&t.spool, piece).unwrap();
+            j.sync(&t.spool).unwrap();
+        }
+        let (size, digest) = j.seal().unwrap();
+        assert_eq!((size, digest), (a.len() as u64, sha(&a)));
+        assert_eq!(j.seal().unwrap(), (size, digest), "sealing twice changes nothing");
+        let object = std::fs::read(j.segments_path()).unwrap();
+        assert_eq!(object.len() as u64, format::ciphertext_len(size, DEFAULT_SEGMENT_SIZE));
+        same(&decrypt_object(&t.dek, &object).unwrap().1, &a);
+        drop(j);
+        // Reopened, it is still sealed and takes no more data.
+        let mut j = t.open();
+        assert!(j.is_sealed());
+        assert_eq!(j.end(), size);
+        assert!(matches!(j.append(&t.spool, b"more"), Err(SpoolError::Sealed(n)) if n == size));
+        assert_eq!(j.seal().unwrap(), (size, digest));
+        assert_eq!(std::fs::read(t.seg_path()).unwrap(), object, "a sealed file is never rewritten");
+    }
+
+    #[test]
+    fn empty_and_segment_multiple_objects_seal_like_the_encryptor() {
+        for len in [0, 1, SEG, 2 * SEG] {
+            let t = setup();
+            let mut j = t.open();
+            let a = data(len, 3);
+            j.append(&t.spool, &a).unwrap();
+            j.sync(&t.spool).unwrap();
+            drop(j);
+            let mut j = t.open();
+            let (size, _) = j.seal().unwrap();
+            assert_eq!(size, len as u64);
+            let object = std::fs::read(t.seg_path()).unwrap();
+            assert_eq!(decrypt_object(&t.dek, &object).unwrap().1, a, "length {len}");
+        }
+    }
+
+    #[test]
+    fn a1_torn_record_tail_is_cut_and_appends_continue() {
+        let t = setup();
+        let mut j = t.open();
+        j.append(&t.spool, b"durable").unwrap();
+        j.sync(&t.spool).unwrap();
+        j.append(&t.spool, b"torn away").unwrap();
         let path = j.path().to_owned();
         drop(j);
-        // Simulate a crash mid-write of the second record.
         let len = std::fs::metadata(&path).unwrap().len();
         OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 3).unwrap();
-        let mut j = FileJournal::open(dir.path(), id, &key, |_| {}).unwrap();
+        let mut j = t.open();
         assert_eq!(j.end(), 7);
-        j.append(&key, b" more").unwrap();
-        j.sync().unwrap();
-        assert_eq!(collect(dir.path(), id, &key), b"durable more");
+        j.append(&t.spool, b" more").unwrap();
+        j.sync(&t.spool).unwrap();
+        drop(j);
+        assert_eq!(t.recovered(), b"durable more");
+    }
+
+    #[test]
+    fn a1_torn_segment_is_cut_and_resealed_from_the_records() {
+        let t = setup();
+        let mut j = t.open();
+        // Small appends: the bytes of a segment were records before it
+        // filled, except those of the flush that sealed it.
+        let a = data(3 * SEG + 10, 4);
+        for piece in a.chunks(1000) {
+            j.append(&t.spool, piece).unwrap();
+            j.sync(&t.spool).unwrap();
+        }
+        drop(j);
+        // A crash during the last flush, which sealed segment 2: its write
+        // is torn and its bytes were never acknowledged.
+        let last_flush = a.len() % 1000;
+        let seg_len = std::fs::metadata(t.seg_path()).unwrap().len();
+        OpenOptions::new().write(true).open(t.seg_path()).unwrap().set_len(seg_len - 100).unwrap();
+        let acked = &a[..a.len() - last_flush];
+        same(&t.recovered(), acked);
+        let mut j = t.open();
+        j.seal().unwrap();
+        same(&decrypt_object(&t.dek, &std::fs::read(t.seg_path()).unwrap()).unwrap().1, acked);
+    }
+
+    #[test]
+    fn a1_records_lost_after_their_segments_keep_a_tail() {
+        // A crash after a flush's segments were durable but before its
+        // records were: every recovered byte is inside sealed segments.
+        // The last segment must go back to the tail, or a finish would
+        // have to seal an empty last segment.
+        let t = setup();
+        let mut j = t.open();
+        let a = data(2 * SEG, 5);
+        j.append(&t.spool, &a[..SEG]).unwrap();
+        j.sync(&t.spool).unwrap();
+        let journal_before = std::fs::read(journal_path(t.dir.path(), &t.id)).unwrap();
+        j.append(&t.spool, &a[SEG..]).unwrap();
+        j.sync(&t.spool).unwrap();
+        drop(j);
+        std::fs::write(journal_path(t.dir.path(), &t.id), &journal_before).unwrap();
+        same(&t.recovered(), &a[..SEG]);
+        let mut j = t.open();
+        assert_eq!(j.end(), SEG as u64);
+        j.append(&t.spool, &a[SEG..]).unwrap();
+        j.sync(&t.spool).unwrap();
+        assert_eq!(j.seal().unwrap().1, sha(&a));
+        same(&decrypt_object(&t.dek, &std::fs::read(t.seg_path()).unwrap()).unwrap().1, &a);
+    }
+
+    #[test]
+    fn records_are_rotated_to_the_tail() {
+        let t = setup();
+        let mut j = t.open();
+        let a = data(2 * ROTATE_AT as usize, 6);
+        for piece in a.chunks(800) {
+            j.append(&t.spool, piece).unwrap();
+            j.sync(&t.spool).unwrap();
+        }
+        assert!(t.journal_len() <= ROTATE_AT + 2000, "journal is {} bytes", t.journal_len());
+        drop(j);
+        same(&t.recovered(), &a);
+    }
+
+    #[test]
+    fn a_version_1_journal_is_read_and_sealed() {
+        let t = setup();
+        let a = data(SEG + 300, 7);
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(t.id.as_bytes());
+        seal_record(&t.spool, &t.id, 0, &a[..SEG / 2], &mut v1).unwrap();
+        seal_record(&t.spool, &t.id, (SEG / 2) as u64, &a[SEG / 2..], &mut v1).unwrap();
+        std::fs::write(journal_path(t.dir.path(), &t.id), &v1).unwrap();
+        same(&t.recovered(), &a);
+        let mut j = t.open();
+        assert_eq!(j.seal().unwrap(), (a.len() as u64, sha(&a)));
     }
 
     #[test]
     fn corrupt_record_ends_the_durable_prefix() {
-        let (dir, id, key) = setup();
-        let mut j = FileJournal::open(dir.path(), id, &key, |_| {}).unwrap();
-        j.append(&key, b"first").unwrap();
-        j.append(&key, b"second").unwrap();
-        j.sync().unwrap();
+        let t = setup();
+        let mut j = t.open();
+        j.append(&t.spool, b"first").unwrap();
+        j.append(&t.spool, b"second").unwrap();
+        j.sync(&t.spool).unwrap();
         let path = j.path().to_owned();
         drop(j);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(collect(dir.path(), id, &key), b"first");
+        assert_eq!(t.recovered(), b"first");
     }
 
     #[test]
-    fn no_plaintext_in_the_journal() {
-        let (dir, id, key) = setup();
-        let mut j = FileJournal::open(dir.path(), id, &key, |_| {}).unwrap();
+    fn no_plaintext_in_the_journal_files() {
+        let t = setup();
+        let mut j = t.open();
         let canary = b"CANARY-PLAINTEXT-4111111111111111";
-        j.append(&key, canary).unwrap();
-        j.sync().unwrap();
-        let bytes = std::fs::read(j.path()).unwrap();
-        assert!(!bytes.windows(canary.len()).any(|w| w == canary));
+        let mut a = canary.repeat(SEG / canary.len() * 3);
+        a.extend_from_slice(canary);
+        j.append(&t.spool, &a).unwrap();
+        j.sync(&t.spool).unwrap();
+        j.seal().unwrap();
+        for path in [j.path().to_owned(), t.seg_path()] {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(!bytes.windows(canary.len()).any(|w| w == canary), "{path:?}");
+        }
     }
 
     #[test]
     fn a_journal_of_another_upload_is_refused() {
-        let (dir, id, key) = setup();
-        FileJournal::open(dir.path(), id, &key, |_| {}).unwrap();
+        let t = setup();
+        t.open();
         let other = ObjectId::new_random();
-        std::fs::rename(journal_path(dir.path(), &id), journal_path(dir.path(), &other)).unwrap();
-        assert!(matches!(FileJournal::open(dir.path(), other, &key, |_| {}), Err(SpoolError::Foreign)));
+        std::fs::rename(journal_path(t.dir.path(), &t.id), journal_path(t.dir.path(), &other)).unwrap();
+        let keys = t.keys();
+        assert!(matches!(FileJournal::open(t.dir.path(), other, &keys, |_| {}), Err(SpoolError::Foreign)));
+    }
+
+    #[test]
+    fn spool_file_names_map_to_their_upload() {
+        let id = ObjectId::new_random().to_string();
+        for name in [format!("{id}.journal"), format!("{id}.seg"), format!("{id}.journal.new")] {
+            assert_eq!(spool_file_id(&name), Some(id.as_str()));
+        }
+        assert_eq!(spool_file_id("catalog.sqlite"), None);
     }
 }

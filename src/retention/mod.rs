@@ -728,7 +728,7 @@ impl Retention {
             let mut out = Vec::new();
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
-                if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".journal")) {
+                if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(spool::spool_file_id) {
                     out.push((path.clone(), stem.to_owned()));
                 }
             }

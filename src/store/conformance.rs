@@ -27,6 +27,7 @@ pub const PROPERTIES: &[(&str, Property)] = &[
     ("abort_leaves_nothing", |s| Box::pin(abort_leaves_nothing(s))),
     ("missing_object_is_not_found", |s| Box::pin(missing_object_is_not_found(s))),
     ("listing_shows_committed_objects_only", |s| Box::pin(listing_shows_committed_objects_only(s))),
+    ("published_file_round_trip_write_once", |s| Box::pin(published_file_round_trip_write_once(s))),
 ];
 
 /// Runs every property against `store`, naming the one that fails.
@@ -199,4 +200,28 @@ pub async fn listing_shows_committed_objects_only(store: &Store) {
         assert!(ObjectId::parse(name).is_ok(), "only object ids are listed (no staging leftovers): {name:?}");
     }
     assert_eq!(ids.iter().filter(|n| **n == large.to_string()).count(), 1);
+}
+
+/// A finished upload's file published into the store (linked into a local
+/// store, copied into others) reads back whole, survives the removal of
+/// the file's own name, and is write-once.
+pub async fn published_file_round_trip_write_once(store: &Store) {
+    for len in [1000, SINGLE_PUT_MAX + PART_SIZE + 3] {
+        let (id, data) = (ObjectId::new_random(), pattern(9, len));
+        let file = std::env::temp_dir().join(format!("recvault-conformance-{id}.seg"));
+        std::fs::write(&file, &data).expect("write the file");
+        assert!(
+            matches!(store.publish_file(id, &file, len as u64 + 1).await, Err(StoreError::Short { .. })),
+            "a file of the wrong length is refused"
+        );
+        assert!(matches!(store.size(&id).await, Err(StoreError::NotFound)), "nothing visible after a refusal");
+        store.publish_file(id, &file, len as u64).await.expect("publish");
+        std::fs::remove_file(&file).expect("remove the file's name");
+        assert_eq!(read_all(store, &id).await, data);
+        std::fs::write(&file, pattern(10, len)).expect("write another file");
+        assert!(matches!(store.publish_file(id, &file, len as u64).await, Err(StoreError::AlreadyExists)));
+        assert_eq!(read_all(store, &id).await, data, "a second publish changes nothing");
+        let _ = std::fs::remove_file(&file);
+        store.delete(&id).await.expect("delete");
+    }
 }

@@ -162,6 +162,9 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     write_once: WriteOnce,
     retry: RetryPolicy,
+    /// The root directory of an unwrapped local store, where a finished
+    /// upload's file is published by a hard link instead of a copy.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -183,13 +186,19 @@ impl Store {
     }
 
     pub fn with_write_once(inner: Arc<dyn ObjectStore>, write_once: WriteOnce) -> Self {
-        Self { inner, write_once, retry: RetryPolicy::default() }
+        Self { inner, write_once, retry: RetryPolicy::default(), local_root: None }
     }
 
     /// The same store with another retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
+    }
+
+    /// Whether [`Store::publish_file`] links files into place (a local
+    /// store not wrapped): nothing is gained by uploading ahead.
+    pub fn links_files(&self) -> bool {
+        self.local_root.is_some()
     }
 
     pub fn retry(&self) -> RetryPolicy {
@@ -200,6 +209,8 @@ impl Store {
     /// [`faulty::FaultyStore`] between the service and real storage).
     pub fn map_backend(mut self, wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> Self {
         self.inner = wrap(self.inner);
+        // Writes must now pass through the wrapper.
+        self.local_root = None;
         self
     }
 
@@ -211,7 +222,8 @@ impl Store {
         })?;
         let fs =
             object_store::local::LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true).with_fsync(true);
-        Ok(Self::new(Arc::new(fs)))
+        let root = std::fs::canonicalize(root).map_err(local_error)?;
+        Ok(Self { local_root: Some(root), ..Self::new(Arc::new(fs)) })
     }
 
     /// An in-memory store, for unit tests.
@@ -305,6 +317,68 @@ impl Store {
         }
     }
 
+    /// Publishes a complete object held in a local file of `len` bytes
+    /// (a finished upload's sealed segments), write-once like
+    /// [`ObjectWriter::commit`]. On a local store on the same file system
+    /// the file is hard-linked into place and its directory fsynced, so
+    /// the bytes are written once; otherwise they are copied in. The file
+    /// must never change afterwards.
+    pub async fn publish_file(&self, id: ObjectId, file: &std::path::Path, len: u64) -> Result<(), StoreError> {
+        let found = tokio::fs::metadata(file).await.map_err(local_error)?.len();
+        if found != len {
+            return Err(StoreError::Short { expected: len, found });
+        }
+        if let Some(root) = &self.local_root {
+            let target = root.join(object_path(&id).as_ref());
+            let (src, root) = (file.to_owned(), root.clone());
+            let linked = tokio::task::spawn_blocking(move || link_durably(&root, &src, &target))
+                .await
+                .map_err(|e| StoreError::Backend(object_store::Error::JoinError { source: e }))?;
+            match linked {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(StoreError::AlreadyExists),
+                // Another file system, or one without hard links: copy.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::CrossesDevices
+                            | std::io::ErrorKind::Unsupported
+                            | std::io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "cannot link a finished upload into the store; copying it");
+                }
+                Err(e) => return Err(local_error(e)),
+            }
+        }
+        let mut source = tokio::fs::File::open(file).await.map_err(local_error)?;
+        let mut writer = self.writer(id);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match tokio::io::AsyncReadExt::read(&mut source, &mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(local_error(e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = writer.write(&buf[..n]).await {
+                writer.abort().await;
+                return Err(e);
+            }
+        }
+        if writer.written != len {
+            // The file changed under us: never publish that.
+            let found = writer.written;
+            writer.abort().await;
+            return Err(StoreError::Short { expected: len, found });
+        }
+        writer.commit().await
+    }
+
     /// Size of the stored object.
     pub async fn size(&self, id: &ObjectId) -> Result<u64, StoreError> {
         let path = &object_path(id);
@@ -340,6 +414,29 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// An I/O error of the local file system as a store error.
+fn local_error(e: std::io::Error) -> StoreError {
+    object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) }.into()
+}
+
+/// Hard-links `src` (already fsynced) to `target` under `root`,
+/// create-only, and makes the new name durable.
+fn link_durably(root: &std::path::Path, src: &std::path::Path, target: &std::path::Path) -> std::io::Result<()> {
+    let parent = target.parent().expect("object paths have a parent");
+    if !parent.is_dir() {
+        std::fs::create_dir_all(parent)?;
+        // The new directories' own names must be durable too.
+        for dir in parent.ancestors().skip(1) {
+            std::fs::File::open(dir)?.sync_all()?;
+            if dir == root {
+                break;
+            }
+        }
+    }
+    std::fs::hard_link(src, target)?;
+    std::fs::File::open(parent)?.sync_all()
 }
 
 async fn delete_if_present(store: &dyn ObjectStore, path: &Path) -> Result<(), StoreError> {

@@ -484,6 +484,15 @@ pub async fn read_for(c: &mut Client, object_id: &str, purpose: pb::Purpose) -> 
 }
 
 /// Every regular file under `dir`.
+/// The uploads with journal files in a spool directory (each has a
+/// segments file and a records file), by object id.
+pub fn spooled_uploads(spool: &Path) -> std::collections::BTreeSet<String> {
+    files_under(spool)
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().and_then(recvault::ingest::spool::spool_file_id).map(str::to_owned))
+        .collect()
+}
+
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];

@@ -20,6 +20,9 @@ const STEPS: &[(&str, bool)] = &[
     ("ingest-flush", false),
     // Half a journal record written: a torn tail for recovery to cut.
     ("spool-mid-record", false),
+    // Half of a flush's sealed segments written: a torn segment for
+    // recovery to cut and seal again from the records.
+    ("spool-mid-segment", false),
     // Records fsynced, the ack not yet sent.
     ("ingest-before-ack", false),
     // Every byte durable, finish received, the object not yet written.

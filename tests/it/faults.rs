@@ -299,11 +299,21 @@ impl Drop for SmallFs {
     }
 }
 
+/// Writes to `path` until the file system is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+}
+
 /// C6: the disk fills while a call streams in (the journal hits ENOSPC):
 /// RESOURCE_EXHAUSTED before any ack of the lost bytes, no torn visible
 /// file; once space returns the upload resumes and commits bit-exact. Then
-/// the disk fills during the commit's object write: RESOURCE_EXHAUSTED,
-/// nothing visible, and the next finish commits.
+/// an upload whose journal just fits commits too: the commit links the
+/// journal's sealed segments into place and needs no second copy. Last,
+/// the disk fills before a finish, whose last segment finds no room.
 #[tokio::test]
 async fn c6_disk_full_is_resource_exhausted_before_acking_and_resumes() {
     let Some(fs) = SmallFs::mount(12) else {
@@ -334,20 +344,42 @@ async fn c6_disk_full_is_resource_exhausted_before_acking_and_resumes() {
     let info = s.committed().await.unwrap();
     assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
 
-    // Room for the journal of a second upload, not for its object too.
+    // Room for the journal of a second upload is room for its object: the
+    // journal's segments file becomes the object, so the commit writes no
+    // second copy (before, this needed twice the space and failed).
     let small = wav(3_000_000); // 6 MB
-    fs.resize(fs.used_mib() + 9);
+    fs.resize(fs.used_mib() + 7);
     let second = new_id();
     let (second_object, acked, outcome) = upload(&mut c, &second, "c6-full", &small).await;
-    let status = outcome.unwrap_err();
+    let info = outcome.expect("the commit needs no room beyond the journal's");
+    assert_eq!((acked, info.object_id.clone()), (small.len() as u64, second_object));
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), small);
+    assert_eq!(files_under(&root.join("objects")).len(), 2);
+    assert_eq!(listed(&mut c, "c6-full").await.len(), 2);
+
+    // The disk fills between the last ack and the finish, whose last
+    // segment (here all but two bytes of a segment) then has no room:
+    // RESOURCE_EXHAUSTED, nothing visible, and a finish once space
+    // returns commits.
+    let third = new_id();
+    let audio = wav(98_281); // 3 × 64 KiB − 2 bytes of WAV
+    assert_eq!(audio.len(), 3 * 64 * 1024 - 2);
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (third_object, _, _) = s.open(&third, spec("c6-full", REC, "audio/wav")).await.unwrap();
+    s.data_chunks(0, &audio).await;
+    assert_eq!(s.acked(audio.len() as u64).await.unwrap(), audio.len() as u64);
+    let filler = root.join("filler");
+    fill(&filler);
+    s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+    let status = s.error().await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
-    assert_eq!(acked, small.len() as u64, "the journal held it all; the object write ran out");
-    let objects = files_under(&root.join("objects"));
-    assert_eq!(objects.len(), 1, "only the first object; no torn file of the second: {objects:?}");
-    assert!(objects.iter().all(|p| !p.to_string_lossy().contains(&second_object)));
-    assert_eq!(listed(&mut c, "c6-full").await.len(), 1);
-    fs.resize(64);
-    let (_, _, outcome) = upload(&mut c, &second, "c6-full", &small).await;
-    assert_eq!(get(&mut c, &outcome.unwrap().object_id, None).await.unwrap(), small);
+    assert!(files_under(&root.join("objects")).iter().all(|p| !p.to_string_lossy().contains(&third_object)));
+    std::fs::remove_file(&filler).unwrap();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&third, spec("c6-full", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, audio.len() as u64, "every acknowledged byte kept");
+    s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+    let info = s.committed().await.unwrap();
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
     drop(server);
 }

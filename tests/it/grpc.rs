@@ -419,7 +419,7 @@ async fn l3_no_plaintext_reaches_the_data_directory() {
     s.acked(200_000).await.unwrap();
     let hits = files_containing(server.data.path(), marker);
     assert!(hits.is_empty(), "plaintext found in {hits:?}");
-    assert!(files_under(&server.data.path().join("spool")).len() == 1, "the open upload has a journal");
+    assert_eq!(spooled_uploads(&server.data.path().join("spool")).len(), 1, "the open upload has a journal");
 }
 
 #[tokio::test]

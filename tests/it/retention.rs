@@ -663,7 +663,7 @@ async fn a5_abandoned_uploads_and_orphan_journals_are_swept() {
     clock.advance(DAY);
     let r = sweep(&mut c, false).await;
     assert_eq!((r.uploads_abandoned, r.orphan_journals_removed), (0, 1));
-    assert_eq!(files_under(&spool).len(), 1, "the abandoned upload's journal is kept within its TTL");
+    assert_eq!(spooled_uploads(&spool).len(), 1, "the abandoned upload's journal is kept within its TTL");
     // A live upload, older than the TTL but streaming, is not touched.
     let live_id = new_id();
     let mut live = Stream::start(&mut c).await.unwrap();
@@ -675,7 +675,7 @@ async fn a5_abandoned_uploads_and_orphan_journals_are_swept() {
     assert_eq!(dry.uploads_abandoned, 1);
     let r = sweep(&mut c, false).await;
     assert_eq!((r.uploads_abandoned, r.orphan_journals_removed), (1, 0));
-    assert_eq!(files_under(&spool).len(), 1, "only the live upload's journal remains");
+    assert_eq!(spooled_uploads(&spool).len(), 1, "only the live upload's journal remains");
     let mut again = Stream::start(&mut c).await.unwrap();
     let (_, durable, _) = again.open(&abandoned, spec("gc-1", REC, "audio/wav")).await.unwrap();
     assert_eq!(durable, 0, "a discarded upload starts over");
