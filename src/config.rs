@@ -581,6 +581,20 @@ pub struct IngestSection {
     /// another one acknowledged), or `auto` (`catalog` with PostgreSQL,
     /// `local` with SQLite). docs/REPLICAS.md.
     pub journal: JournalMode,
+    /// How a local journal's writes are made durable before an ack:
+    /// `file` (an `fdatasync` of each stream's journal) or `filesystem`
+    /// (one `syncfs` of the spool's file system shared by every stream in
+    /// the window: for thousands of live calls; give the spool a volume of
+    /// its own, since the call flushes everything on that file system).
+    pub sync: SyncMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    #[default]
+    File,
+    Filesystem,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -633,6 +647,7 @@ impl Default for IngestSection {
             put_cap: 4 << 20,
             caps: SizeCaps::default(),
             journal: JournalMode::Auto,
+            sync: SyncMode::File,
         }
     }
 }

@@ -136,12 +136,14 @@ pub async fn open_with_store(
     icfg.put_cap = cfg.ingest.put_cap;
     icfg.caps = cfg.ingest.caps;
     icfg.shared_journal = cfg.shared_journal();
+    icfg.group_sync = cfg.ingest.sync == crate::config::SyncMode::Filesystem;
     let auth = Arc::new(Authenticator::new(catalog.clone(), cfg.auth.certificates.clone(), clock.clone()));
     auth.bootstrap_admin(data).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let policies = Policies::new(Vec::new());
     let revocations = Arc::new(Revocations::default());
     let ingest =
-        Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone(), audit.clone());
+        Ingest::new(icfg, catalog.clone(), keys.clone(), store.clone(), policies.clone(), clock.clone(), audit.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let retrieve = Arc::new(Retrieve::new(
         RetrieveDeps {
             catalog: catalog.clone(),

@@ -19,6 +19,7 @@
 mod follow;
 pub mod sniff;
 pub mod spool;
+pub mod syncer;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -88,6 +89,10 @@ pub struct IngestConfig {
     pub commit_interval: Duration,
     /// Flush early once this many bytes are pending.
     pub commit_bytes: usize,
+    /// Make local journal writes durable by one `syncfs` of the spool's
+    /// file system shared by every stream, not an `fdatasync` per stream
+    /// (`ingest.sync = "filesystem"`, [`syncer`]).
+    pub group_sync: bool,
     /// A stream silent for this long is closed (its durable bytes are kept).
     pub idle_timeout: Duration,
     /// How long a reopening stream waits for a stale one to let go.
@@ -114,6 +119,7 @@ impl IngestConfig {
             shared_journal: false,
             commit_interval: Duration::from_millis(100),
             commit_bytes: 4 << 20,
+            group_sync: false,
             idle_timeout: Duration::from_secs(120),
             takeover_timeout: Duration::from_secs(5),
             caps: SizeCaps::default(),
@@ -171,6 +177,7 @@ pub struct Ingest {
     generation: std::sync::atomic::AtomicU64,
     released: tokio::sync::Notify,
     journals: JournalPlace,
+    group_sync: Option<Arc<syncer::GroupSync>>,
 }
 
 /// Holds an upload for one stream; releases it on drop.
@@ -231,13 +238,24 @@ impl Ingest {
         policies: Arc<Policies>,
         clock: Arc<dyn Clock>,
         audit: AuditLog,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, Error> {
         let journals = if cfg.shared_journal {
             JournalPlace::Catalog(catalog.clone())
         } else {
             JournalPlace::Dir(cfg.spool_dir.clone())
         };
-        Arc::new(Self {
+        let group_sync = match (&journals, cfg.group_sync) {
+            (JournalPlace::Dir(dir), true) => {
+                std::fs::create_dir_all(dir).map_err(Error::internal)?;
+                let sync = syncer::GroupSync::start(dir).map_err(|e| {
+                    Error::Internal(format!("ingest.sync = \"filesystem\" cannot syncfs {}: {e}", dir.display()))
+                })?;
+                Some(Arc::new(sync))
+            }
+            _ => None,
+        };
+        Ok(Arc::new(Self {
+            group_sync,
             journals,
             cfg,
             catalog,
@@ -249,7 +267,7 @@ impl Ingest {
             active: Mutex::new(HashMap::new()),
             generation: Default::default(),
             released: tokio::sync::Notify::new(),
-        })
+        }))
     }
 
     pub fn config(&self) -> &IngestConfig {
@@ -650,11 +668,41 @@ impl Ingest {
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
-        tokio::task::spawn_blocking(move || {
-            // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
-            fail::fail_point!("ingest-flush");
-            journal.append(&key, &data)?;
-            journal.sync(&key)?;
+        let group = match &journal {
+            Journal::File(_) => self.group_sync.clone(),
+            Journal::Catalog(_) => None,
+        };
+        let Some(group) = group else {
+            return tokio::task::spawn_blocking(move || {
+                // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
+                fail::fail_point!("ingest-flush");
+                journal.append_durably(&key, &data)?;
+                let end = journal.end();
+                Ok((journal, end))
+            });
+        };
+        // Group commit: write here, sync with every other stream.
+        tokio::spawn(async move {
+            let (mut journal, rotate) = tokio::task::spawn_blocking(move || {
+                fail::fail_point!("ingest-flush");
+                let Journal::File(file) = &mut journal else { unreachable!("group commits local journals only") };
+                file.append_unsynced(&key, &data).map(|()| (journal, key))
+            })
+            .await
+            .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+            group.sync().await?;
+            let Journal::File(file) = &mut journal else { unreachable!("group commits local journals only") };
+            if file.synced() {
+                let key = rotate;
+                journal = tokio::task::spawn_blocking(move || {
+                    if let Journal::File(file) = &mut journal {
+                        file.rotate(&key)?;
+                    }
+                    Ok::<_, spool::SpoolError>(journal)
+                })
+                .await
+                .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+            }
             let end = journal.end();
             Ok((journal, end))
         })

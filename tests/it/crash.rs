@@ -208,10 +208,21 @@ impl Rng {
 /// `RECVAULT_CRASH_SEED` replays a run.
 #[tokio::test]
 async fn a1_kill9_at_random_moments_under_load() {
+    kill9_under_load("a1_kill9_at_random_moments_under_load", &[]).await;
+}
+
+/// The same with the cross-stream group commit (`ingest.sync =
+/// "filesystem"`): one `syncfs` acknowledges every stream's writes.
+#[tokio::test]
+async fn a1_kill9_under_load_with_the_group_commit() {
+    kill9_under_load("a1_kill9_under_load_with_the_group_commit", &[("RECVAULT__INGEST__SYNC", "filesystem")]).await;
+}
+
+async fn kill9_under_load(name: &str, envs: &[(&str, &str)]) {
     let seed = std::env::var("RECVAULT_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
     });
-    eprintln!("a1_kill9_at_random_moments_under_load: RECVAULT_CRASH_SEED={seed}");
+    eprintln!("{name}: RECVAULT_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
     const CALLS: usize = 4;
     let audios: Arc<Vec<Vec<u8>>> = Arc::new((0..CALLS).map(|i| wav(900_000 + 300_000 * i)).collect());
@@ -220,7 +231,7 @@ async fn a1_kill9_at_random_moments_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     for round in 0..3 {
-        let mut server = ChildServer::spawn(&data);
+        let mut server = ChildServer::spawn_with(&data, CHILD_CONFIG, envs, None);
         let (url, token) = (server.url(), server.operator_token().await);
         // Kill after this many newly acknowledged bytes (commits count 1).
         let threshold = 64 * 1024 + rng.below(3 << 20);
@@ -259,7 +270,7 @@ async fn a1_kill9_at_random_moments_under_load() {
         let acked: Vec<u64> = seen.iter().map(|s| s.lock().unwrap().acked).collect();
         eprintln!("round {round}: killed after {threshold} new bytes; acked per call {acked:?}");
     }
-    let server = ChildServer::spawn(&data);
+    let server = ChildServer::spawn_with(&data, CHILD_CONFIG, envs, None);
     let mut c = server.client().await;
     for i in 0..CALLS {
         stream_upload(&mut c, &ids[i], "a1-load", &audios[i], &seen[i], None)
