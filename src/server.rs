@@ -57,7 +57,9 @@ pub struct Parts {
 }
 
 fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    // Durably: a journal acknowledged inside a directory whose own name
+    // was lost in a power cut would be lost with it (threat plan A2).
+    crate::store::create_dir_durable(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -406,6 +406,20 @@ impl Authenticator {
         unredacted: bool,
         ttl: Option<std::time::Duration>,
     ) -> Result<NewToken, Error> {
+        let new = self.new_token(created_by, name, roles, unredacted, ttl)?;
+        self.catalog.create_token(&new.record).await?;
+        Ok(new)
+    }
+
+    /// A fresh token, not yet stored.
+    fn new_token(
+        &self,
+        created_by: &str,
+        name: &str,
+        roles: &[Role],
+        unredacted: bool,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<NewToken, Error> {
         check_name(name)?;
         if roles.is_empty() && !unredacted {
             return Err(Error::Invalid("a token needs at least one role (or the unredacted grant)".into()));
@@ -429,7 +443,6 @@ impl Authenticator {
             expires_at_ms: ttl.map(|t| now.saturating_add(t.as_millis() as i64)),
             revoked_at_ms: None,
         };
-        self.catalog.create_token(&record).await?;
         let token = zeroize::Zeroizing::new(format!("{TOKEN_PREFIX}{}_{}", record.token_id, secret_hex.as_str()));
         Ok(NewToken { token, record })
     }
@@ -450,25 +463,53 @@ impl Authenticator {
     /// it. Does nothing once any token exists or the file is there.
     pub async fn bootstrap_admin(&self, data_dir: &Path) -> Result<Option<PathBuf>, Error> {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        if path.exists() || !self.catalog.tokens().await?.is_empty() {
+        if !self.catalog.tokens().await?.is_empty() {
             return Ok(None);
         }
-        let new = self.create_token("system:bootstrap", "local-admin", &[Role::Admin], false, None).await?;
+        // The file first, then the catalog row: a crash in between leaves a
+        // token file nothing accepts, replaced at the next start (no token
+        // exists yet), never a token row nobody holds (a lock-out).
+        let new = self.new_token("system:bootstrap", "local-admin", &[Role::Admin], false, None)?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Internal(format!("cannot replace the stale admin token {}: {e}", path.display())));
+            }
+            _ => {}
+        }
         write_private(&path, new.token.as_bytes()).map_err(|e| {
             Error::Internal(format!("cannot write the bootstrap admin token to {}: {e}", path.display()))
         })?;
+        self.catalog.create_token(&new.record).await?;
         tracing::info!(path = %path.display(), token_id = %new.record.token_id, "created the local admin token");
         Ok(Some(path))
     }
 }
 
-/// Writes a secret file readable by its owner only (created 0600, fsynced).
+/// Creates a secret file readable by its owner only (0600), whole or not at
+/// all: written and fsynced under `<name>.tmp`, then hard-linked into place
+/// (which fails if the file exists) and its directory fsynced, so a crash
+/// never leaves an empty or short key file that would stop the next start.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut tmp_name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    // Left only by a crash before its link: never used.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(contents)?;
-    f.sync_all()
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, path);
+    std::fs::remove_file(&tmp)?;
+    linked?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
+    }
 }
 
 /// The subject common names and DNS/URI subject alternative names of a

@@ -35,7 +35,9 @@ impl FileRootKey {
     }
 
     fn create(path: &Path) -> Result<Self, KeyError> {
-        Self::create_via(path, path)
+        // Whole or not at all: a power cut must not leave an empty key
+        // file that stops the next start (threat plan A2).
+        Self::create_atomic(path)
     }
 
     /// Creates a new key file whole or not at all: written to `<path>.tmp`,

@@ -11,8 +11,7 @@
 //! verifier parses with unknown fields refused and re-serialises, so any
 //! edit of a value, any added field and any other key breaks the signature.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
@@ -159,14 +158,8 @@ impl SigningKey {
         );
         let mut contents = zeroize::Zeroizing::new(KEY_MAGIC.to_vec());
         contents.extend_from_slice(&pkcs8);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| file_error(path, e))?;
-        file.write_all(&contents).map_err(|e| file_error(path, e))?;
-        file.sync_all().map_err(|e| file_error(path, e))?;
+        // Whole or not at all (a temp file linked into place).
+        crate::auth::write_private(path, &contents).map_err(|e| file_error(path, e))?;
         tracing::info!(path = %path.display(), "created a new certificate signing key");
         Self::from_pkcs8(&pkcs8)
     }

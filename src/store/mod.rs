@@ -216,10 +216,32 @@ impl Store {
 
     /// A local file-system store under `root`, fsyncing files and their
     /// directories so a committed object survives power loss.
+    ///
+    /// The 256 fan-out directories are made here, durably, so no object
+    /// write ever depends on a directory whose own name is not yet on disk;
+    /// temporary files a crash left inside them (`<id>#<n>`, the backend's
+    /// staging names; ciphertext only) are removed, which is safe because
+    /// nothing writes before the store is open.
     pub fn local(root: &std::path::Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(root).map_err(|e| {
-            StoreError::Backend(object_store::Error::Generic { store: "LocalFileSystem", source: Box::new(e) })
-        })?;
+        let objects = root.join("objects");
+        create_dir_durable(&objects).map_err(local_error)?;
+        let mut created = false;
+        for byte in 0..=255u8 {
+            let dir = objects.join(format!("{byte:02x}"));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let removed = remove_temp_files(&dir).map_err(local_error)?;
+                    if removed > 0 {
+                        tracing::info!(dir = %dir.display(), removed, "removed temporary object files left by a crash");
+                    }
+                }
+                Err(e) => return Err(local_error(e)),
+            }
+        }
+        if created {
+            std::fs::File::open(&objects).and_then(|d| d.sync_all()).map_err(local_error)?;
+        }
         let fs =
             object_store::local::LocalFileSystem::new_with_prefix(root)?.with_automatic_cleanup(true).with_fsync(true);
         let root = std::fs::canonicalize(root).map_err(local_error)?;
@@ -414,6 +436,49 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Creates `dir` and any missing parents so that they survive a power
+/// cut: each directory that gained an entry is fsynced.
+pub fn create_dir_durable(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    // Every directory that is about to gain an entry: the new ones' parents
+    // up to the first that exists.
+    let mut gaining = Vec::new();
+    for parent in dir.ancestors().skip(1) {
+        if parent.as_os_str().is_empty() {
+            gaining.push(std::path::PathBuf::from("."));
+            break;
+        }
+        gaining.push(parent.to_owned());
+        if parent.is_dir() {
+            break;
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    for parent in gaining {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes the backend's temporary files (`<name>#<n>`) in one fan-out
+/// directory; returns how many.
+fn remove_temp_files(dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_str().is_some_and(|n| n.contains('#')) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(removed)
 }
 
 /// An I/O error of the local file system as a store error.
@@ -652,6 +717,26 @@ mod tests {
     fn debug_names_the_backend_only() {
         let text = format!("{:?}", Store::memory());
         assert!(text.contains("InMemory"), "{text}");
+    }
+
+    #[test]
+    fn a2_directories_are_created_durably_and_leftovers_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("a/b/objects-root");
+        create_dir_durable(&root).unwrap();
+        assert!(root.is_dir());
+        create_dir_durable(&root).unwrap();
+        let store = Store::local(&root).unwrap();
+        assert!(store.links_files());
+        assert_eq!(std::fs::read_dir(root.join("objects")).unwrap().count(), 256);
+        // A temporary file a crash left beside objects is gone at the next open.
+        let id = ObjectId::new_random();
+        let leftover = root.join(format!("{}#1", object_path(&id)));
+        std::fs::write(&leftover, b"ciphertext").unwrap();
+        let kept = root.join(object_path(&id).to_string());
+        std::fs::write(&kept, b"ciphertext").unwrap();
+        Store::local(&root).unwrap();
+        assert!(!leftover.exists() && kept.exists());
     }
 
     #[test]
