@@ -16,6 +16,15 @@ python3 -m pip install --quiet --disable-pip-version-check "PyYAML==6.0.3"
 cargo test --locked --all-targets --features failpoints
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop
 
+# A2: power-cut emulation (tests/powercut/README.md). The server runs under
+# strace; crash images that keep only what was fsynced (and torn variants)
+# are rebuilt from the trace and the server is started and checked on each.
+# Once with the default per-stream fdatasync, once with the syncfs group
+# commit (fewer steady-state points: the model is the same).
+RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/powercut
+RECVAULT_BIN="$PWD/target/debug/recvault" POWERCUT_INGEST_SYNC=filesystem POWERCUT_POINTS=40 \
+  python3 -m pytest -q tests/powercut -k "steady or first_start"
+
 # deploy/ (issue #6): the Kubernetes manifests and compose file parse and
 # agree with each other, and their recvault.toml passes `config check`.
 python3 scripts/check_deploy.py --recvault "$PWD/target/debug/recvault"
