@@ -16,7 +16,7 @@
 //! retry policy already ran, and the journal stays for the next finish).
 //! Memory stays bounded:
 //! it reads only whole parts, so a slow live call holds nothing until it
-//! has a part's worth of audio.
+//! has a part's worth of audio, and at most [`FEEDS`] feeds run at once.
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -30,6 +30,13 @@ use crate::store::{ObjectWriter, PART_SIZE, SINGLE_PUT_MAX, Store, StoreError};
 /// The first feed: past the single-PUT limit, so the writer opens its
 /// multipart upload at once and keeps no part back.
 const FIRST_FEED: u64 = (SINGLE_PUT_MAX + PART_SIZE) as u64;
+
+/// Feeds under way at once, across every upload: each holds its chunk, the
+/// writer's copy and the parts in flight (under 80 MiB at the first feed),
+/// so this bounds the followers' memory however many calls stream. A
+/// follower waiting for a turn holds nothing; what it has not uploaded by
+/// the finish is uploaded then.
+static FEEDS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// What the session tells the follower: the durable length of the
 /// segments file, and whether it is sealed (final).
@@ -101,6 +108,12 @@ async fn follow(store: Store, id: ObjectId, path: PathBuf, mut rx: watch::Receiv
                 fed + (durable - fed) / PART_SIZE as u64 * PART_SIZE as u64
             };
             while fed < target {
+                let _turn = FEEDS.acquire().await.map_err(|_| StoreError::Unsupported("no feeds".into()))?;
+                if !sealed && rx.has_changed().is_err() {
+                    // The stream ended (discarded, shredded, taken over):
+                    // upload nothing more of it.
+                    return Err(StoreError::Unsupported("the upload ended before its finish".into()));
+                }
                 if file.is_none() {
                     let f = std::fs::File::open(&path).map_err(io)?;
                     file = Some(std::sync::Arc::new(f));

@@ -251,7 +251,13 @@ impl FileJournal {
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         let len = file.metadata()?.len();
         let mut end = seg_end;
-        let mut tail: Vec<u8> = Vec::new();
+        let segment_size32 = sealer.segment_size();
+        // Recorded bytes past the segments are sealed again as they are
+        // read (the same bytes as any sealed copy a crash lost), so a long
+        // tail, such as a whole version 1 journal, never sits in memory.
+        let mut enc = (!sealed).then(|| ObjectEncryptor::resume(sealer, segments));
+        let mut resealed = Vec::new();
+        let mut resealed_len = 0u64;
         let file_len = if len < FILE_HEADER_LEN {
             // New (or torn before its header was complete): start afresh.
             write_journal_header(&mut file, &object_id)?;
@@ -286,10 +292,17 @@ impl FileJournal {
                     break;
                 };
                 let record_end = start + u64::from(plain_len);
-                if record_end > end && !sealed {
+                if record_end > end
+                    && let Some(enc) = enc.as_mut()
+                {
                     let new = &plain[(end - start) as usize..];
                     feed(new);
-                    tail.extend_from_slice(new);
+                    enc.update(new, &mut resealed).map_err(|_| SpoolError::Crypto)?;
+                    if resealed.len() >= 4 << 20 {
+                        seg.write_all(&resealed)?;
+                        resealed_len += resealed.len() as u64;
+                        resealed.clear();
+                    }
                     end = record_end;
                 }
                 valid_len += (RECORD_HEADER_LEN + plain_len as usize + TAG_LEN) as u64;
@@ -303,6 +316,9 @@ impl FileJournal {
             file.seek(SeekFrom::Start(valid_len))?;
             valid_len
         };
+        seg.write_all(&resealed)?;
+        resealed_len += resealed.len() as u64;
+        drop(resealed);
         let mut journal = Self {
             seg,
             seg_path,
@@ -313,40 +329,37 @@ impl FileJournal {
             hash,
             end,
             file_len,
-            seg_len: valid_seg_len,
+            seg_len: valid_seg_len + resealed_len,
             seg_dirty: false,
             file_dirty: false,
             scratch: Vec::new(),
         };
-        if sealed {
+        // What was read back may have been in the page cache only (a kill
+        // -9 before the last fsync): make it durable before reporting it
+        // as the durable offset, or publishing a sealed file.
+        journal.seg.sync_all()?;
+        journal.file.sync_all()?;
+        let Some(mut enc) = enc else {
             return Ok(journal);
-        }
+        };
 
-        // 3. Restore the encryptor: the held-back tail is never empty while
-        // any segment is sealed (the last segment must hold a byte), so if
-        // a crash left every recorded byte inside sealed segments, the last
-        // of them goes back to the tail: recorded first, then cut.
-        let mut next_index = segments;
-        if tail.is_empty() && segments > 0 {
-            next_index -= 1;
+        // 3. The held-back tail is never empty while any segment is sealed
+        // (the last segment must hold a byte), so if a crash left every
+        // recorded byte inside sealed segments, the last of them goes back
+        // to the tail: recorded first, then cut.
+        if enc.pending().is_empty() && segments > 0 {
             seg_end -= segment_size;
             journal.rewrite_records(keys.spool, seg_end, &last_plain)?;
-            tail = std::mem::take(&mut last_plain);
-            let cut = format::segment_offset(next_index, sealer.segment_size());
+            let cut = format::segment_offset(segments - 1, segment_size32);
             journal.seg.set_len(cut)?;
             journal.seg.sync_all()?;
             journal.seg.seek(SeekFrom::Start(cut))?;
             journal.seg_len = cut;
-        }
-        let mut enc = ObjectEncryptor::resume(sealer, next_index);
-        // Segments that were recorded but whose sealed copy was lost are
-        // sealed again (the same bytes) and made durable now.
-        let mut out = Vec::new();
-        enc.update(&tail, &mut out).map_err(|_| SpoolError::Crypto)?;
-        if !out.is_empty() {
-            journal.seg.write_all(&out)?;
-            journal.seg.sync_data()?;
-            journal.seg_len += out.len() as u64;
+            let sealer = SegmentSealer::new(keys.dek, keys.fields.clone()).map_err(|_| SpoolError::Crypto)?;
+            enc = ObjectEncryptor::resume(sealer, segments - 1);
+            let mut out = Vec::new();
+            enc.update(&last_plain, &mut out).map_err(|_| SpoolError::Crypto)?;
+            debug_assert!(out.is_empty(), "a full segment is held back");
         }
         debug_assert_eq!(enc.sealed_len() + enc.pending().len() as u64, end);
         journal.enc = Some(enc);
@@ -515,10 +528,12 @@ impl FileJournal {
             self.scratch.clear();
             enc.finish(&mut self.scratch).map_err(|_| SpoolError::Crypto)?;
             self.seg.write_all(&self.scratch)?;
-            self.seg.sync_data()?;
-            self.seg_dirty = false;
             self.seg_len += self.scratch.len() as u64;
         }
+        // Every time, not only the first: an earlier seal may have failed
+        // or been cut off by a crash between its write and its sync.
+        self.seg.sync_data()?;
+        self.seg_dirty = false;
         let sha = self.hash.clone().finish().as_ref().try_into().expect("SHA-256 is 32 bytes");
         Ok((self.end, sha))
     }
@@ -1100,6 +1115,31 @@ mod tests {
         assert!(t.journal_len() <= ROTATE_AT + 2000, "journal is {} bytes", t.journal_len());
         drop(j);
         same(&t.recovered(), &a);
+    }
+
+    #[test]
+    fn a_long_version_1_journal_is_resealed_as_it_is_read() {
+        // A call in progress when the server was upgraded: every byte in
+        // records from 0, no segments file. Its segments are written while
+        // the records are read (not held in memory), and it seals right.
+        let t = setup();
+        let a = data(3 * MAX_RECORD + 12_345, 10);
+        let mut v1 = MAGIC_V1.to_vec();
+        v1.extend_from_slice(t.id.as_bytes());
+        let mut at = 0;
+        for piece in a.chunks(MAX_RECORD) {
+            seal_record(&t.spool, &t.id, at as u64, piece, &mut v1).unwrap();
+            at += piece.len();
+        }
+        std::fs::write(journal_path(t.dir.path(), &t.id), &v1).unwrap();
+        let j = t.open();
+        assert_eq!(j.end(), a.len() as u64);
+        let sealed = (a.len() / SEG - 1) as u64;
+        assert!(j.segments_len() >= format::segment_offset(sealed, DEFAULT_SEGMENT_SIZE));
+        drop(j);
+        let mut j = t.open();
+        assert_eq!(j.seal().unwrap(), (a.len() as u64, sha(&a)));
+        same(&decrypt_object(&t.dek, &std::fs::read(t.seg_path()).unwrap()).unwrap().1, &a);
     }
 
     #[test]

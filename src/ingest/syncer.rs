@@ -12,8 +12,11 @@
 //! commits its journal (with a cache flush), and since Linux 5.8 reports a
 //! write-back error of any file on it. It also flushes other files on the
 //! same file system, so the spool should have a volume of its own
-//! (docs/OPERATIONS.md). An error fails every waiter of that call: the
-//! stream ends unacknowledged and the client resumes from the last ack.
+//! (docs/FAULTS.md). An error is sticky: it fails that call's waiters and
+//! every later one until the process restarts (as PostgreSQL does after a
+//! failed fsync), because `syncfs` reports a write-back error only once,
+//! to whichever call is running, and a waiter whose pages failed during an
+//! earlier call would otherwise be acknowledged by a clean later one.
 
 use std::fs::File;
 use std::path::Path;
@@ -41,11 +44,11 @@ struct State {
     stop: bool,
 }
 
-/// The last finished call and the last one that failed.
+/// The last finished call, and whether any call ever failed.
 #[derive(Debug, Clone, Copy, Default)]
 struct Finished {
     call: u64,
-    failed: u64,
+    failed: bool,
 }
 
 impl GroupSync {
@@ -75,8 +78,10 @@ impl GroupSync {
             .wait_for(|f| f.call >= need)
             .await
             .map_err(|_| std::io::Error::other("the group commit thread stopped"))?;
-        if finished.failed >= need {
-            return Err(std::io::Error::other("syncfs failed: written bytes may not be durable"));
+        if finished.failed {
+            return Err(std::io::Error::other(
+                "syncfs of the spool failed earlier: written bytes may not be durable; restart the server",
+            ));
         }
         Ok(())
     }
@@ -109,9 +114,7 @@ fn run(shared: &Shared, fd: &File, tx: &watch::Sender<Finished>) {
         }
         tx.send_modify(|f| {
             f.call = call;
-            if result.is_err() {
-                f.failed = call;
-            }
+            f.failed |= result.is_err();
         });
     }
 }

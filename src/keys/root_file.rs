@@ -40,18 +40,35 @@ impl FileRootKey {
         Self::create_atomic(path)
     }
 
-    /// Creates a new key file whole or not at all: written to `<path>.tmp`,
-    /// synced, then renamed into place, so a crash never leaves a short key
-    /// file that would stop the next start. Used for rotated versions.
+    /// Creates a new key file whole or not at all: written to a temp file
+    /// of its own, synced, then hard-linked into place create-only, so a
+    /// crash never leaves a short key file that would stop the next start,
+    /// and two processes creating it at once (a first `serve` and a `keys
+    /// status`) end up with the same key: the one that loses the link opens
+    /// the winner's file. Used for rotated versions too.
     pub fn create_atomic(path: &Path) -> Result<Self, KeyError> {
-        let tmp = temp_path(path);
-        // A temp file is left only by a crash before its rename: that key
-        // never wrapped anything.
-        erase_file(&tmp)?;
+        // A temp file of a crash before its link holds a key that never
+        // wrapped anything; the old fixed name is cleared for that reason.
+        erase_file(&temp_path(path))?;
+        let unique: [u8; 8] = random_bytes().map_err(|_| KeyError::Unavailable("random generator failed".into()))?;
+        let mut name = temp_path(path).into_os_string();
+        name.push(format!(".{}", hex::encode(unique)));
+        let tmp = PathBuf::from(name);
         let created = Self::create_via(&tmp, path)?;
-        std::fs::rename(&tmp, path).map_err(|e| file_error(path, e))?;
-        sync_parent(path)?;
-        Ok(created)
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {
+                // Unlink only: the bytes are the key's file now.
+                std::fs::remove_file(&tmp).map_err(|e| file_error(&tmp, e))?;
+                sync_parent(path)?;
+                Ok(created)
+            }
+            Err(e) => {
+                // Our key never wrapped anything: erase it.
+                erase_file(&tmp)?;
+                drop(created);
+                if e.kind() == std::io::ErrorKind::AlreadyExists { Self::open(path) } else { Err(file_error(path, e)) }
+            }
+        }
     }
 
     fn create_via(write_to: &Path, path: &Path) -> Result<Self, KeyError> {
@@ -174,6 +191,22 @@ mod tests {
         let k = SecretKey::generate().unwrap();
         let w = a.wrap(&k, b"aad").await.unwrap();
         assert_eq!(b.unwrap(&w, b"aad").await.unwrap().expose(), k.expose());
+    }
+
+    #[test]
+    fn creators_racing_end_with_one_key_and_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.key");
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| FileRootKey::open_or_create(&path).unwrap().key_id().to_owned()))
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let on_disk = FileRootKey::open(&path).unwrap();
+        assert!(ids.iter().all(|id| id == on_disk.key_id()), "every creator holds the key on disk: {ids:?}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("root.key")]);
     }
 
     #[test]

@@ -396,3 +396,186 @@ async fn c1_c3_c4_store_faults_on_garage() {
     assert_eq!(plan.calls(Op::Put) - before, 1, "a 403 is not retried");
     assert_eq!(garage_list(&garage, "objects/").await.len(), 2, "nothing committed");
 }
+
+/// A TCP proxy between the service and Garage that breaks connections the
+/// way networks do (threat plan C1, below the S3 client): while `resets`
+/// is above zero, each new connection is cut (RST) once either direction
+/// has carried `cut` bytes (mid-request for an upload, mid-answer for a
+/// read); every forwarded chunk waits `delay` (a slow body).
+struct BreakingProxy {
+    addr: std::net::SocketAddr,
+    resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BreakingProxy {
+    async fn start(upstream: &str) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let upstream: std::net::SocketAddr = upstream.trim_start_matches("http://").parse().expect("upstream address");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let (resets, cut, delay_ms) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(64 * 1024)), Arc::new(AtomicU64::new(0)));
+        let (r, c, d) = (resets.clone(), cut.clone(), delay_ms.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let cut_after = r
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .ok()
+                    .map(|_| c.load(Ordering::SeqCst));
+                let delay = Duration::from_millis(d.load(Ordering::SeqCst));
+                tokio::spawn(pipe(client, server, cut_after, delay));
+            }
+        });
+        Self { addr, resets, cut, delay_ms }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts the next `n` connections after `after` bytes either way.
+    fn reset_next(&self, n: usize, after: usize) {
+        self.cut.store(after, std::sync::atomic::Ordering::SeqCst);
+        self.resets.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn resets_left(&self) -> usize {
+        self.resets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn slow(&self, ms: u64) {
+        self.delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pipe(client: tokio::net::TcpStream, server: tokio::net::TcpStream, cut_after: Option<usize>, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let upstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0usize;
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if let Some(limit) = cut_after
+                && sent + n > limit
+            {
+                return true; // cut: drop both sides mid-request
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return false;
+            }
+            sent += n;
+        }
+    };
+    let (cut_flag, cut_flag2) = {
+        let f = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (f.clone(), f)
+    };
+    let downstream = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut sent = 0usize;
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(limit) = cut_after
+                && sent + n > limit
+            {
+                // Cut mid-answer: half of this chunk, then the reset.
+                let _ = cw.write_all(&buf[..n / 2]).await;
+                cut_flag2.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            sent += n;
+        }
+    };
+    let cut = tokio::select! {
+        cut = upstream => cut,
+        () = downstream => cut_flag.load(std::sync::atomic::Ordering::SeqCst),
+    };
+    if cut {
+        // RST rather than FIN: the client sees a reset connection.
+        let stream = cr.reunite(cw).expect("halves of one stream");
+        let _ = stream.set_zero_linger();
+        drop(stream);
+    }
+}
+
+/// C1 below the S3 client: connections reset in the middle of requests and
+/// slow bodies, between the service and a real Garage, while a 40 MB call
+/// streams in (so parts are uploaded during the call, by the follower, and
+/// at finish). The client's own retries carry the upload through; whatever
+/// happens, the object is committed exactly once and reads back bit-exact,
+/// and reads through a breaking connection never return wrong bytes.
+#[tokio::test]
+async fn c1_connection_resets_and_slow_bodies_below_the_s3_client() {
+    let Some(garage) = Garage::start("c1_connection_resets_and_slow_bodies_below_the_s3_client") else { return };
+    let _ = garage.store(WriteOnce::CheckFirst).await;
+    let proxy = BreakingProxy::start(&garage.endpoint).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let mut storage = garage.storage_section(secrets.path());
+    storage.endpoint = Some(proxy.endpoint());
+    let server = TestServer::start_with(move |cfg| cfg.storage = storage).await;
+    let mut c = server.client().await;
+
+    // 40 MB: past the follower's first feed (24 MiB), so parts go up while
+    // the call is still streaming. Cut the next three connections 100 KiB
+    // into their requests, and slow every chunk a little.
+    let audio = wav(20_000_000);
+    proxy.reset_next(3, 100 * 1024);
+    proxy.slow(1);
+    let upload_id = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (object_id, _, _) =
+        s.open(&upload_id, spec("s3-resets", pb::ContentKind::CallRecording, "audio/wav")).await.unwrap();
+    s.data_chunks(0, &audio).await;
+    s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+    let info = match s.committed().await {
+        Ok(info) => info,
+        Err(status) => {
+            // Resets beyond the client's retries fail the commit cleanly;
+            // the journal keeps every byte and a second finish commits.
+            assert_eq!(status.code(), Code::Unavailable, "{status}");
+            let mut s = Stream::start(&mut c).await.unwrap();
+            let (_, durable, _) =
+                s.open(&upload_id, spec("s3-resets", pb::ContentKind::CallRecording, "audio/wav")).await.unwrap();
+            assert_eq!(durable, audio.len() as u64);
+            s.finish(Some(sha256(&audio)), audio.len() as u64).await;
+            s.committed().await.expect("a second finish commits")
+        }
+    };
+    assert_eq!(info.object_id, object_id);
+    assert_eq!(proxy.resets_left(), 0, "the resets happened");
+    proxy.slow(0);
+    assert!(get(&mut c, &object_id, None).await.unwrap() == audio, "bit-exact");
+    assert_eq!(garage_list(&garage, "objects/").await.len(), 1, "exactly one object");
+
+    // Reads through connections cut mid-answer: bit-exact after the
+    // client's retries, or an error — never other bytes.
+    for _ in 0..3 {
+        proxy.reset_next(1, 256 * 1024);
+        match get(&mut c, &object_id, Some((1_000_000, Some(5_000_000)))).await {
+            Ok(bytes) => assert!(bytes == audio[1_000_000..=5_000_000], "a range read through a reset is bit-exact"),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status}"),
+        }
+    }
+}
