@@ -5,11 +5,9 @@ checks the published wire contract, not our Rust types. The server is the
 real binary on a loopback port with a fresh data directory.
 """
 
-import collections
 import hashlib
 import math
 import os
-import queue
 import struct
 import subprocess
 import sys
@@ -20,68 +18,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = Path(__file__).resolve().parent / "gen"
 BINARY = Path(os.environ.get("RECVAULT_BIN", ROOT / "target" / "debug" / "recvault"))
 
 
-def _generate_stubs():
-    GEN.mkdir(exist_ok=True)
-    include = Path(protoc.__file__).resolve().parent / "_proto"
-    rc = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{ROOT / 'proto'}",
-            f"-I{include}",
-            f"--python_out={GEN}",
-            f"--grpc_python_out={GEN}",
-            str(ROOT / "proto" / "recvault" / "v1" / "recvault.proto"),
-        ]
-    )
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, str(GEN))
+sys.path.insert(0, str(ROOT / "tests" / "pyshared"))
+from rvgrpc import BearerToken, Feeder, generate_stubs  # noqa: E402
 
-
-_generate_stubs()
-from recvault.v1 import recvault_pb2 as pb  # noqa: E402
-from recvault.v1 import recvault_pb2_grpc as rpc  # noqa: E402
-
-
-class _Details(
-    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class BearerToken(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <token>` to every call."""
-
-    def __init__(self, token):
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, d):
-        metadata = list(d.metadata or []) + [self.header]
-        return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
+pb, rpc = generate_stubs(GEN)
 
 
 @pytest.fixture(scope="module")
@@ -144,26 +90,6 @@ def spec(customer):
         content_type="audio/x-wav",
         interaction=pb.Interaction(interaction_id="py-call-1", agent_id="agent-3", queue="support", direction=pb.INBOUND),
     )
-
-
-class Feeder:
-    """A request iterator fed from the test, so the stream can be cut."""
-
-    def __init__(self):
-        self.q = queue.Queue()
-
-    def put(self, msg):
-        self.q.put(msg)
-
-    def close(self):
-        self.q.put(None)
-
-    def __iter__(self):
-        while True:
-            m = self.q.get()
-            if m is None:
-                return
-            yield m
 
 
 def data_msgs(data, start, end, chunk=256 * 1024):

@@ -3,11 +3,11 @@ proto/ at import time (into a temporary directory, so nothing is left in
 the tree), a bearer-token interceptor, and a helper that starts the real
 server on a data directory and a free loopback port.
 
-Mirrors tests/interop/test_interop.py (which generates into its own gen/).
+The stubs, the interceptor and the feeder are tests/pyshared/rvgrpc.py,
+shared with tests/interop.
 """
 
 import atexit
-import collections
 import os
 import shutil
 import subprocess
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import grpc
-from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("RECVAULT_BIN", ROOT / "target" / "debug" / "recvault"))
@@ -26,62 +25,12 @@ _GEN = Path(tempfile.mkdtemp(prefix="recvault-powercut-gen-"))
 atexit.register(shutil.rmtree, _GEN, True)
 
 
-def _generate_stubs():
-    include = Path(protoc.__file__).resolve().parent / "_proto"
-    rc = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{ROOT / 'proto'}",
-            f"-I{include}",
-            f"--python_out={_GEN}",
-            f"--grpc_python_out={_GEN}",
-            str(ROOT / "proto" / "recvault" / "v1" / "recvault.proto"),
-        ]
-    )
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, str(_GEN))
+sys.path.insert(0, str(ROOT / "tests" / "pyshared"))
+from rvgrpc import BearerToken, Feeder, generate_stubs  # noqa: E402,F401  (re-exported)
 
-
-_generate_stubs()
-from recvault.v1 import recvault_pb2 as pb  # noqa: E402
-from recvault.v1 import recvault_pb2_grpc as rpc  # noqa: E402
+pb, rpc = generate_stubs(_GEN)
 
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]
-
-
-class _Details(
-    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class BearerToken(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <token>` to every call."""
-
-    def __init__(self, token):
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, d):
-        metadata = list(d.metadata or []) + [self.header]
-        return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._details(details), requests)
 
 
 def wait_for_binary(timeout=300):

@@ -4,14 +4,13 @@ left open) and unary Puts, with the client-side receive time of every
 """
 
 import hashlib
-import queue
 import random
 import struct
 import threading
 import time
 import uuid
 
-from rvclient import pb
+from rvclient import Feeder, pb
 
 SEG = 64 * 1024
 
@@ -41,26 +40,6 @@ def spec(customer, content_type="audio/x-wav", kind=None, interaction="pc-call")
         content_type=content_type,
         interaction=pb.Interaction(interaction_id=interaction, agent_id="agent-7", queue="billing", direction=pb.INBOUND),
     )
-
-
-class Feeder:
-    """A request iterator fed from the test, so the stream can be cut."""
-
-    def __init__(self):
-        self.q = queue.Queue()
-
-    def put(self, msg):
-        self.q.put(msg)
-
-    def close(self):
-        self.q.put(None)
-
-    def __iter__(self):
-        while True:
-            m = self.q.get()
-            if m is None:
-                return
-            yield m
 
 
 class Upload:
