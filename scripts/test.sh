@@ -19,10 +19,12 @@ RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop
 # A2: power-cut emulation (tests/powercut/README.md). The server runs under
 # strace; crash images that keep only what was fsynced (and torn variants)
 # are rebuilt from the trace and the server is started and checked on each.
-# Once with the default per-stream fdatasync, once with the syncfs group
-# commit (fewer steady-state points: the model is the same).
+# Once with the default per-stream fdatasync, then with the shared ingest
+# log (fewer steady-state points: the model is the same; the log starts a
+# generation after every batch, so a short run spills, checkpoints and
+# deletes generations).
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/powercut
-RECVAULT_BIN="$PWD/target/debug/recvault" POWERCUT_INGEST_SYNC=filesystem POWERCUT_POINTS=40 \
+RECVAULT_BIN="$PWD/target/debug/recvault" POWERCUT_INGEST_SYNC=log POWERCUT_POINTS=40 FAILPOINTS=log-rotate=return \
   python3 -m pytest -q tests/powercut -k "steady or first_start"
 
 # deploy/ (issue #6): the Kubernetes manifests and compose file parse and

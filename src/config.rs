@@ -582,10 +582,9 @@ pub struct IngestSection {
     /// `local` with SQLite). docs/REPLICAS.md.
     pub journal: JournalMode,
     /// How a local journal's writes are made durable before an ack:
-    /// `file` (an `fdatasync` of each stream's journal) or `filesystem`
-    /// (one `syncfs` of the spool's file system shared by every stream in
-    /// the window: for thousands of live calls; give the spool a volume of
-    /// its own, since the call flushes everything on that file system).
+    /// `file` (an `fdatasync` of each stream's journal) or `log` (every
+    /// stream's records appended to one shared log, synced once per batch
+    /// whatever the number of streams: for thousands of live calls).
     pub sync: SyncMode,
 }
 
@@ -594,7 +593,7 @@ pub struct IngestSection {
 pub enum SyncMode {
     #[default]
     File,
-    Filesystem,
+    Log,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

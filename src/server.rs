@@ -138,7 +138,7 @@ pub async fn open_with_store(
     icfg.put_cap = cfg.ingest.put_cap;
     icfg.caps = cfg.ingest.caps;
     icfg.shared_journal = cfg.shared_journal();
-    icfg.group_sync = cfg.ingest.sync == crate::config::SyncMode::Filesystem;
+    icfg.shared_log = cfg.ingest.sync == crate::config::SyncMode::Log;
     let auth = Arc::new(Authenticator::new(catalog.clone(), cfg.auth.certificates.clone(), clock.clone()));
     auth.bootstrap_admin(data).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let policies = Policies::new(Vec::new());

@@ -266,6 +266,10 @@ struct Inner {
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Mutex<Inner>>,
+    /// One append at a time reaches the blocking pool; the others wait
+    /// here, not parked on `inner` in a blocking thread each (under load
+    /// they filled the pool and delayed journal flushes behind them).
+    appending: Arc<tokio::sync::Semaphore>,
     signer: Arc<SigningKey>,
     clock: Arc<dyn Clock>,
 }
@@ -322,6 +326,7 @@ impl AuditLog {
             .map_err(unavailable)? as u64;
         let log = Self {
             inner: Arc::new(Mutex::new(Inner { conn, head, since_checkpoint: head.seq.saturating_sub(checkpointed) })),
+            appending: Arc::new(tokio::sync::Semaphore::new(1)),
             signer,
             clock,
         };
@@ -334,6 +339,7 @@ impl AuditLog {
     pub async fn append(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
         let this = self.clone();
         let actor = actor.clone();
+        let _turn = self.appending.acquire().await.map_err(|e| Error::Internal(format!("audit append gate: {e}")))?;
         tokio::task::spawn_blocking(move || this.append_blocking(&actor, event))
             .await
             .map_err(|e| Error::Internal(format!("audit append task: {e}")))?

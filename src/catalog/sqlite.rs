@@ -6,7 +6,7 @@
 //! old page holding a destroyed key stays in it.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -163,7 +163,10 @@ const EXPIRED: i64 = 2;
 /// the blocking pool.
 #[derive(Clone)]
 pub struct SqliteCatalog {
-    conn: Arc<Mutex<Connection>>,
+    /// An async lock, taken before a blocking-pool thread is: callers
+    /// waiting for the one connection must not each park a pool thread
+    /// (under load they filled the pool and delayed journal flushes).
+    conn: Arc<tokio::sync::Mutex<Connection>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> CatalogError {
@@ -205,7 +208,7 @@ impl SqliteCatalog {
             }
         }
         conn.execute_batch(INDEXES_ON_ADDED).map_err(backend)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self { conn: Arc::new(tokio::sync::Mutex::new(conn)) })
     }
 
     async fn run<T, F>(&self, f: F) -> Result<T, CatalogError>
@@ -213,13 +216,8 @@ impl SqliteCatalog {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, CatalogError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| backend("catalog lock poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(backend)?
+        let mut guard = self.conn.clone().lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut guard)).await.map_err(backend)?
     }
 }
 

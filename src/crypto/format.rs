@@ -354,6 +354,10 @@ impl ObjectEncryptor {
         enc
     }
 
+    pub fn segment_size(&self) -> u32 {
+        self.sealer.segment_size()
+    }
+
     /// Plaintext bytes already sealed into emitted segments.
     pub fn sealed_len(&self) -> u64 {
         self.next_index * u64::from(self.sealer.segment_size())

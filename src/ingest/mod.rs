@@ -19,7 +19,7 @@
 mod follow;
 pub mod sniff;
 pub mod spool;
-pub mod syncer;
+pub mod wal;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -89,10 +89,9 @@ pub struct IngestConfig {
     pub commit_interval: Duration,
     /// Flush early once this many bytes are pending.
     pub commit_bytes: usize,
-    /// Make local journal writes durable by one `syncfs` of the spool's
-    /// file system shared by every stream, not an `fdatasync` per stream
-    /// (`ingest.sync = "filesystem"`, [`syncer`]).
-    pub group_sync: bool,
+    /// Write every local journal's records to one shared log, synced once
+    /// per batch for every stream (`ingest.sync = "log"`, [`wal`]).
+    pub shared_log: bool,
     /// A stream silent for this long is closed (its durable bytes are kept).
     pub idle_timeout: Duration,
     /// How long a reopening stream waits for a stale one to let go.
@@ -119,7 +118,7 @@ impl IngestConfig {
             shared_journal: false,
             commit_interval: Duration::from_millis(100),
             commit_bytes: 4 << 20,
-            group_sync: false,
+            shared_log: false,
             idle_timeout: Duration::from_secs(120),
             takeover_timeout: Duration::from_secs(5),
             caps: SizeCaps::default(),
@@ -177,7 +176,6 @@ pub struct Ingest {
     generation: std::sync::atomic::AtomicU64,
     released: tokio::sync::Notify,
     journals: JournalPlace,
-    group_sync: Option<Arc<syncer::GroupSync>>,
 }
 
 /// Holds an upload for one stream; releases it on drop.
@@ -241,21 +239,20 @@ impl Ingest {
     ) -> Result<Arc<Self>, Error> {
         let journals = if cfg.shared_journal {
             JournalPlace::Catalog(catalog.clone())
+        } else if cfg.shared_log {
+            let wal = wal::Wal::open(&cfg.spool_dir).map_err(|e| {
+                Error::Internal(format!("cannot open the ingest log in {}: {e}", cfg.spool_dir.display()))
+            })?;
+            JournalPlace::Log(Arc::new(wal))
         } else {
+            // A log left by a run with `ingest.sync = "log"` goes into the
+            // journal files before any of them is opened.
+            wal::Wal::recover_leftovers(&cfg.spool_dir).map_err(|e| {
+                Error::Internal(format!("cannot recover the ingest log in {}: {e}", cfg.spool_dir.display()))
+            })?;
             JournalPlace::Dir(cfg.spool_dir.clone())
         };
-        let group_sync = match (&journals, cfg.group_sync) {
-            (JournalPlace::Dir(dir), true) => {
-                std::fs::create_dir_all(dir).map_err(Error::internal)?;
-                let sync = syncer::GroupSync::start(dir).map_err(|e| {
-                    Error::Internal(format!("ingest.sync = \"filesystem\" cannot syncfs {}: {e}", dir.display()))
-                })?;
-                Some(Arc::new(sync))
-            }
-            _ => None,
-        };
         Ok(Arc::new(Self {
-            group_sync,
             journals,
             cfg,
             catalog,
@@ -268,6 +265,11 @@ impl Ingest {
             generation: Default::default(),
             released: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Where upload journals live.
+    pub fn journal_place(&self) -> &JournalPlace {
+        &self.journals
     }
 
     pub fn config(&self) -> &IngestConfig {
@@ -560,11 +562,18 @@ impl Ingest {
     {
         let mut flush_at: Option<tokio::time::Instant> = None;
         let cancel = s.lease.cancel.clone();
+        // Made once, not per message: thousands of live calls send tens of
+        // thousands of messages a second, and a timer or waiter registered
+        // and dropped for each one is CPU the calls need.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
+        let mut last_message = tokio::time::Instant::now();
+        let idle = tokio::time::sleep(self.cfg.idle_timeout);
+        tokio::pin!(idle);
         loop {
-            let idle = tokio::time::sleep(self.cfg.idle_timeout);
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = &mut cancelled => {
                     let state = self.catalog.customer(&s.record.spec.customer_id).await.ok().flatten().map(|c| c.state);
                     return Err(match state {
                         // A shred was requested: write nothing more. The
@@ -612,6 +621,7 @@ impl Ingest {
                 // Invariant: at the cap a flush is in flight (a full
                 // pending buffer always starts one), so this resumes.
                 msg = inbound.next(), if s.pending.len() < self.cfg.pending_cap() => {
+                    last_message = tokio::time::Instant::now();
                     match msg {
                         None => {
                             // The client went away: keep what is durable, make
@@ -651,7 +661,12 @@ impl Ingest {
                         }
                     }
                 }
-                _ = idle => {
+                _ = &mut idle => {
+                    let deadline = last_message + self.cfg.idle_timeout;
+                    if deadline > tokio::time::Instant::now() {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     self.settle(s).await.ok();
                     return Err(Refusal::Keep(Error::Idle(format!(
                         "no message for {}; the upload is kept, resume from durable offset {}",
@@ -668,41 +683,13 @@ impl Ingest {
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
-        let group = match &journal {
-            Journal::File(_) => self.group_sync.clone(),
-            Journal::Catalog(_) => None,
-        };
-        let Some(group) = group else {
-            return tokio::task::spawn_blocking(move || {
-                // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
-                fail::fail_point!("ingest-flush");
-                journal.append_durably(&key, &data)?;
-                let end = journal.end();
-                Ok((journal, end))
-            });
-        };
-        // Group commit: write here, sync with every other stream.
-        tokio::spawn(async move {
-            let (mut journal, rotate) = tokio::task::spawn_blocking(move || {
-                fail::fail_point!("ingest-flush");
-                let Journal::File(file) = &mut journal else { unreachable!("group commits local journals only") };
-                file.append_unsynced(&key, &data).map(|()| (journal, key))
-            })
-            .await
-            .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
-            group.sync().await?;
-            let Journal::File(file) = &mut journal else { unreachable!("group commits local journals only") };
-            if file.synced() {
-                let key = rotate;
-                journal = tokio::task::spawn_blocking(move || {
-                    if let Journal::File(file) = &mut journal {
-                        file.rotate(&key)?;
-                    }
-                    Ok::<_, spool::SpoolError>(journal)
-                })
-                .await
-                .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
-            }
+        if matches!(&journal, Journal::File(f) if f.is_logged()) {
+            return tokio::spawn(flush_logged(journal, key, data));
+        }
+        tokio::task::spawn_blocking(move || {
+            // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
+            fail::fail_point!("ingest-flush");
+            journal.append_durably(&key, &data)?;
             let end = journal.end();
             Ok((journal, end))
         })
@@ -1214,6 +1201,38 @@ impl Session {
             crate::metrics::ack_latency(t.elapsed());
         }
     }
+}
+
+/// Data at least this large is flushed with its own sync of the segments
+/// file, and only the bytes past them go to the shared log (a bulk upload
+/// would otherwise write each byte twice).
+const LOG_DIRECT_MIN: usize = 512 * 1024;
+
+/// One flush of a journal writing to the shared log ([`wal`]): seal, queue
+/// the records, wait for the log's sync.
+async fn flush_logged(mut journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
+    let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
+    let direct = data.len() >= LOG_DIRECT_MIN;
+    let (journal, done) = if direct || file.writes_segment(data.len()) {
+        tokio::task::spawn_blocking(move || {
+            fail::fail_point!("ingest-flush");
+            let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
+            let body = file.append_logged(&key, &data, direct)?;
+            let done = file.submit(body);
+            Ok::<_, spool::SpoolError>((journal, done))
+        })
+        .await
+        .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??
+    } else {
+        // No file I/O: only records sealed in memory (about a microsecond
+        // for a 100 ms frame batch), so no blocking-pool round trip.
+        let body = file.append_logged(&key, &data, false)?;
+        let done = file.submit(body);
+        (journal, done)
+    };
+    done.await.map_err(|_| spool::SpoolError::Io(std::io::Error::other("the ingest log writer stopped")))??;
+    let end = journal.end();
+    Ok((journal, end))
 }
 
 async fn wait_flush(in_flight: &mut Option<JoinHandle<FlushResult>>) -> FlushResult {

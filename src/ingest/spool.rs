@@ -54,10 +54,12 @@ use crate::crypto::format::{self, HeaderFields, ObjectEncryptor, SegmentOpener, 
 use crate::crypto::secret::random_bytes;
 use crate::model::{ObjectId, UploadId};
 
+use super::wal::{Pin, Wal};
+
 const MAGIC: &[u8; 8] = b"RVSPOOL2";
 /// Journals written before the segment file existed (records from 0).
 const MAGIC_V1: &[u8; 8] = b"RVSPOOL1";
-const FILE_HEADER_LEN: u64 = 8 + 16;
+pub(crate) const FILE_HEADER_LEN: u64 = 8 + 16;
 const RECORD_HEADER_LEN: usize = 8 + 4 + 12;
 const TAG_LEN: usize = 16;
 /// Largest plaintext in one record; bigger flushes are split.
@@ -108,7 +110,7 @@ pub fn segments_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
     spool_dir.join(format!("{object_id}.seg"))
 }
 
-fn rotating_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
+pub(crate) fn rotating_path(spool_dir: &Path, object_id: &ObjectId) -> PathBuf {
     spool_dir.join(format!("{object_id}.journal.new"))
 }
 
@@ -162,6 +164,9 @@ pub struct FileJournal {
     seg_dirty: bool,
     file_dirty: bool,
     scratch: Vec<u8>,
+    /// With `ingest.sync = "log"`: records go to the shared log through
+    /// this, not to the records file.
+    log: Option<Pin>,
 }
 
 /// One full or final segment read back from a segments file.
@@ -333,6 +338,7 @@ impl FileJournal {
             seg_dirty: false,
             file_dirty: false,
             scratch: Vec::new(),
+            log: None,
         };
         // What was read back may have been in the page cache only (a kill
         // -9 before the last fsync): make it durable before reporting it
@@ -408,22 +414,6 @@ impl FileJournal {
         written
     }
 
-    /// [`FileJournal::append`] without any sync: a group commit
-    /// ([`super::syncer::GroupSync`]) makes it durable, then
-    /// [`FileJournal::synced`] is called.
-    pub fn append_unsynced(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
-        self.append(key, data)
-    }
-
-    /// Everything appended was made durable by a group commit. Returns
-    /// whether the records file should now be rotated
-    /// ([`FileJournal::rotate`]).
-    pub fn synced(&mut self) -> bool {
-        self.seg_dirty = false;
-        self.file_dirty = false;
-        self.file_len > ROTATE_AT && self.enc.is_some()
-    }
-
     /// Rewrites the records file holding the tail only. Everything before
     /// the tail must be durable.
     pub fn rotate(&mut self, key: &LessSafeKey) -> Result<(), SpoolError> {
@@ -436,6 +426,19 @@ impl FileJournal {
 
     /// Seals and writes `data`; the caller has hashed it.
     fn write(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
+        let (start, sealed_to) = self.write_segments(data)?;
+        // Only the bytes not sealed above need a record.
+        let from = sealed_to.max(start);
+        if from < self.end {
+            self.append_records(key, from, &data[(from - start) as usize..])?;
+        }
+        Ok(())
+    }
+
+    /// Seals the full segments `data` completes into the segments file (not
+    /// synced) and advances the end. Returns where `data` started and the
+    /// end of the sealed segments.
+    fn write_segments(&mut self, data: &[u8]) -> Result<(u64, u64), SpoolError> {
         let Some(enc) = self.enc.as_mut() else {
             return Err(SpoolError::Sealed(self.end));
         };
@@ -454,12 +457,73 @@ impl FileJournal {
         }
         let start = self.end;
         self.end += data.len() as u64;
-        // Only the bytes not sealed above need a record.
-        let from = sealed_to.max(start);
-        if from < self.end {
-            self.append_records(key, from, &data[(from - start) as usize..])?;
+        Ok((start, sealed_to))
+    }
+
+    /// Whether the journal writes to the shared log (`ingest.sync = "log"`).
+    pub fn is_logged(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Whether appending `len` bytes writes a segment (file I/O); otherwise
+    /// a logged append only seals records in memory.
+    pub fn writes_segment(&self, len: usize) -> bool {
+        self.enc.as_ref().is_some_and(|e| e.pending().len() + len > e.segment_size() as usize)
+    }
+
+    /// Appends `data` to a logged journal: full segments go to the segments
+    /// file and the returned body of records is for [`FileJournal::submit`].
+    /// The records cover every byte of `data` (the segments are synced by a
+    /// later checkpoint), or with `sync_segments` only the bytes past the
+    /// segments, which are then synced here (a large batch, where writing
+    /// its bytes twice would cost more than one more sync).
+    pub fn append_logged(
+        &mut self,
+        key: &LessSafeKey,
+        data: &[u8],
+        sync_segments: bool,
+    ) -> Result<Vec<u8>, SpoolError> {
+        if self.enc.is_none() {
+            return Err(SpoolError::Sealed(self.end));
         }
-        Ok(())
+        let sealed_before = self.enc.as_ref().map_or(0, ObjectEncryptor::sealed_len);
+        let (start, sealed_to) = if data.len() < PARALLEL_HASH_MIN {
+            self.hash.update(data);
+            self.write_segments(data)?
+        } else {
+            let mut hash = std::mem::replace(&mut self.hash, digest::Context::new(&digest::SHA256));
+            let written = std::thread::scope(|scope| {
+                let hasher = scope.spawn(|| hash.update(data));
+                let written = self.write_segments(data);
+                hasher.join().map_err(|_| SpoolError::Crypto)?;
+                written
+            });
+            self.hash = hash;
+            written?
+        };
+        if sync_segments && self.seg_dirty {
+            self.seg.sync_data()?;
+            self.seg_dirty = false;
+        }
+        let from = if sync_segments { sealed_to.max(start) } else { start };
+        let mut body = Vec::with_capacity((self.end - from) as usize + 2 * (RECORD_HEADER_LEN + TAG_LEN));
+        let mut at = from;
+        for piece in data[(from - start) as usize..].chunks(MAX_RECORD) {
+            seal_record(key, &self.object_id, at, piece, &mut body)?;
+            at += piece.len() as u64;
+        }
+        if let Some(pin) = &self.log
+            && sealed_to > sealed_before
+        {
+            pin.segments_written(sealed_to, sync_segments);
+        }
+        Ok(body)
+    }
+
+    /// Queues a body from [`FileJournal::append_logged`] in the shared log;
+    /// the receiver answers once it is durable.
+    pub fn submit(&self, body: Vec<u8>) -> tokio::sync::oneshot::Receiver<std::io::Result<()>> {
+        self.log.as_ref().expect("a logged journal").submit(self.end, body)
     }
 
     fn append_records(&mut self, key: &LessSafeKey, mut at: u64, data: &[u8]) -> Result<(), SpoolError> {
@@ -534,6 +598,9 @@ impl FileJournal {
         // or been cut off by a crash between its write and its sync.
         self.seg.sync_data()?;
         self.seg_dirty = false;
+        if let Some(pin) = &self.log {
+            pin.segments_written(u64::MAX, true);
+        }
         let sha = self.hash.clone().finish().as_ref().try_into().expect("SHA-256 is 32 bytes");
         Ok((self.end, sha))
     }
@@ -554,11 +621,17 @@ impl FileJournal {
     }
 }
 
+/// The first bytes of a journal file.
+pub(crate) fn journal_header(object_id: &ObjectId) -> Vec<u8> {
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(object_id.as_bytes());
+    header
+}
+
 fn write_journal_header(file: &mut File, object_id: &ObjectId) -> std::io::Result<()> {
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
-    file.write_all(MAGIC)?;
-    file.write_all(object_id.as_bytes())?;
+    file.write_all(&journal_header(object_id))?;
     file.sync_all()
 }
 
@@ -667,6 +740,9 @@ fn open_chunk(
 pub enum JournalPlace {
     /// Files in this (local) directory: the embedded default.
     Dir(PathBuf),
+    /// Files in the log's spool directory, with the records of live
+    /// uploads in its shared log (`ingest.sync = "log"`, [`super::wal`]).
+    Log(Arc<Wal>),
     /// Chunks in the catalog, shared by every replica using it, so an
     /// upload acknowledged by one replica resumes on any other (docs/REPLICAS.md).
     Catalog(Arc<dyn Catalog>),
@@ -676,6 +752,7 @@ impl std::fmt::Debug for JournalPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
+            Self::Log(w) => f.debug_tuple("Log").field(w).finish(),
             Self::Catalog(_) => f.write_str("Catalog"),
         }
     }
@@ -750,6 +827,14 @@ impl Journal {
     ) -> Result<Self, SpoolError> {
         match place {
             JournalPlace::Dir(dir) => FileJournal::open(dir, object_id, keys, sink).map(|j| Self::File(Box::new(j))),
+            JournalPlace::Log(wal) => {
+                // Records of an earlier stream still in the log join the
+                // journal file first, so it is read whole.
+                wal.take(&object_id)?;
+                let mut journal = FileJournal::open(wal.spool_dir(), object_id, keys, sink)?;
+                journal.log = Some(wal.pin(object_id));
+                Ok(Self::File(Box::new(journal)))
+            }
             JournalPlace::Catalog(catalog) => {
                 let epoch = tokio::runtime::Handle::current().block_on(catalog.claim_journal(&upload_id))?;
                 let end = CatalogJournal::replay(catalog.as_ref(), &upload_id, &object_id, keys.spool, sink)?;
@@ -847,6 +932,7 @@ impl Journal {
     pub fn remove(place: &JournalPlace, object_id: &ObjectId) -> std::io::Result<()> {
         match place {
             JournalPlace::Dir(dir) => remove(dir, object_id),
+            JournalPlace::Log(wal) => wal.remove(object_id),
             JournalPlace::Catalog(_) => Ok(()),
         }
     }
@@ -861,6 +947,15 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// Removes an upload's local journal files in `spool_dir`, through the
+/// shared log when there is one (so that no spill brings one back).
+pub fn remove_local(place: &JournalPlace, spool_dir: &Path, object_id: &ObjectId) -> std::io::Result<()> {
+    match place {
+        JournalPlace::Log(wal) => wal.remove(object_id),
+        _ => remove(spool_dir, object_id),
+    }
 }
 
 /// Removes an upload's journal files; absent is fine. A published
@@ -1081,26 +1176,6 @@ mod tests {
         j.sync(&t.spool).unwrap();
         assert_eq!(j.seal().unwrap().1, sha(&a));
         same(&decrypt_object(&t.dek, &std::fs::read(t.seg_path()).unwrap()).unwrap().1, &a);
-    }
-
-    #[test]
-    fn a_group_commit_stands_for_the_sync() {
-        let t = setup();
-        let mut j = t.open();
-        let a = data(2 * ROTATE_AT as usize, 9);
-        let mut rotations = 0;
-        for piece in a.chunks(8000) {
-            j.append_unsynced(&t.spool, piece).unwrap();
-            // What the group commit does for every stream at once.
-            rustix::fs::syncfs(std::fs::File::open(t.dir.path()).unwrap()).unwrap();
-            if j.synced() {
-                j.rotate(&t.spool).unwrap();
-                rotations += 1;
-            }
-        }
-        assert!(rotations > 0 && t.journal_len() <= ROTATE_AT + 2000);
-        drop(j);
-        same(&t.recovered(), &a);
     }
 
     #[test]

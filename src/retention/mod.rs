@@ -359,6 +359,8 @@ impl Retention {
         );
         crate::metrics::shred_requested();
         let _work = self.work.lock().await;
+        // The sweep may have advanced (even completed) it while we waited.
+        let ticket = self.catalog.shred_ticket(id).await?.unwrap_or(ticket);
         let ticket = self.advance_shred(actor, ticket).await?;
         self.status_of(id, Some(ticket)).await
     }
@@ -377,6 +379,8 @@ impl Retention {
             .await?;
         tracing::info!(customer_ref = %ticket.customer_ref, "shred approved");
         let _work = self.work.lock().await;
+        // The sweep may have advanced (even completed) it while we waited.
+        let ticket = self.catalog.shred_ticket(id).await?.unwrap_or(ticket);
         let ticket = self.advance_shred(actor, ticket).await?;
         self.status_of(id, Some(ticket)).await
     }
@@ -491,9 +495,9 @@ impl Retention {
             for object_id in &uploads {
                 let _ = self.store.delete(object_id).await;
             }
-            let dir = self.spool_dir.clone();
+            let (dir, place) = (self.spool_dir.clone(), self.ingest.journal_place().clone());
             let failed = tokio::task::spawn_blocking(move || {
-                uploads.iter().filter(|id| spool::remove(&dir, id).is_err()).count()
+                uploads.iter().filter(|id| spool::remove_local(&place, &dir, id).is_err()).count()
             })
             .await
             .unwrap_or(0);
@@ -688,8 +692,12 @@ impl Retention {
         for upload in abandoned {
             self.catalog.discard_upload(&upload.upload_id).await?;
             report.leftovers += self.delete_ciphertext(vec![upload.object_id]).await;
-            let (dir, id) = (self.spool_dir.clone(), upload.object_id);
-            if tokio::task::spawn_blocking(move || spool::remove(&dir, &id)).await.map_err(Error::internal)?.is_err() {
+            let (dir, id, place) = (self.spool_dir.clone(), upload.object_id, self.ingest.journal_place().clone());
+            if tokio::task::spawn_blocking(move || spool::remove_local(&place, &dir, &id))
+                .await
+                .map_err(Error::internal)?
+                .is_err()
+            {
                 report.leftovers += 1;
             }
             report.uploads_abandoned += 1;

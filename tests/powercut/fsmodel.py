@@ -254,6 +254,10 @@ def parse_trace(path):
                 if name in SYNC_CALLS or name in GLOBAL_SYNC_CALLS:
                     fd = _first_fd(args) if name != "sync" else None
                     events.append(Event("sync-begin", tid=tid, fd=fd, t=ts, name=name))
+                if name == "close":
+                    # The kernel frees the descriptor on entry: another
+                    # thread may get the same number before this returns.
+                    events.append(Event("close-begin", tid=tid, fd=_first_fd(args), t=ts, name=name))
                 continue
             mr = _RESUMED.match(rest)
             if mr:
@@ -261,6 +265,8 @@ def parse_trace(path):
                 if tid not in pending or pending[tid][0] != name:
                     raise ModelError(f"resumed without start: {raw[:200]}")
                 pname, pargs, t0 = pending.pop(tid)
+                if name == "close":
+                    continue  # applied at its entry (close-begin)
                 text = f"{name}({pargs}{mr.group(2)}"
                 mc = _CALL.match(text)
                 if not mc:
@@ -434,6 +440,9 @@ class Model:
             files = {i: n.log_base + len(n.log) for i, n in self.inodes.items() if n.kind == "file"}
             dirs = {i: dict(n.entries) for i, n in self.inodes.items() if n.kind == "dir"}
             self.snapshots[(ev.tid, ev.name)] = ("global", files, dirs, len(self.ns_log))
+            return False
+        if ev.kind == "close-begin":
+            self.fds.pop(ev.fd, None)
             return False
         if ev.kind == "sync-begin":
             of = self.fds.get(ev.fd)

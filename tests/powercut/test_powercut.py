@@ -22,7 +22,7 @@ of the steady-state run, default 100), POWERCUT_BOOT_POINTS (first start,
 default 40), POWERCUT_WORKERS (parallel images, default: CPUs),
 POWERCUT_KEEP_DIR (where images with findings are kept; default a
 temporary directory that is printed), POWERCUT_STRICT=0 (storage leaks
-are reported only; they fail by default), POWERCUT_INGEST_SYNC=filesystem (test the syncfs group commit
+are reported only; they fail by default), POWERCUT_INGEST_SYNC=log (test the shared ingest log
 instead of the default per-stream fdatasync). See README.md for the model and its limits.
 """
 
