@@ -1210,29 +1210,36 @@ const LOG_DIRECT_MIN: usize = 512 * 1024;
 
 /// One flush of a journal writing to the shared log ([`wal`]): seal, queue
 /// the records, wait for the log's sync.
-async fn flush_logged(mut journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
-    let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
+async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
     let direct = data.len() >= LOG_DIRECT_MIN;
-    let (journal, done) = if direct || file.writes_segment(data.len()) {
+    let (journal, done) = if direct || matches!(&journal, Journal::File(f) if f.writes_segment(data.len())) {
         tokio::task::spawn_blocking(move || {
             fail::fail_point!("ingest-flush");
-            let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
-            let body = file.append_logged(&key, &data, direct)?;
-            let done = file.submit(body);
-            Ok::<_, spool::SpoolError>((journal, done))
+            queue_logged(journal, &key, &data, direct)
         })
         .await
         .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??
     } else {
         // No file I/O: only records sealed in memory (about a microsecond
         // for a 100 ms frame batch), so no blocking-pool round trip.
-        let body = file.append_logged(&key, &data, false)?;
-        let done = file.submit(body);
-        (journal, done)
+        queue_logged(journal, &key, &data, false)?
     };
     done.await.map_err(|_| spool::SpoolError::Io(std::io::Error::other("the ingest log writer stopped")))??;
     let end = journal.end();
     Ok((journal, end))
+}
+
+/// Seals `data` into a logged journal and queues its records in the log.
+fn queue_logged(
+    mut journal: Journal,
+    key: &LessSafeKey,
+    data: &[u8],
+    direct: bool,
+) -> Result<(Journal, tokio::sync::oneshot::Receiver<std::io::Result<()>>), spool::SpoolError> {
+    let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
+    let body = file.append_logged(key, data, direct)?;
+    let done = file.submit(body);
+    Ok((journal, done))
 }
 
 async fn wait_flush(in_flight: &mut Option<JoinHandle<FlushResult>>) -> FlushResult {

@@ -972,8 +972,29 @@ pub fn remove(spool_dir: &Path, object_id: &ObjectId) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Test data and comparison shared by the journal and log tests.
+#[cfg(test)]
+pub(crate) mod test_bytes {
+    pub fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    /// Equal bytes, reported by length and first difference (not dumped).
+    #[track_caller]
+    pub fn same(got: &[u8], want: &[u8]) {
+        let differ = got.iter().zip(want).position(|(g, w)| g != w);
+        assert!(
+            got.len() == want.len() && differ.is_none(),
+            "got {} bytes, want {}; first difference at {differ:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_bytes::{data, same};
     use super::*;
     use crate::crypto::DataKey;
     use crate::crypto::format::{DEFAULT_SEGMENT_SIZE, decrypt_object, derive_spool_key};
@@ -1020,22 +1041,6 @@ mod tests {
         fn journal_len(&self) -> u64 {
             std::fs::metadata(journal_path(self.dir.path(), &self.id)).unwrap().len()
         }
-    }
-
-    fn data(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
-    }
-
-    /// Equal bytes, reported by length and first difference (not dumped).
-    #[track_caller]
-    fn same(got: &[u8], want: &[u8]) {
-        let differ = got.iter().zip(want).position(|(g, w)| g != w);
-        assert!(
-            got.len() == want.len() && differ.is_none(),
-            "got {} bytes, want {}; first difference at {differ:?}",
-            got.len(),
-            want.len()
-        );
     }
 
     fn sha(data: &[u8]) -> [u8; 32] {

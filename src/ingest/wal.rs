@@ -227,11 +227,6 @@ impl Wal {
         self.shared.lock().pins.remove(object_id);
         super::spool::remove(&self.shared.spool_dir, object_id)
     }
-
-    /// Generation files on disk (for tests and metrics).
-    pub fn generations(&self) -> usize {
-        self.shared.lock().generations.len()
-    }
 }
 
 impl Drop for Wal {
@@ -682,6 +677,11 @@ fn entries(path: &Path) -> Vec<(ObjectId, Vec<u8>)> {
 
 #[cfg(test)]
 impl Wal {
+    /// Generation files on disk.
+    fn generations(&self) -> usize {
+        self.shared.lock().generations.len()
+    }
+
     /// Runs a checkpoint now (the thread runs one every half second).
     fn checkpoint_now(&self) {
         checkpoint(&self.shared).unwrap();
@@ -697,6 +697,7 @@ mod tests {
     use super::*;
     use crate::crypto::DataKey;
     use crate::crypto::format::{self, DEFAULT_SEGMENT_SIZE, HeaderFields, decrypt_object, derive_spool_key};
+    use crate::ingest::spool::test_bytes::{data, same};
     use crate::ingest::spool::{FileJournal, Journal, JournalKeys, JournalPlace};
     use ring::aead::LessSafeKey;
 
@@ -750,21 +751,6 @@ mod tests {
     fn append(j: &mut FileJournal, key: &LessSafeKey, data: &[u8]) {
         let body = j.append_logged(key, data, false).unwrap();
         j.submit(body).blocking_recv().unwrap().unwrap();
-    }
-
-    fn data(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed)).collect()
-    }
-
-    #[track_caller]
-    fn same(got: &[u8], want: &[u8]) {
-        let differ = got.iter().zip(want).position(|(g, w)| g != w);
-        assert!(
-            got.len() == want.len() && differ.is_none(),
-            "got {} bytes, want {}; first difference at {differ:?}",
-            got.len(),
-            want.len()
-        );
     }
 
     // A1/A2: segments written but never synced are lost by a power cut;
