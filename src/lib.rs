@@ -22,8 +22,9 @@
 //! ```
 //!
 //! Beside the layers: `config` (file + `RECVAULT__*` env + flags), `server`
-//! (wiring), `readiness` (the `/ready` and gRPC health probe) and `metrics`
-//! (process-wide counters, recorded by one-line calls from the use cases).
+//! (wiring), `readiness` (the `/ready` and gRPC health probe), `metrics`
+//! (process-wide counters, recorded by one-line calls from the use cases)
+//! and `sqlite_group` (group commit for the SQLite catalog and audit trail).
 //!
 //! # Threat model in brief
 //!
@@ -66,5 +67,6 @@ pub mod retention;
 pub mod retrieve;
 pub mod revocation;
 pub mod server;
+pub mod sqlite_group;
 pub mod store;
 pub mod web;

@@ -31,15 +31,13 @@ use crate::clock::Clock;
 use crate::error::Error;
 use crate::model::CustomerId;
 use crate::retention::certificate::{SigningKey, signature_valid};
+use crate::sqlite_group::{Group, GroupError};
 
 const RECORD_DOMAIN: &[u8] = b"recvault audit record v1\n";
 const CHECKPOINT_DOMAIN: &[u8] = b"recvault audit checkpoint v1\n";
 
 /// Records between signed checkpoints.
 pub const CHECKPOINT_EVERY: u64 = 64;
-
-/// How long an append waits for a locked audit store before failing.
-const BUSY_TIMEOUT_MS: u64 = 2000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -256,20 +254,40 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
     ))
 }
 
-struct Inner {
-    conn: Connection,
+/// Where the chain stands, as the writer thread sees it (rolled back with
+/// a write or batch that fails).
+#[derive(Clone)]
+struct Chain {
     head: Head,
     since_checkpoint: u64,
 }
 
+/// A failure inside the writer: every one of them is "cannot be written".
+struct AuditFail(Error);
+
+impl From<GroupError> for AuditFail {
+    fn from(e: GroupError) -> Self {
+        AuditFail(unavailable(e))
+    }
+}
+
+impl From<Error> for AuditFail {
+    fn from(e: Error) -> Self {
+        AuditFail(e)
+    }
+}
+
 /// The audit trail of one service.
+///
+/// Appends of concurrent callers share one transaction (`crate::sqlite_group`):
+/// one `fsync` makes a batch of records durable, and no caller is answered
+/// before its record is. The chain stays one chain: the writer thread links
+/// the records of a batch in the order it takes them.
 #[derive(Clone)]
 pub struct AuditLog {
-    inner: Arc<Mutex<Inner>>,
-    /// One append at a time reaches the blocking pool; the others wait
-    /// here, not parked on `inner` in a blocking thread each (under load
-    /// they filled the pool and delayed journal flushes behind them).
-    appending: Arc<tokio::sync::Semaphore>,
+    db: Arc<Group<Chain>>,
+    /// The newest durable head, for [`AuditLog::head`].
+    published: Arc<Mutex<Head>>,
     signer: Arc<SigningKey>,
     clock: Arc<dyn Clock>,
 }
@@ -304,15 +322,17 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     })
 }
 
+/// Pragmas of every connection: a record survives power loss once
+/// written; an append waits up to 2 s for a store locked by another process.
+const CONNECTION_SETUP: &str = "PRAGMA synchronous=FULL; PRAGMA busy_timeout=2000;";
+
 impl AuditLog {
     /// Opens (creating if needed) the audit store and signs a checkpoint
     /// over any records written since the last one.
     pub fn open(path: &Path, signer: Arc<SigningKey>, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         let conn = Connection::open(path).map_err(unavailable)?;
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};"
-        ))
-        .map_err(unavailable)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL;").map_err(unavailable)?;
+        conn.execute_batch(CONNECTION_SETUP).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         let head = conn
             .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |r| {
@@ -324,146 +344,152 @@ impl AuditLog {
         let checkpointed: u64 = conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM checkpoints", [], |r| r.get::<_, i64>(0))
             .map_err(unavailable)? as u64;
-        let log = Self {
-            inner: Arc::new(Mutex::new(Inner { conn, head, since_checkpoint: head.seq.saturating_sub(checkpointed) })),
-            appending: Arc::new(tokio::sync::Semaphore::new(1)),
-            signer,
-            clock,
-        };
-        log.checkpoint_locked(&mut log.inner.lock().expect("audit lock"))?;
-        Ok(log)
+        let mut chain = Chain { head, since_checkpoint: head.seq.saturating_sub(checkpointed) };
+        sign_checkpoint(&conn, &mut chain, &signer, clock.as_ref())?;
+        let db =
+            Group::start("audit", conn, chain, Some((path.to_path_buf(), CONNECTION_SETUP))).map_err(unavailable)?;
+        Ok(Self { db: Arc::new(db), published: Arc::new(Mutex::new(head)), signer, clock })
     }
 
     /// Appends one record; its head once written. Fails with `UNAVAILABLE`
     /// when the store cannot be written (the caller must then not act).
     pub async fn append(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
-        let this = self.clone();
-        let actor = actor.clone();
-        let _turn = self.appending.acquire().await.map_err(|e| Error::Internal(format!("audit append gate: {e}")))?;
-        tokio::task::spawn_blocking(move || this.append_blocking(&actor, event))
+        let (actor, signer, clock) = (actor.clone(), self.signer.clone(), self.clock.clone());
+        let head = self
+            .db
+            .write(move |conn, chain| append_record(conn, chain, &signer, clock.as_ref(), &actor, event))
             .await
-            .map_err(|e| Error::Internal(format!("audit append task: {e}")))?
+            .map_err(|AuditFail(e)| e)?;
+        self.publish(head);
+        Ok(head)
     }
 
-    fn append_blocking(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
-        let mut inner = self.inner.lock().expect("audit lock");
-        let mut record = Record {
-            seq: inner.head.seq + 1,
-            at_ms: self.clock.now_ms(),
-            principal: actor.principal.clone(),
-            action: event.action.to_owned(),
-            customer_id: event.customer_id,
-            target: event.target,
-            purpose: event.purpose,
-            result: event.result,
-            request_id: actor.request_id.clone(),
-            detail: serde_json::Value::Object(event.detail).to_string(),
-            prev_hash: inner.head.hash,
-            hash: [0; 32],
-        };
-        record.hash = record_hash(&record);
-        inner
-            .conn
-            .execute(
-                &format!(
-                    "INSERT INTO records ({RECORD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-                ),
-                params![
-                    record.seq as i64,
-                    record.at_ms,
-                    record.principal,
-                    record.action,
-                    record.customer_id,
-                    record.target,
-                    record.purpose,
-                    record.result,
-                    record.request_id,
-                    record.detail,
-                    &record.prev_hash[..],
-                    &record.hash[..],
-                ],
-            )
-            .map_err(|e| {
-                tracing::error!(action = record.action, error = %e, "audit record not written");
-                unavailable(e)
-            })?;
-        inner.head = Head { seq: record.seq, hash: record.hash };
-        inner.since_checkpoint += 1;
-        if inner.since_checkpoint >= CHECKPOINT_EVERY
-            && let Err(e) = self.checkpoint_locked(&mut inner)
-        {
-            // The record itself is durable; the next append retries.
-            tracing::warn!(error = %e, "audit checkpoint not written yet");
+    fn publish(&self, head: Head) {
+        let mut published = self.published.lock().expect("audit head lock");
+        if head.seq > published.seq {
+            *published = head;
         }
-        Ok(inner.head)
-    }
-
-    fn checkpoint_locked(&self, inner: &mut Inner) -> Result<(), Error> {
-        if inner.since_checkpoint == 0 {
-            return Ok(());
-        }
-        let at_ms = self.clock.now_ms();
-        let key_id = self.signer.key_id();
-        let sig = self.signer.sign_message(&checkpoint_message(inner.head.seq, &inner.head.hash, at_ms, key_id));
-        inner
-            .conn
-            .execute(
-                "INSERT OR REPLACE INTO checkpoints (seq, head, at_ms, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![inner.head.seq as i64, &inner.head.hash[..], at_ms, key_id, sig],
-            )
-            .map_err(unavailable)?;
-        inner.since_checkpoint = 0;
-        Ok(())
     }
 
     /// Signs a checkpoint at the current head now.
     pub async fn checkpoint(&self) -> Result<Head, Error> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut inner = this.inner.lock().expect("audit lock");
-            this.checkpoint_locked(&mut inner)?;
-            Ok(inner.head)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("audit checkpoint task: {e}")))?
+        let (signer, clock) = (self.signer.clone(), self.clock.clone());
+        let head = self
+            .db
+            .write(move |conn, chain| {
+                sign_checkpoint(conn, chain, &signer, clock.as_ref())?;
+                Ok::<_, AuditFail>(chain.head)
+            })
+            .await
+            .map_err(|AuditFail(e)| e)?;
+        self.publish(head);
+        Ok(head)
     }
 
+    /// The newest head an append or checkpoint has returned.
     pub fn head(&self) -> Head {
-        self.inner.lock().expect("audit lock").head
+        *self.published.lock().expect("audit head lock")
     }
 
     /// The first record of `action` for this customer with result `ok`, if
     /// any (steps recorded exactly once across crashes use this).
     pub async fn find(&self, action: &'static str, customer: &CustomerId) -> Result<Option<Head>, Error> {
-        let this = self.clone();
         let customer = customer.to_string();
-        tokio::task::spawn_blocking(move || {
-            let inner = this.inner.lock().expect("audit lock");
-            inner
-                .conn
-                .query_row(
+        self.db
+            .read(move |conn| {
+                conn.query_row(
                     "SELECT seq, hash FROM records WHERE action = ?1 AND customer_id = ?2 AND result = 'ok'
                      ORDER BY seq LIMIT 1",
                     params![action, customer],
                     |r| Ok(Head { seq: r.get::<_, i64>(0)? as u64, hash: hash_col(r, 1)? }),
                 )
                 .optional()
-                .map_err(unavailable)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("audit query task: {e}")))?
+                .map_err(|e| AuditFail(unavailable(e)))
+            })
+            .await
+            .map_err(|AuditFail(e)| e)
     }
 
     /// Records matching `filter`, newest first.
     pub async fn search(&self, filter: Filter) -> Result<Vec<Record>, Error> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let inner = this.inner.lock().expect("audit lock");
-            search(&inner.conn, &filter).map_err(unavailable)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("audit query task: {e}")))?
+        self.db
+            .read(move |conn| search(conn, &filter).map_err(|e| AuditFail(unavailable(e))))
+            .await
+            .map_err(|AuditFail(e)| e)
     }
+}
+
+/// Links and writes one record (on the writer thread, inside its batch).
+fn append_record(
+    conn: &Connection,
+    chain: &mut Chain,
+    signer: &SigningKey,
+    clock: &dyn Clock,
+    actor: &Actor,
+    event: Event,
+) -> Result<Head, AuditFail> {
+    let mut record = Record {
+        seq: chain.head.seq + 1,
+        at_ms: clock.now_ms(),
+        principal: actor.principal.clone(),
+        action: event.action.to_owned(),
+        customer_id: event.customer_id,
+        target: event.target,
+        purpose: event.purpose,
+        result: event.result,
+        request_id: actor.request_id.clone(),
+        detail: serde_json::Value::Object(event.detail).to_string(),
+        prev_hash: chain.head.hash,
+        hash: [0; 32],
+    };
+    record.hash = record_hash(&record);
+    conn.execute(
+        &format!("INSERT INTO records ({RECORD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+        params![
+            record.seq as i64,
+            record.at_ms,
+            record.principal,
+            record.action,
+            record.customer_id,
+            record.target,
+            record.purpose,
+            record.result,
+            record.request_id,
+            record.detail,
+            &record.prev_hash[..],
+            &record.hash[..],
+        ],
+    )
+    .map_err(|e| {
+        tracing::error!(action = record.action, error = %e, "audit record not written");
+        AuditFail(unavailable(e))
+    })?;
+    chain.head = Head { seq: record.seq, hash: record.hash };
+    chain.since_checkpoint += 1;
+    if chain.since_checkpoint >= CHECKPOINT_EVERY
+        && let Err(e) = sign_checkpoint(conn, chain, signer, clock)
+    {
+        // The record itself is written; the next append retries.
+        tracing::warn!(error = %e, "audit checkpoint not written yet");
+    }
+    Ok(chain.head)
+}
+
+/// Signs the head when records were added since the last checkpoint.
+fn sign_checkpoint(conn: &Connection, chain: &mut Chain, signer: &SigningKey, clock: &dyn Clock) -> Result<(), Error> {
+    if chain.since_checkpoint == 0 {
+        return Ok(());
+    }
+    let at_ms = clock.now_ms();
+    let key_id = signer.key_id();
+    let sig = signer.sign_message(&checkpoint_message(chain.head.seq, &chain.head.hash, at_ms, key_id));
+    conn.execute(
+        "INSERT OR REPLACE INTO checkpoints (seq, head, at_ms, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![chain.head.seq as i64, &chain.head.hash[..], at_ms, key_id, sig],
+    )
+    .map_err(unavailable)?;
+    chain.since_checkpoint = 0;
+    Ok(())
 }
 
 fn search(conn: &Connection, f: &Filter) -> rusqlite::Result<Vec<Record>> {
@@ -617,6 +643,13 @@ fn verify_conn(conn: &Connection, public_key: &[u8]) -> Result<Verified, Broken>
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+
+    impl AuditLog {
+        /// An append from synchronous test code (the writer needs no runtime).
+        fn append_blocking(&self, actor: &Actor, event: Event) -> Result<Head, Error> {
+            futures::executor::block_on(self.append(actor, event))
+        }
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -797,7 +830,7 @@ mod tests {
         let f = fixture(30);
         let c1 = CustomerId::parse("cust-1").unwrap();
         f.log.append_blocking(&Actor::system("x"), Event::new("shred.request").customer(&c1)).unwrap();
-        let conn = &f.log.inner.lock().unwrap().conn;
+        let conn = &Connection::open(&f.path).unwrap();
         let got =
             search(conn, &Filter { customer_id: Some("cust-1".into()), limit: 100, ..Default::default() }).unwrap();
         assert_eq!(got.len(), 11);

@@ -3,9 +3,11 @@
 //! WAL mode with `synchronous=FULL` (a commit survives power loss) and
 //! `secure_delete=ON`, so destroyed wrapped keys are overwritten in the
 //! database file; after a shred the WAL is checkpointed and truncated so no
-//! old page holding a destroyed key stays in it.
+//! old page holding a destroyed key stays in it. Writes of concurrent
+//! callers share one transaction (one `fsync`) and reads run on their own
+//! connections (`crate::sqlite_group`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,6 +22,7 @@ use crate::model::{
     Consent, ContentKind, CustomerId, CustomerRef, Direction, Hold, HoldId, Interaction, ObjectId, ObjectRecord,
     ObjectSpec, Retention, RetentionPolicy, Role, TimeSpan, TokenRecord, UploadId,
 };
+use crate::sqlite_group::{Group, GroupError};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
@@ -159,40 +162,44 @@ const LIVE: i64 = 0;
 const SHREDDED: i64 = 1;
 const EXPIRED: i64 = 2;
 
-/// The SQLite catalog. One connection behind a mutex; every call runs on
-/// the blocking pool.
+/// The SQLite catalog: writes grouped into one transaction per batch by one
+/// writer thread, reads on their own connections (`crate::sqlite_group`).
 #[derive(Clone)]
 pub struct SqliteCatalog {
-    /// An async lock, taken before a blocking-pool thread is: callers
-    /// waiting for the one connection must not each park a pool thread
-    /// (under load they filled the pool and delayed journal flushes).
-    conn: Arc<tokio::sync::Mutex<Connection>>,
+    db: Arc<Group<()>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> CatalogError {
     CatalogError::Backend(e.to_string())
 }
 
+impl From<GroupError> for CatalogError {
+    fn from(e: GroupError) -> Self {
+        CatalogError::Backend(e.0)
+    }
+}
+
+/// Pragmas of every connection. `synchronous=FULL`: a commit survives
+/// power loss; `secure_delete`: freed pages (destroyed keys) are zeroed.
+const CONNECTION_SETUP: &str = "PRAGMA synchronous=FULL;
+     PRAGMA secure_delete=ON;
+     PRAGMA foreign_keys=ON;
+     PRAGMA busy_timeout=5000;";
+
 impl SqliteCatalog {
     /// Opens (creating if needed) the catalog file.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
-        Self::init(Connection::open(path).map_err(backend)?)
+        Self::init(Connection::open(path).map_err(backend)?, Some(path.to_path_buf()))
     }
 
     /// A private in-memory catalog, for unit tests.
     pub fn memory() -> Result<Self, CatalogError> {
-        Self::init(Connection::open_in_memory().map_err(backend)?)
+        Self::init(Connection::open_in_memory().map_err(backend)?, None)
     }
 
-    fn init(conn: Connection) -> Result<Self, CatalogError> {
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             PRAGMA secure_delete=ON;
-             PRAGMA foreign_keys=ON;
-             PRAGMA busy_timeout=5000;",
-        )
-        .map_err(backend)?;
+    fn init(conn: Connection, path: Option<PathBuf>) -> Result<Self, CatalogError> {
+        conn.execute_batch("PRAGMA journal_mode=WAL;").map_err(backend)?;
+        conn.execute_batch(CONNECTION_SETUP).map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
         for (table, column, decl) in ADDED_COLUMNS {
             let exists: bool = conn
@@ -208,16 +215,31 @@ impl SqliteCatalog {
             }
         }
         conn.execute_batch(INDEXES_ON_ADDED).map_err(backend)?;
-        Ok(Self { conn: Arc::new(tokio::sync::Mutex::new(conn)) })
+        let db = Group::start("catalog", conn, (), path.map(|p| (p, CONNECTION_SETUP)))?;
+        Ok(Self { db: Arc::new(db) })
     }
 
-    async fn run<T, F>(&self, f: F) -> Result<T, CatalogError>
+    /// Runs `f` in the writer's next batch; answers once it is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T, CatalogError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, CatalogError> + Send + 'static,
     {
-        let mut guard = self.conn.clone().lock_owned().await;
-        tokio::task::spawn_blocking(move || f(&mut guard)).await.map_err(backend)?
+        self.db.write(move |c, _| f(c)).await
+    }
+
+    /// Runs `f` on a reader connection, in one read transaction.
+    async fn read<T, F>(&self, f: F) -> Result<T, CatalogError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, CatalogError> + Send + 'static,
+    {
+        self.db.read(f).await
+    }
+
+    /// Truncates the WAL on the write connection, outside any transaction.
+    async fn scrub_wal(&self) -> Result<(), CatalogError> {
+        self.db.solo(|c, _| scrub_wal(c)).await
     }
 }
 
@@ -424,7 +446,7 @@ fn hold_from_row(row: &Row<'_>) -> rusqlite::Result<Hold> {
 }
 
 /// The customer row of `id` inside a transaction.
-fn customer_in(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<CustomerRecord, CatalogError> {
+fn customer_in(tx: &Connection, id: &str) -> Result<CustomerRecord, CatalogError> {
     tx.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], customer_from_row)
         .optional()
         .map_err(backend)?
@@ -452,15 +474,31 @@ fn active_holds(conn: &Connection, customer_id: &str) -> Result<Vec<Hold>, Catal
 /// Moves every page out of the WAL and truncates it, so no frame holding a
 /// destroyed key survives in the `-wal` file (`secure_delete` has already
 /// zeroed the freed space in the pages themselves).
+///
+/// The checkpoint waits for readers (the busy timeout); one still reading
+/// an older snapshot makes it report busy, and it is tried again.
 fn scrub_wal(conn: &Connection) -> Result<(), CatalogError> {
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(backend)
+    for _ in 0..SCRUB_ATTEMPTS {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(backend)?;
+        if busy == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Err(CatalogError::Backend(
+        "the catalog's WAL could not be truncated after keys were destroyed (readers kept it busy); \
+         the next shred or expiry retries"
+            .into(),
+    ))
 }
+
+const SCRUB_ATTEMPTS: usize = 50;
 
 #[async_trait]
 impl Catalog for SqliteCatalog {
     async fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
         let key = key.to_owned();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(backend)
         })
         .await
@@ -468,7 +506,7 @@ impl Catalog for SqliteCatalog {
 
     async fn meta_put_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, CatalogError> {
         let (key, value) = (key.to_owned(), value.to_vec());
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])
                 .map_err(backend)?;
             c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).map_err(backend)
@@ -478,7 +516,7 @@ impl Catalog for SqliteCatalog {
 
     async fn customer(&self, id: &CustomerId) -> Result<Option<CustomerRecord>, CatalogError> {
         let id = id.as_str().to_owned();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], customer_from_row)
                 .optional()
                 .map_err(backend)
@@ -492,8 +530,8 @@ impl Catalog for SqliteCatalog {
         key: &CustomerKeyRecord,
     ) -> Result<CustomerRecord, CatalogError> {
         let (customer, key) = (customer.clone(), key.clone());
-        self.run(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let inserted = tx
                 .execute(
                     "INSERT OR IGNORE INTO customers
@@ -536,7 +574,7 @@ impl Catalog for SqliteCatalog {
         version: u32,
     ) -> Result<Option<CustomerKeyRecord>, CatalogError> {
         let customer = *customer;
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT root_key_id, wrapped_key FROM customer_keys WHERE customer_ref = ?1 AND version = ?2",
                 params![customer.as_bytes().as_slice(), version],
@@ -557,7 +595,7 @@ impl Catalog for SqliteCatalog {
 
     async fn upload(&self, id: &UploadId) -> Result<Option<UploadRecord>, CatalogError> {
         let id = id.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT * FROM uploads WHERE upload_id = ?1", [id], upload_from_row).optional().map_err(backend)
         })
         .await
@@ -565,8 +603,8 @@ impl Catalog for SqliteCatalog {
 
     async fn create_upload(&self, upload: &UploadRecord) -> Result<UploadRecord, CatalogError> {
         let u = upload.clone();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let spec = serde_json::to_string(&u.spec).map_err(backend)?;
             tx.execute(
                 "INSERT OR IGNORE INTO uploads
@@ -595,7 +633,7 @@ impl Catalog for SqliteCatalog {
 
     async fn discard_upload(&self, id: &UploadId) -> Result<(), CatalogError> {
         let id = id.to_string();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute("DELETE FROM uploads WHERE upload_id = ?1 AND committed = 0", [id]).map_err(backend)?;
             Ok(())
         })
@@ -604,8 +642,8 @@ impl Catalog for SqliteCatalog {
 
     async fn commit_upload(&self, object: &ObjectRecord) -> Result<ObjectRecord, CatalogError> {
         let o = object.clone();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let upload = tx
                 .query_row("SELECT * FROM uploads WHERE upload_id = ?1", [o.upload_id.to_string()], upload_from_row)
                 .optional()
@@ -683,7 +721,7 @@ impl Catalog for SqliteCatalog {
 
     async fn object(&self, id: &ObjectId) -> Result<Option<StoredObject>, CatalogError> {
         let id = id.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(
                 &format!(
                     "SELECT {OBJECT_COLUMNS}, c.state AS customer_state FROM objects o
@@ -721,7 +759,7 @@ impl Catalog for SqliteCatalog {
     ) -> Result<Vec<ObjectRecord>, CatalogError> {
         let (mut sql, args) = filter_sql(filter, after);
         sql.push_str(&format!(" ORDER BY o.created_at_ms DESC, o.object_id DESC LIMIT {limit}"));
-        self.run(move |c| {
+        self.read(move |c| {
             let sql = format!(
                 "SELECT {OBJECT_COLUMNS} FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref WHERE {sql}"
             );
@@ -734,7 +772,7 @@ impl Catalog for SqliteCatalog {
 
     async fn count_objects(&self, filter: &ListFilter) -> Result<u64, CatalogError> {
         let (sql, args) = filter_sql(filter, None);
-        self.run(move |c| {
+        self.read(move |c| {
             let sql = format!(
                 "SELECT COUNT(*) FROM objects o JOIN customers c ON c.customer_ref = o.customer_ref WHERE {sql}"
             );
@@ -747,8 +785,8 @@ impl Catalog for SqliteCatalog {
 
     async fn request_shred(&self, id: &CustomerId, request: &ShredRequest) -> Result<ShredTicket, CatalogError> {
         let (id, r) = (id.as_str().to_owned(), request.clone());
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let customer = customer_in(&tx, &id)?;
             match customer.state {
                 CustomerState::Shredded => return Err(CatalogError::CustomerState(CustomerState::Shredded)),
@@ -776,8 +814,8 @@ impl Catalog for SqliteCatalog {
 
     async fn approve_shred(&self, id: &CustomerId, approver: &str, now_ms: i64) -> Result<ShredTicket, CatalogError> {
         let (id, approver) = (id.as_str().to_owned(), approver.to_owned());
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let customer = customer_in(&tx, &id)?;
             if customer.state != CustomerState::PendingShred {
                 return Err(CatalogError::CustomerState(customer.state));
@@ -804,8 +842,8 @@ impl Catalog for SqliteCatalog {
 
     async fn cancel_shred(&self, id: &CustomerId) -> Result<ShredTicket, CatalogError> {
         let id = id.as_str().to_owned();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let customer = customer_in(&tx, &id)?;
             if customer.state != CustomerState::PendingShred {
                 return Err(CatalogError::CustomerState(customer.state));
@@ -826,7 +864,7 @@ impl Catalog for SqliteCatalog {
 
     async fn shred_ticket(&self, id: &CustomerId) -> Result<Option<ShredTicket>, CatalogError> {
         let id = id.as_str().to_owned();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row("SELECT * FROM customers WHERE customer_id = ?1", [id], ticket_from_row)
                 .optional()
                 .map(Option::flatten)
@@ -836,7 +874,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn pending_shreds(&self) -> Result<Vec<ShredTicket>, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare("SELECT * FROM customers WHERE state = 'pending_shred' ORDER BY shred_destroy_after_ms")
                 .map_err(backend)?;
@@ -848,8 +886,8 @@ impl Catalog for SqliteCatalog {
 
     async fn destroy_customer_keys(&self, id: &CustomerId, now_ms: i64) -> Result<ShredTicket, CatalogError> {
         let id = id.as_str().to_owned();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        let ticket = self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let customer = customer_in(&tx, &id)?;
             if customer.state != CustomerState::PendingShred {
                 return Err(CatalogError::CustomerState(customer.state));
@@ -911,15 +949,16 @@ impl Catalog for SqliteCatalog {
             .map_err(backend)?;
             let ticket = ticket_in(&tx, &id)?;
             tx.commit().map_err(backend)?;
-            scrub_wal(c)?;
             Ok(ticket)
         })
-        .await
+        .await?;
+        self.scrub_wal().await?;
+        Ok(ticket)
     }
 
     async fn customer_key_versions(&self, customer: &CustomerRef) -> Result<Vec<u32>, CatalogError> {
         let cref = customer.as_bytes().to_vec();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare("SELECT version FROM customer_keys WHERE customer_ref = ?1 ORDER BY version")
                 .map_err(backend)?;
@@ -936,35 +975,37 @@ impl Catalog for SqliteCatalog {
         now_ms: i64,
     ) -> Result<ShredTicket, CatalogError> {
         let (id, certificate) = (id.as_str().to_owned(), certificate.to_owned());
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
-            let ticket = ticket_in(&tx, &id)?;
-            match (ticket.state, &ticket.destroyed) {
-                (CustomerState::Shredded, _) => return Ok(ticket),
-                (CustomerState::PendingShred, Some(_)) => {}
-                _ => {
-                    return Err(CatalogError::Conflict(format!(
-                        "the keys of {id} are not destroyed yet; the shred cannot complete"
-                    )));
+        let ticket = self
+            .write(move |c| {
+                let tx = c.savepoint().map_err(backend)?;
+                let ticket = ticket_in(&tx, &id)?;
+                match (ticket.state, &ticket.destroyed) {
+                    (CustomerState::Shredded, _) => return Ok(ticket),
+                    (CustomerState::PendingShred, Some(_)) => {}
+                    _ => {
+                        return Err(CatalogError::Conflict(format!(
+                            "the keys of {id} are not destroyed yet; the shred cannot complete"
+                        )));
+                    }
                 }
-            }
-            tx.execute(
+                tx.execute(
                 "UPDATE customers SET state = 'shredded', canary = NULL, shredded_at_ms = ?2, shred_certificate = ?3
                  WHERE customer_id = ?1",
                 params![id, now_ms, certificate],
             )
             .map_err(backend)?;
-            let ticket = ticket_in(&tx, &id)?;
-            tx.commit().map_err(backend)?;
-            scrub_wal(c)?;
-            Ok(ticket)
-        })
-        .await
+                let ticket = ticket_in(&tx, &id)?;
+                tx.commit().map_err(backend)?;
+                Ok(ticket)
+            })
+            .await?;
+        self.scrub_wal().await?;
+        Ok(ticket)
     }
 
     async fn tombstoned_objects(&self, customer: &CustomerRef) -> Result<Vec<ObjectId>, CatalogError> {
         let cref = customer.as_bytes().to_vec();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare(&format!("SELECT object_id FROM objects WHERE customer_ref = ?1 AND shredded != {LIVE}"))
                 .map_err(backend)?;
@@ -976,7 +1017,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn policies(&self) -> Result<Vec<StoredPolicy>, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare("SELECT body, from_config, updated_at_ms FROM retention_policies ORDER BY name")
                 .map_err(backend)?;
@@ -998,8 +1039,8 @@ impl Catalog for SqliteCatalog {
 
     async fn put_policy(&self, policy: &StoredPolicy) -> Result<(), CatalogError> {
         let p = policy.clone();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let existing: Option<i64> = tx
                 .query_row("SELECT from_config FROM retention_policies WHERE name = ?1", [&p.policy.name], |r| r.get(0))
                 .optional()
@@ -1028,8 +1069,8 @@ impl Catalog for SqliteCatalog {
 
     async fn delete_policy(&self, name: &str, from_config: bool) -> Result<(), CatalogError> {
         let name = name.to_owned();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let existing: i64 = tx
                 .query_row("SELECT from_config FROM retention_policies WHERE name = ?1", [&name], |r| r.get(0))
                 .optional()
@@ -1048,8 +1089,8 @@ impl Catalog for SqliteCatalog {
 
     async fn add_sensitive_spans(&self, id: &ObjectId, spans: &[TimeSpan]) -> Result<Vec<TimeSpan>, CatalogError> {
         let (id, spans) = (id.to_string(), spans.to_vec());
-        self.run(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let current: Option<String> = tx
                 .query_row(
                     &format!("SELECT sensitive_spans FROM objects WHERE object_id = ?1 AND shredded = {LIVE}"),
@@ -1074,7 +1115,7 @@ impl Catalog for SqliteCatalog {
 
     async fn set_retention(&self, id: &ObjectId, retention: &Retention) -> Result<(), CatalogError> {
         let (id, r) = (id.to_string(), retention.clone());
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 &format!(
                     "UPDATE objects SET retention_policy = ?2, expires_at_ms = ?3 WHERE object_id = ?1 AND shredded = {LIVE}"
@@ -1088,7 +1129,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn count_expiring(&self, now_ms: i64) -> Result<ExpiryCount, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(
                 &format!(
                     "SELECT COUNT(*), COALESCE(SUM(CASE WHEN {NOT_HELD} THEN 0 ELSE 1 END), 0)
@@ -1104,8 +1145,8 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn expire_objects(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredObject>, CatalogError> {
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        let expired = self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let due: Vec<(String, String)> = {
                 let mut stmt = tx
                     .prepare(&format!(
@@ -1153,17 +1194,18 @@ impl Catalog for SqliteCatalog {
                 });
             }
             tx.commit().map_err(backend)?;
-            if !expired.is_empty() {
-                scrub_wal(c)?;
-            }
             Ok(expired)
         })
-        .await
+        .await?;
+        if !expired.is_empty() {
+            self.scrub_wal().await?;
+        }
+        Ok(expired)
     }
 
     async fn expired_objects(&self, after: Option<ObjectId>, limit: usize) -> Result<Vec<ObjectId>, CatalogError> {
         let after = after.map(|a| a.to_string()).unwrap_or_default();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare(&format!(
                     "SELECT object_id FROM objects WHERE shredded = {EXPIRED} AND object_id > ?1
@@ -1179,8 +1221,8 @@ impl Catalog for SqliteCatalog {
 
     async fn place_hold(&self, hold: &Hold) -> Result<Hold, CatalogError> {
         let h = hold.clone();
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let state: Option<String> = tx
                 .query_row("SELECT state FROM customers WHERE customer_id = ?1", [h.customer_id.as_str()], |r| r.get(0))
                 .optional()
@@ -1218,8 +1260,8 @@ impl Catalog for SqliteCatalog {
 
     async fn release_hold(&self, id: &HoldId, by: &str, now_ms: i64) -> Result<Hold, CatalogError> {
         let (id, by) = (id.to_string(), by.to_owned());
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let hold = tx
                 .query_row("SELECT * FROM holds WHERE hold_id = ?1", [&id], hold_from_row)
                 .optional()
@@ -1246,7 +1288,7 @@ impl Catalog for SqliteCatalog {
 
     async fn holds(&self, customer: Option<&CustomerId>, include_released: bool) -> Result<Vec<Hold>, CatalogError> {
         let customer = customer.map(|c| c.as_str().to_owned());
-        self.run(move |c| {
+        self.read(move |c| {
             let mut sql = String::from("SELECT * FROM holds WHERE (?1 IS NULL OR customer_id = ?1)");
             if !include_released {
                 sql.push_str(" AND released_at_ms IS NULL");
@@ -1260,7 +1302,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn unfinished_uploads(&self, before_ms: i64) -> Result<Vec<UploadRecord>, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare("SELECT * FROM uploads WHERE committed = 0 AND created_at_ms < ?1 ORDER BY created_at_ms")
                 .map_err(backend)?;
@@ -1272,7 +1314,7 @@ impl Catalog for SqliteCatalog {
 
     async fn set_consent(&self, consent: &Consent) -> Result<(), CatalogError> {
         let k = consent.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO consent (customer_id, training_use, updated_by, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (customer_id) DO UPDATE SET training_use = excluded.training_use,
@@ -1287,7 +1329,7 @@ impl Catalog for SqliteCatalog {
 
     async fn consent(&self, id: &CustomerId) -> Result<Option<Consent>, CatalogError> {
         let id = id.clone();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT training_use, updated_by, updated_at_ms FROM consent WHERE customer_id = ?1",
                 [id.as_str()],
@@ -1308,7 +1350,7 @@ impl Catalog for SqliteCatalog {
 
     async fn create_token(&self, token: &TokenRecord) -> Result<(), CatalogError> {
         let t = token.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             let roles: Vec<&str> = t.roles.iter().map(|r| r.name()).collect();
             let inserted = c
                 .execute(
@@ -1337,7 +1379,7 @@ impl Catalog for SqliteCatalog {
 
     async fn token(&self, token_id: &str) -> Result<Option<TokenRecord>, CatalogError> {
         let id = token_id.to_owned();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_id = ?1"), [id], read_token)
                 .optional()
                 .map_err(backend)
@@ -1346,7 +1388,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn tokens(&self) -> Result<Vec<TokenRecord>, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at_ms DESC, token_id"))
                 .map_err(backend)?;
@@ -1358,7 +1400,7 @@ impl Catalog for SqliteCatalog {
 
     async fn revoke_token(&self, token_id: &str, now_ms: i64) -> Result<TokenRecord, CatalogError> {
         let id = token_id.to_owned();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "UPDATE tokens SET revoked_at_ms = ?2 WHERE token_id = ?1 AND revoked_at_ms IS NULL",
                 params![id, now_ms],
@@ -1379,7 +1421,7 @@ impl Catalog for SqliteCatalog {
         value: &[u8],
     ) -> Result<bool, CatalogError> {
         let (key, expected, value) = (key.to_owned(), expected.map(<[u8]>::to_vec), value.to_vec());
-        self.run(move |c| {
+        self.write(move |c| {
             let changed = match expected {
                 None => c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)", params![key, value]),
                 Some(old) => {
@@ -1393,7 +1435,7 @@ impl Catalog for SqliteCatalog {
     }
 
     async fn count_customer_keys_by_root(&self) -> Result<Vec<(String, u64)>, CatalogError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare("SELECT root_key_id, COUNT(*) FROM customer_keys GROUP BY root_key_id ORDER BY root_key_id")
                 .map_err(backend)?;
@@ -1413,7 +1455,7 @@ impl Catalog for SqliteCatalog {
         // An empty blob sorts before every 16-byte reference.
         let (after_ref, after_version) = after.map_or((Vec::new(), 0), |(r, v)| (r.as_bytes().to_vec(), v));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare(
                     "SELECT c.customer_id, k.customer_ref, k.version, k.root_key_id, k.wrapped_key
@@ -1442,7 +1484,7 @@ impl Catalog for SqliteCatalog {
 
     async fn rewrap_customer_key(&self, key: &CustomerKeyRecord, old_root_key_id: &str) -> Result<bool, CatalogError> {
         let (key, old) = (key.clone(), old_root_key_id.to_owned());
-        self.run(move |c| {
+        self.write(move |c| {
             let changed = c
                 .execute(
                     "UPDATE customer_keys SET root_key_id = ?3, wrapped_key = ?4
@@ -1457,7 +1499,7 @@ impl Catalog for SqliteCatalog {
 
     async fn claim_journal(&self, upload: &UploadId) -> Result<u64, CatalogError> {
         let id = upload.to_string();
-        self.run(move |c| {
+        self.write(move |c| {
             let epoch: Option<i64> = c
                 .query_row(
                     "UPDATE uploads SET writer_epoch = writer_epoch + 1 WHERE upload_id = ?1 AND committed = 0
@@ -1481,8 +1523,8 @@ impl Catalog for SqliteCatalog {
         sealed: &[u8],
     ) -> Result<(), CatalogError> {
         let (id, sealed) = (upload.to_string(), sealed.to_vec());
-        self.run(move |c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(backend)?;
             let row: Option<(i64, String, i64)> = tx
                 .query_row(
                     "SELECT u.writer_epoch, c.state,
@@ -1513,7 +1555,7 @@ impl Catalog for SqliteCatalog {
         limit: usize,
     ) -> Result<Vec<JournalChunk>, CatalogError> {
         let id = upload.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut stmt = c
                 .prepare(
                     "SELECT start_offset, end_offset, sealed FROM journal_chunks
