@@ -323,7 +323,25 @@ fn create_generation(dir: &Path, generation: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// Fails the log if the writer thread unwinds: queued and later flushes
+/// get an error instead of waiting for a writer that is gone.
+struct FailOnUnwind<'a>(&'a Shared);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the ingest log writer stopped unexpectedly; nothing more is acknowledged");
+            let mut st = self.0.lock();
+            st.failed = true;
+            for e in st.queue.drain(..) {
+                let _ = e.done.send(Err(failed()));
+            }
+        }
+    }
+}
+
 fn write_loop(shared: &Shared, mut file: File) {
+    let _fail_on_unwind = FailOnUnwind(shared);
     let mut len = 0u64;
     let mut buf = Vec::new();
     // The number of the next generation to create (never reused, even if
