@@ -586,6 +586,10 @@ pub struct IngestSection {
     /// stream's records appended to one shared log, synced once per batch
     /// whatever the number of streams: for thousands of live calls).
     pub sync: SyncMode,
+    /// Most ingest streams at once; one more is refused at once with
+    /// `UNAVAILABLE` (retry, or another replica). 0: no limit. Size it from
+    /// `recvault loadgen calls` on the server's hardware (BENCHMARKS.md).
+    pub max_streams: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -647,6 +651,7 @@ impl Default for IngestSection {
             caps: SizeCaps::default(),
             journal: JournalMode::Auto,
             sync: SyncMode::File,
+            max_streams: 0,
         }
     }
 }

@@ -624,6 +624,7 @@ struct Shared {
     calls_started: AtomicU64,
     calls_committed: AtomicU64,
     abandoned: AtomicU64,
+    refused: AtomicU64,
     acks: AtomicU64,
     resumes: AtomicU64,
     transcripts: AtomicU64,
@@ -828,6 +829,14 @@ async fn slot(sh: Arc<Shared>, mut client: Client, a: Arc<CallsArgs>, index: usi
                 sh.abandoned.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            // The server's documented answer at `ingest.max_streams`: a
+            // telephony platform tries again later (or another replica),
+            // so the call backs off instead of hammering the server.
+            Err(e) if e.starts_with("Unavailable") && e.contains("ingest.max_streams") => {
+                sh.refused.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(1).mul_f64(1.0 + rng.unit())).await;
+                continue;
+            }
             Err(e) => {
                 sh.error(format!("ingest: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -869,6 +878,8 @@ pub struct CallsReport {
     pub calls_committed: u64,
     /// Calls that hung up before their first byte (open slower than the call).
     pub abandoned: u64,
+    /// Calls refused at the server's `ingest.max_streams` (retried after 1-2 s).
+    pub refused: u64,
     /// Acks received: one per journal fsync of a stream.
     pub acks: u64,
     /// The disk's fdatasync ceiling, measured just before the load.
@@ -927,6 +938,13 @@ impl std::fmt::Display for CallsReport {
             "  calls started {}  committed {}  hung up before any audio {}  resumed streams {}  transcripts {}  images {}",
             self.calls_started, self.calls_committed, self.abandoned, self.resumes, self.transcripts, self.images
         )?;
+        if self.refused > 0 {
+            writeln!(
+                f,
+                "  refused at the server's ingest.max_streams {} (UNAVAILABLE, each retried after 1-2 s; not errors)",
+                self.refused
+            )?;
+        }
         writeln!(
             f,
             "  audio sent {:.1} MiB in {} messages, acked durable {:.1} MiB: {:.2} MB/s over the load ({:.2} MB/s offered = calls x 8000 B/s)",
@@ -1054,6 +1072,7 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
         calls_started: sh.calls_started.load(Ordering::Relaxed),
         calls_committed: sh.calls_committed.load(Ordering::Relaxed),
         abandoned: sh.abandoned.load(Ordering::Relaxed),
+        refused: sh.refused.load(Ordering::Relaxed),
         acks: sh.acks.load(Ordering::Relaxed),
         fsync_ceiling,
         resumes: sh.resumes.load(Ordering::Relaxed),

@@ -24,6 +24,7 @@ pub struct Registry {
     ingest_bytes: AtomicU64,
     ingest_streams: AtomicU64,
     ingest_streams_open: AtomicI64,
+    ingest_streams_refused: AtomicU64,
     objects_committed: AtomicU64,
     ack_buckets: [AtomicU64; ACK_BUCKETS.len()],
     ack_count: AtomicU64,
@@ -58,6 +59,11 @@ pub fn stream_opened() -> StreamGuard {
     GLOBAL.ingest_streams.fetch_add(1, Relaxed);
     GLOBAL.ingest_streams_open.fetch_add(1, Relaxed);
     StreamGuard(())
+}
+
+/// An ingest stream refused at `ingest.max_streams`.
+pub fn stream_refused() {
+    GLOBAL.ingest_streams_refused.fetch_add(1, Relaxed);
 }
 
 /// Counts an open ingest stream for as long as it lives.
@@ -135,6 +141,7 @@ impl Registry {
             ingest_bytes: ZERO,
             ingest_streams: ZERO,
             ingest_streams_open: AtomicI64::new(0),
+            ingest_streams_refused: AtomicU64::new(0),
             objects_committed: ZERO,
             ack_buckets: [ZERO; ACK_BUCKETS.len()],
             ack_count: ZERO,
@@ -187,6 +194,12 @@ impl Registry {
             "# HELP recvault_ingest_streams_open Ingest stream sessions open now.\n\
              # TYPE recvault_ingest_streams_open gauge\nrecvault_ingest_streams_open {}\n",
             self.ingest_streams_open.load(Relaxed)
+        );
+        counter(
+            &mut out,
+            "recvault_ingest_streams_refused_total",
+            "Ingest streams refused with UNAVAILABLE at ingest.max_streams.",
+            self.ingest_streams_refused.load(Relaxed),
         );
         counter(
             &mut out,

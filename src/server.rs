@@ -139,6 +139,7 @@ pub async fn open_with_store(
     icfg.caps = cfg.ingest.caps;
     icfg.shared_journal = cfg.shared_journal();
     icfg.shared_log = cfg.ingest.sync == crate::config::SyncMode::Log;
+    icfg.max_streams = cfg.ingest.max_streams;
     let auth = Arc::new(Authenticator::new(catalog.clone(), cfg.auth.certificates.clone(), clock.clone()));
     auth.bootstrap_admin(data).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let policies = Policies::new(Vec::new());

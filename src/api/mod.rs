@@ -458,6 +458,7 @@ impl pb::recvault_server::Recvault for Service {
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
         let (caller, _) = self.authorize(&request, Rpc::Ingest).await?;
+        let admission = self.ingest.admit().map_err(to_status)?;
         let inbound = request.into_inner().map(|r| match r {
             Ok(req) => parse_ingest(req),
             Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
@@ -471,7 +472,11 @@ impl pb::recvault_server::Recvault for Service {
         let (tx, rx) = mpsc::channel(16);
         // Its own task: the session must run to a clean end (journal
         // settled, lease released) even when the client vanishes.
-        tokio::spawn(self.ingest.clone().run_stream(caller, Box::pin(inbound), tx));
+        let ingest = self.ingest.clone();
+        tokio::spawn(async move {
+            ingest.run_stream(caller, Box::pin(inbound), tx).await;
+            drop(admission);
+        });
         let out = ReceiverStream::new(rx).map(|r| r.map(ingest_response).map_err(to_status));
         Ok(Response::new(Box::pin(out)))
     }

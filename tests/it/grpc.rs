@@ -539,3 +539,54 @@ async fn d4_a_wrong_root_key_refuses_to_start() {
     };
     assert!(err.contains("does not match"), "{err}");
 }
+
+/// `ingest.max_streams`: one stream more than the limit is refused at once
+/// with UNAVAILABLE and a message naming the setting, costs the running
+/// stream nothing, and the place comes back when a stream ends.
+#[tokio::test]
+async fn streams_beyond_max_streams_are_refused_and_admitted_again_once_one_ends() {
+    let server = TestServer::start_with(|c| c.ingest.max_streams = 1).await;
+    let mut c = server.client().await;
+    let first_id = new_id();
+    let mut first = Stream::start(&mut c).await.unwrap();
+    first.open(&first_id, spec("cust-cap", REC, "audio/pcmu")).await.unwrap();
+    first.data(0, &[0x55; 8000]).await;
+    assert_eq!(first.acked(8000).await.unwrap(), 8000);
+
+    let refused = match Stream::start(&mut c).await {
+        Err(status) => status,
+        Ok(mut s) => {
+            s.send(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
+                upload_id: new_id(),
+                spec: Some(spec("cust-cap", REC, "audio/pcmu")),
+            }))
+            .await;
+            s.error().await
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("ingest.max_streams"), "{}", refused.message());
+
+    // The running stream is untouched: it goes on and commits.
+    first.data(8000, &[0x55; 8000]).await;
+    first.finish(None, 16000).await;
+    assert_eq!(first.committed().await.unwrap().size, 16000);
+    drop(first);
+
+    // Its place is given back once its session has ended.
+    let mut last = None;
+    for _ in 0..100 {
+        let mut s = Stream::start(&mut c).await.unwrap();
+        match s.open(&new_id(), spec("cust-cap", REC, "audio/pcmu")).await {
+            Ok(_) => {
+                last = Some(s);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(last.is_some(), "a stream is admitted again after the first one ended");
+}
