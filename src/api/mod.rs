@@ -457,8 +457,11 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        let (caller, _) = self.authorize(&request, Rpc::Ingest).await?;
+        // Before authorising: a stream over the limit is refused without a
+        // catalog read, so refusals stay cheap while the server is full
+        // (all that a refused caller learns is that the server is busy).
         let admission = self.ingest.admit().map_err(to_status)?;
+        let (caller, _) = self.authorize(&request, Rpc::Ingest).await?;
         let inbound = request.into_inner().map(|r| match r {
             Ok(req) => parse_ingest(req),
             Err(status) if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) => {
