@@ -15,8 +15,10 @@
 //!
 //! Reads run on their own connections (WAL mode lets readers work beside
 //! the writer), each in one read transaction, so a listing or a readiness
-//! probe never waits behind a queue of writes. Reader connections are
-//! `query_only`: a read that tries to write fails.
+//! probe never waits behind a queue of writes. Up to [`READERS`] are
+//! opened as needed; each is lent to the blocking thread running one query
+//! and handed back by it. Reader connections are `query_only`: a read that
+//! tries to write fails.
 //!
 //! A private in-memory database has one connection; its reads go through
 //! the writer.
@@ -277,6 +279,8 @@ fn open_reader(path: &std::path::Path, setup: &str) -> Result<Connection, GroupE
 
 fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Queued<S>>) {
     let mut held: Option<Queued<S>> = None;
+    // Set once a COMMIT failed on an I/O error: fail closed from then on.
+    let mut failed: Option<GroupError> = None;
     loop {
         let first = match held.take() {
             Some(q) => q,
@@ -286,6 +290,10 @@ fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Q
                 Err(_) => return,
             },
         };
+        if let Some(e) = &failed {
+            first.work.finish(Err(e.clone()));
+            continue;
+        }
         if first.solo {
             let mut work = first.work;
             work.run(&mut conn, &mut state);
@@ -303,22 +311,30 @@ fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Q
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, &mut state, batch);
+        failed = commit_batch(&mut conn, &mut state, batch);
     }
 }
 
-fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<dyn Work<S>>>) {
+/// Runs one batch in one transaction and answers every write of it. Returns
+/// the error every later write gets when the COMMIT failed on an I/O error:
+/// after a failed `fsync` the kernel may have dropped pages it had already
+/// marked clean, so nothing written through this connection is trusted to
+/// be durable again until the server restarts (and SQLite recovers the
+/// database from what is really on disk), as the ingest log does.
+fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<dyn Work<S>>>) -> Option<GroupError> {
     let fail_all = |batch: Vec<Box<dyn Work<S>>>, e: GroupError| {
         for work in batch {
             work.finish(Err(e.clone()));
         }
     };
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        return fail_all(batch, GroupError(format!("cannot begin a write: {e}")));
+        fail_all(batch, GroupError(format!("cannot begin a write: {e}")));
+        return None;
     }
     let before = state.clone();
     let mut ran = Vec::with_capacity(batch.len());
-    for mut work in batch {
+    let mut batch = batch.into_iter();
+    while let Some(mut work) = batch.next() {
         if let Err(e) = conn.execute_batch("SAVEPOINT batched_write") {
             work.finish(Err(GroupError(format!("cannot begin a write: {e}"))));
             continue;
@@ -331,26 +347,39 @@ fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<d
             *state = saved;
             conn.execute_batch("ROLLBACK TO batched_write; RELEASE batched_write")
         };
+        ran.push(work);
         if let Err(e) = closed {
-            // The transaction is in an unknown state: give up the batch.
+            // The transaction is in an unknown state: give up the batch,
+            // the writes not yet run included, all with the same answer.
             let _ = conn.execute_batch("ROLLBACK");
             *state = before;
-            ran.push(work);
-            return fail_all(ran, GroupError(format!("a write could not be closed: {e}")));
+            ran.extend(batch);
+            fail_all(ran, GroupError(format!("a write could not be closed: {e}")));
+            return None;
         }
-        ran.push(work);
     }
     match conn.execute_batch("COMMIT") {
         Ok(()) => {
             for work in ran {
                 work.finish(Ok(()));
             }
+            None
         }
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             *state = before;
             tracing::error!(error = %e, writes = ran.len(), "database commit failed; the batch is rolled back");
+            let io = e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure);
             fail_all(ran, GroupError(format!("the database commit failed: {e}")));
+            io.then(|| {
+                tracing::error!(
+                    "the database refuses every write from now on: restart the server once the disk is sound"
+                );
+                GroupError(format!(
+                    "the database refuses writes since a commit failed on an I/O error ({e}); \
+                     restart the server once the disk is sound"
+                ))
+            })
         }
     }
 }
@@ -442,6 +471,33 @@ mod tests {
         assert_eq!(count(&g).await, 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_reads_share_at_most_readers_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(file_group(dir.path()));
+        g.write(|c, _| c.execute("INSERT INTO t (k, v) VALUES (1, 'x')", []).map_err(TestError::from)).await.unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(async move {
+                    g.read(|c| {
+                        // Long enough that readers overlap and wait for a
+                        // connection to be handed back.
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        Ok::<_, TestError>(c.query_row("SELECT v FROM t WHERE k = 1", [], |r| r.get::<_, String>(0))?)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "x");
+        }
+        let readers = g.readers.as_ref().unwrap();
+        let pool = readers.pool.lock().unwrap();
+        assert!(pool.open <= READERS && pool.open == pool.idle.len(), "{} open, {} idle", pool.open, pool.idle.len());
+    }
+
     #[tokio::test]
     async fn readers_cannot_write_and_see_committed_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -471,13 +527,90 @@ mod tests {
             })
             .await;
         assert!(matches!(r, Err(TestError::Group(_))), "{r:?}");
-        let (rows, n) = g
+        let rows = g
             .read(|c| Ok::<_, TestError>(c.query_row("SELECT COUNT(*) FROM c", [], |r| r.get::<_, i64>(0))?))
             .await
-            .map(|rows| (rows, 0))
             .unwrap();
         assert_eq!(rows, 0);
         let state = g.write(|_, n| Ok::<_, TestError>(*n)).await.unwrap();
-        assert_eq!((n, state), (0, 0));
+        assert_eq!(state, 0, "the state is rolled back with the batch");
+    }
+
+    /// Holds the writer thread until the sender is used (or dropped), so
+    /// that the writes queued meanwhile make one batch. The returned future
+    /// has been polled once: its job is first in the queue.
+    async fn hold_writer(
+        g: &Group<u64>,
+    ) -> (std::sync::mpsc::Sender<()>, std::pin::Pin<Box<impl std::future::Future<Output = Result<(), TestError>> + '_>>)
+    {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let mut gate = Box::pin(g.solo(move |_, _| {
+            let _ = held.recv();
+            Ok::<_, TestError>(())
+        }));
+        assert!(futures::poll!(&mut gate).is_pending());
+        (release, gate)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writes_queued_together_commit_together_and_fail_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(file_group(dir.path()));
+        // Outside a transaction, where the pragma takes effect.
+        g.solo(|c, _| {
+            c.execute_batch(
+                "PRAGMA foreign_keys=ON;
+                 CREATE TABLE parent (k INTEGER PRIMARY KEY);
+                 CREATE TABLE child (k INTEGER REFERENCES parent(k) DEFERRABLE INITIALLY DEFERRED);",
+            )
+            .map_err(TestError::from)
+        })
+        .await
+        .unwrap();
+        // Three writes in one batch, one of which breaks a deferred foreign
+        // key: the COMMIT fails and all three fail with it, their state too.
+        let (release, gate) = hold_writer(&g).await;
+        let mut writes = Vec::new();
+        for k in 0..3i64 {
+            let mut w = Box::pin(g.write(move |c, n| {
+                c.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])?;
+                if k == 1 {
+                    c.execute("INSERT INTO child (k) VALUES (99)", [])?;
+                }
+                *n += 1;
+                Ok::<_, TestError>(*n)
+            }));
+            // Polled once: queued behind the held writer.
+            assert!(futures::poll!(&mut w).is_pending());
+            writes.push(w);
+        }
+        release.send(()).unwrap();
+        gate.await.unwrap();
+        for w in writes {
+            assert!(matches!(w.await, Err(TestError::Group(_))));
+        }
+        assert_eq!(count(&g).await, 0);
+        assert_eq!(g.write(|_, n| Ok::<_, TestError>(*n)).await.unwrap(), 0);
+
+        // The same three without the bad row: one batch, and all land.
+        let (release, gate) = hold_writer(&g).await;
+        let mut writes = Vec::new();
+        for k in 0..3i64 {
+            let mut w = Box::pin(g.write(move |c, n| {
+                c.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])?;
+                *n += 1;
+                Ok::<_, TestError>(*n)
+            }));
+            assert!(futures::poll!(&mut w).is_pending());
+            writes.push(w);
+        }
+        release.send(()).unwrap();
+        gate.await.unwrap();
+        let mut seen = Vec::new();
+        for w in writes {
+            seen.push(w.await.unwrap());
+        }
+        assert_eq!(seen, [1, 2, 3], "each write of the batch sees the state the ones before it left");
+        assert_eq!(count(&g).await, 3);
     }
 }

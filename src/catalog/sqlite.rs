@@ -475,15 +475,26 @@ fn active_holds(conn: &Connection, customer_id: &str) -> Result<Vec<Hold>, Catal
 /// destroyed key survives in the `-wal` file (`secure_delete` has already
 /// zeroed the freed space in the pages themselves).
 ///
-/// The checkpoint waits for readers (the busy timeout); one still reading
-/// an older snapshot makes it report busy, and it is tried again.
+/// The checkpoint waits for readers; one still reading an older snapshot
+/// makes it report busy, and it is tried again. It runs on the writer
+/// thread, so every catalog write waits meanwhile: each try waits at most
+/// [`SCRUB_WAIT`] (not the connection's 5 s busy timeout), so the writes
+/// wait a few seconds at worst before the scrub gives up.
 fn scrub_wal(conn: &Connection) -> Result<(), CatalogError> {
-    for _ in 0..SCRUB_ATTEMPTS {
-        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(backend)?;
-        if busy == 0 {
-            return Ok(());
+    conn.busy_timeout(SCRUB_WAIT).map_err(backend)?;
+    let scrubbed: Result<bool, CatalogError> = (|| {
+        for _ in 0..SCRUB_ATTEMPTS {
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).map_err(backend)?;
+            if busy == 0 {
+                return Ok(true);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        Ok(false)
+    })();
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
+    if scrubbed? {
+        return Ok(());
     }
     Err(CatalogError::Backend(
         "the catalog's WAL could not be truncated after keys were destroyed (readers kept it busy); \
@@ -492,7 +503,10 @@ fn scrub_wal(conn: &Connection) -> Result<(), CatalogError> {
     ))
 }
 
-const SCRUB_ATTEMPTS: usize = 50;
+const SCRUB_ATTEMPTS: usize = 20;
+const SCRUB_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+/// The connections' busy timeout (`PRAGMA busy_timeout` in the set-up).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(5000);
 
 #[async_trait]
 impl Catalog for SqliteCatalog {
