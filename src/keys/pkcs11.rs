@@ -493,11 +493,10 @@ mod tests {
         module: PathBuf,
     }
 
-    fn token() -> Option<&'static Token> {
-        static TOKEN_DIR: OnceLock<Option<Token>> = OnceLock::new();
-        TOKEN_DIR.get_or_init(init_token).as_ref()
-    }
-
+    /// A token of its own for each test: the tests run side by side in
+    /// separate processes, and SoftHSM2's file store shared between
+    /// processes that write it at once (a key created by one while another
+    /// lists the slots) once made a test see no token at all.
     fn init_token() -> Option<Token> {
         let module = MODULES.iter().map(PathBuf::from).find(|p| p.exists());
         let util = Command::new("softhsm2-util").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -548,7 +547,7 @@ mod tests {
                 module: std::env::var_os(MODULE).expect("module").into(),
             });
         }
-        let token = token()?;
+        let token = init_token()?;
         let module_path = module_path!();
         let name = format!("{}::{test}", module_path.split_once("::").map_or(module_path, |(_, rest)| rest));
         let out = Command::new(std::env::current_exe().expect("test binary"))
