@@ -569,7 +569,8 @@ pub struct IngestSection {
     pub commit_interval: Duration,
     /// Flush early once this many bytes are pending.
     pub commit_bytes: usize,
-    /// Close a stream silent this long (its durable bytes are kept).
+    /// Close a stream silent this long, or whose client reads no answer for
+    /// this long (its durable bytes are kept).
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
     /// Largest body of the unary Put.

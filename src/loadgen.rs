@@ -832,7 +832,7 @@ async fn slot(sh: Arc<Shared>, mut client: Client, a: Arc<CallsArgs>, index: usi
             // The server's documented answer at `ingest.max_streams`: a
             // telephony platform tries again later (or another replica),
             // so the call backs off instead of hammering the server.
-            Err(e) if e.starts_with("Unavailable") && e.contains("ingest.max_streams") => {
+            Err(e) if e.starts_with("Unavailable") && e.contains(crate::ingest::BUSY) => {
                 sh.refused.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_secs(1).mul_f64(1.0 + rng.unit())).await;
                 continue;

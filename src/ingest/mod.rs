@@ -92,7 +92,8 @@ pub struct IngestConfig {
     /// Write every local journal's records to one shared log, synced once
     /// per batch for every stream (`ingest.sync = "log"`, [`wal`]).
     pub shared_log: bool,
-    /// A stream silent for this long is closed (its durable bytes are kept).
+    /// A stream silent for this long, or whose client reads no answer for
+    /// this long, is closed (its durable bytes are kept).
     pub idle_timeout: Duration,
     /// How long a reopening stream waits for a stale one to let go.
     pub takeover_timeout: Duration,
@@ -235,6 +236,10 @@ struct Session {
 
 type FlushResult = Result<(Journal, u64), spool::SpoolError>;
 
+/// How the answer to a stream refused at `ingest.max_streams` begins
+/// (`UNAVAILABLE`); the load generator tells refusals from errors by it.
+pub const BUSY: &str = "the server is busy";
+
 impl Ingest {
     pub fn new(
         cfg: IngestConfig,
@@ -339,11 +344,16 @@ impl Ingest {
         match streams.clone().try_acquire_owned() {
             Ok(permit) => Ok(StreamAdmission(Some(permit))),
             Err(_) => {
+                // Refused before the caller is authenticated: the message
+                // says only that the server is busy; the operator has the
+                // limit, this log line and the refusal counter.
                 crate::metrics::stream_refused();
+                tracing::debug!(
+                    max_streams = self.cfg.max_streams,
+                    "ingest stream refused: ingest.max_streams reached"
+                );
                 Err(Error::Unavailable(format!(
-                    "this server is at its limit of {} concurrent ingest streams (ingest.max_streams); \
-                     retry shortly or on another replica",
-                    self.cfg.max_streams
+                    "{BUSY}: it is running all the upload streams it accepts at once; retry shortly or on another replica"
                 )))
             }
         }
@@ -497,9 +507,37 @@ impl Ingest {
     ) where
         S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
     {
+        // One place in the queue is kept for the last answer: a stream
+        // ended because its client stopped reading still tells that client
+        // why, if it reads on later.
+        let last = out.clone().reserve_owned().await;
         let result = self.drive(&actor, &mut inbound, &out).await;
-        if let Err(e) = result {
-            let _ = out.send(Err(e)).await;
+        if let (Err(e), Ok(last)) = (result, last) {
+            last.send(Err(e));
+        }
+    }
+
+    /// Sends one answer to the client. One that reads no answer for the
+    /// idle timeout while the server waits to send is treated as gone:
+    /// otherwise a client that keeps its connection but stops reading would
+    /// hold its session, its lease and its `ingest.max_streams` place for
+    /// ever (the idle timer cannot fire while an ack waits to be sent).
+    async fn send(&self, out: &mpsc::Sender<Result<ServerMsg, Error>>, msg: ServerMsg) -> Result<(), Error> {
+        use mpsc::error::TrySendError;
+        let gone = || Error::Unavailable("the client went away".into());
+        // The common case without a timer: there is room in the queue.
+        let msg = match out.try_send(Ok(msg)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(gone()),
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        match tokio::time::timeout(self.cfg.idle_timeout, out.send(msg)).await {
+            Ok(sent) => sent.map_err(|_| gone()),
+            Err(_) => Err(Error::Idle(format!(
+                "the client read no answer for {}; the stream is ended and what was acknowledged is kept: \
+                 resume from the last acknowledged offset",
+                humantime::format_duration(self.cfg.idle_timeout)
+            ))),
         }
     }
 
@@ -525,7 +563,7 @@ impl Ingest {
         let mut session = match self.open(actor, upload_id, spec).await? {
             Opening::Committed(object) => {
                 let object = *object;
-                send(
+                self.send(
                     out,
                     ServerMsg::Opened {
                         upload_id,
@@ -537,9 +575,11 @@ impl Ingest {
                 .await?;
                 // A finish for an already committed upload answers the same
                 // object again; anything else is a mistake.
-                return match inbound.next().await {
+                // (Not waited on for ever: the stream holds a place.)
+                let next = tokio::time::timeout(self.cfg.idle_timeout, inbound.next()).await;
+                return match next.unwrap_or(None) {
                     None => Ok(()),
-                    Some(Ok(ClientMsg::Finish { .. })) => send(out, ServerMsg::Committed(object)).await,
+                    Some(Ok(ClientMsg::Finish { .. })) => self.send(out, ServerMsg::Committed(object)).await,
                     Some(Ok(_)) => Err(Error::Precondition(format!(
                         "upload {upload_id} is already committed ({} bytes); no more data is accepted",
                         object.size
@@ -550,7 +590,7 @@ impl Ingest {
             Opening::Session(s) => *s,
         };
         let _open = crate::metrics::stream_opened();
-        send(
+        self.send(
             out,
             ServerMsg::Opened {
                 upload_id,
@@ -568,7 +608,7 @@ impl Ingest {
         }
         match result {
             Ok(Some(object)) => {
-                send(out, ServerMsg::Committed(object)).await?;
+                self.send(out, ServerMsg::Committed(object)).await?;
                 Ok(())
             }
             Ok(None) => Ok(()),
@@ -636,7 +676,7 @@ impl Ingest {
                     let (journal, end) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
                     s.flushed(journal, end);
                     fail::fail_point!("ingest-before-ack");
-                    send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
+                    self.send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
                     s.acked();
                     if !s.pending.is_empty() && (s.pending.len() >= self.cfg.commit_bytes
                         || flush_at.is_some_and(|t| t <= tokio::time::Instant::now())) {
@@ -684,7 +724,7 @@ impl Ingest {
                             self.settle(s).await.map_err(Refusal::Keep)?;
                             if s.durable > 0 {
                                 fail::fail_point!("ingest-before-ack");
-                                send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
+                                self.send(out, ServerMsg::Ack { durable_offset: s.durable }).await.map_err(Refusal::Keep)?;
                                 s.acked();
                             }
                             return self.finish(actor, s, expected_sha256, expected_size).await.map(Some);
@@ -1288,10 +1328,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
-}
-
-async fn send(out: &mpsc::Sender<Result<ServerMsg, Error>>, msg: ServerMsg) -> Result<(), Error> {
-    out.send(Ok(msg)).await.map_err(|_| Error::Unavailable("the client went away".into()))
 }
 
 fn spool_error(e: spool::SpoolError) -> Error {

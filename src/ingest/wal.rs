@@ -313,7 +313,8 @@ impl Drop for Pin {
 
 fn failed() -> std::io::Error {
     std::io::Error::other(
-        "a sync of the ingest log failed earlier: written bytes may not be durable; restart the server",
+        "the ingest log failed earlier (a sync failed or its writer stopped): written bytes may not be durable; \
+         restart the server",
     )
 }
 
