@@ -57,17 +57,21 @@ trait Work<S>: Send {
     fn finish(self: Box<Self>, committed: Result<(), GroupError>);
 }
 
-struct Call<T, E, F> {
+struct Call<T, E, F, A> {
     f: Option<F>,
     out: Option<Result<T, E>>,
+    /// Runs on the writer thread once the write is durable, before its
+    /// caller is answered and whether or not the caller still waits.
+    after: A,
     reply: tokio::sync::oneshot::Sender<Result<T, E>>,
 }
 
-impl<S, T, E, F> Work<S> for Call<T, E, F>
+impl<S, T, E, F, A> Work<S> for Call<T, E, F, A>
 where
     T: Send,
     E: From<GroupError> + Send,
     F: FnOnce(&mut Connection, &mut S) -> Result<T, E> + Send,
+    A: FnOnce(&T) + Send,
 {
     fn run(&mut self, conn: &mut Connection, state: &mut S) -> bool {
         let Some(f) = self.f.take() else { return false };
@@ -90,6 +94,9 @@ where
             Ok(()) => self.out.unwrap_or_else(|| Err(GroupError("a database write did not run".into()).into())),
             Err(e) => Err(e.into()),
         };
+        if let Ok(t) = &out {
+            (self.after)(t);
+        }
         // The caller may have gone (its request was cancelled): the write
         // stands, as a committed write always did.
         let _ = self.reply.send(out);
@@ -213,7 +220,21 @@ impl<S: Clone + Send + 'static> Group<S> {
         E: From<GroupError> + Send + 'static,
         F: FnOnce(&mut Connection, &mut S) -> Result<T, E> + Send + 'static,
     {
-        self.enqueue(f, false).await
+        self.enqueue(f, |_: &T| {}, false).await
+    }
+
+    /// As [`write`](Self::write), and once the write is durable (and only
+    /// then) `after` runs with its result on the writer thread, even if the
+    /// caller has stopped waiting: what must follow a committed write (a
+    /// cached head moving on) cannot be lost to a cancelled request.
+    pub async fn write_then<T, E, F, A>(&self, f: F, after: A) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<GroupError> + Send + 'static,
+        F: FnOnce(&mut Connection, &mut S) -> Result<T, E> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
+    {
+        self.enqueue(f, after, false).await
     }
 
     /// Runs `f` alone on the write connection, outside any transaction.
@@ -223,17 +244,18 @@ impl<S: Clone + Send + 'static> Group<S> {
         E: From<GroupError> + Send + 'static,
         F: FnOnce(&mut Connection, &mut S) -> Result<T, E> + Send + 'static,
     {
-        self.enqueue(f, true).await
+        self.enqueue(f, |_: &T| {}, true).await
     }
 
-    async fn enqueue<T, E, F>(&self, f: F, solo: bool) -> Result<T, E>
+    async fn enqueue<T, E, F, A>(&self, f: F, after: A, solo: bool) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<GroupError> + Send + 'static,
         F: FnOnce(&mut Connection, &mut S) -> Result<T, E> + Send + 'static,
+        A: FnOnce(&T) + Send + 'static,
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let work = Box::new(Call { f: Some(f), out: None, reply });
+        let work = Box::new(Call { f: Some(f), out: None, after, reply });
         self.queue.send(Queued { work, solo }).map_err(|_| GroupError("the database writer has stopped".into()))?;
         answer.await.map_err(|_| GroupError("the database writer has stopped".into()))?
     }

@@ -357,17 +357,25 @@ impl AuditLog {
         let (actor, signer, clock) = (actor.clone(), self.signer.clone(), self.clock.clone());
         let head = self
             .db
-            .write(move |conn, chain| append_record(conn, chain, &signer, clock.as_ref(), &actor, event))
+            .write_then(
+                move |conn, chain| append_record(conn, chain, &signer, clock.as_ref(), &actor, event),
+                self.publisher(),
+            )
             .await
             .map_err(|AuditFail(e)| e)?;
-        self.publish(head);
         Ok(head)
     }
 
-    fn publish(&self, head: Head) {
-        let mut published = self.published.lock().expect("audit head lock");
-        if head.seq > published.seq {
-            *published = head;
+    /// Moves the published head on once a write is durable; run by the
+    /// writer thread, so an append whose caller was cancelled after its
+    /// commit still moves it.
+    fn publisher(&self) -> impl FnOnce(&Head) + Send + 'static {
+        let published = self.published.clone();
+        move |head: &Head| {
+            let mut published = published.lock().unwrap_or_else(|p| p.into_inner());
+            if head.seq > published.seq {
+                *published = *head;
+            }
         }
     }
 
@@ -376,19 +384,21 @@ impl AuditLog {
         let (signer, clock) = (self.signer.clone(), self.clock.clone());
         let head = self
             .db
-            .write(move |conn, chain| {
-                sign_checkpoint(conn, chain, &signer, clock.as_ref())?;
-                Ok::<_, AuditFail>(chain.head)
-            })
+            .write_then(
+                move |conn, chain| {
+                    sign_checkpoint(conn, chain, &signer, clock.as_ref())?;
+                    Ok::<_, AuditFail>(chain.head)
+                },
+                self.publisher(),
+            )
             .await
             .map_err(|AuditFail(e)| e)?;
-        self.publish(head);
         Ok(head)
     }
 
     /// The newest head an append or checkpoint has returned.
     pub fn head(&self) -> Head {
-        *self.published.lock().expect("audit head lock")
+        *self.published.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The first record of `action` for this customer with result `ok`, if
@@ -809,6 +819,51 @@ mod tests {
         let other = fixture(0);
         let f = fixture(70);
         assert_eq!(verify(&f.path, &other.public), Err(Broken::BadCheckpoint { seq: 64 }));
+    }
+
+    /// An append whose caller stops waiting once it is queued still lands,
+    /// and still moves the published head on (the writer publishes it, not
+    /// the caller).
+    #[tokio::test]
+    async fn a_cancelled_append_still_moves_the_head() {
+        let f = fixture(0);
+        let actor = Actor::system("test");
+        let mut append = Box::pin(f.log.append(&actor, Event::new("object.read")));
+        assert!(futures::poll!(&mut append).is_pending());
+        drop(append);
+        // The writer is first in, first out: once this plain write (which
+        // publishes nothing) is answered, the append before it is durable.
+        let durable =
+            f.log.db.write(|_, chain| Ok::<_, AuditFail>(chain.head)).await.map_err(|AuditFail(e)| e).unwrap();
+        assert_eq!(durable.seq, 1);
+        assert_eq!(f.log.head(), durable);
+        assert_eq!(verify(&f.path, &f.public).unwrap().head, durable);
+    }
+
+    /// Appends from many tasks at once share batches and still make one
+    /// unbroken chain, with checkpoints, that verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_make_one_chain_that_verifies() {
+        let f = fixture(0);
+        let log = Arc::new(f.log.clone());
+        let tasks: Vec<_> = (0..300u64)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    log.append(&Actor::system("test"), Event::new("object.read").target(i).purpose("coaching")).await
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap().unwrap().seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=300).collect::<Vec<_>>(), "every append has its own place in the chain");
+        let v = verify(&f.path, &f.public).unwrap();
+        assert_eq!(v.records, 300);
+        assert_eq!(v.head, log.head());
+        assert_eq!(v.checkpoints, 300 / CHECKPOINT_EVERY);
     }
 
     #[test]
