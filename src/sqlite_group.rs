@@ -206,9 +206,10 @@ impl<S: Clone + Send + 'static> Group<S> {
             }
         };
         let (tx, rx) = mpsc::channel::<Queued<S>>();
+        let group = name.to_owned();
         std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || write_loop(writer, state, rx))
+            .spawn(move || write_loop(&group, writer, state, rx))
             .map_err(|e| GroupError(format!("cannot start the {name} writer thread: {e}")))?;
         Ok(Self { queue: tx, readers })
     }
@@ -299,7 +300,7 @@ fn open_reader(path: &std::path::Path, setup: &str) -> Result<Connection, GroupE
     Ok(conn)
 }
 
-fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Queued<S>>) {
+fn write_loop<S: Clone>(group: &str, mut conn: Connection, mut state: S, rx: mpsc::Receiver<Queued<S>>) {
     let mut held: Option<Queued<S>> = None;
     // Set once a COMMIT failed on an I/O error: fail closed from then on.
     let mut failed: Option<GroupError> = None;
@@ -333,7 +334,7 @@ fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Q
                 Err(_) => break,
             }
         }
-        failed = commit_batch(&mut conn, &mut state, batch);
+        failed = commit_batch(group, &mut conn, &mut state, batch);
     }
 }
 
@@ -343,7 +344,12 @@ fn write_loop<S: Clone>(mut conn: Connection, mut state: S, rx: mpsc::Receiver<Q
 /// marked clean, so nothing written through this connection is trusted to
 /// be durable again until the server restarts (and SQLite recovers the
 /// database from what is really on disk), as the ingest log does.
-fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<dyn Work<S>>>) -> Option<GroupError> {
+fn commit_batch<S: Clone>(
+    group: &str,
+    conn: &mut Connection,
+    state: &mut S,
+    batch: Vec<Box<dyn Work<S>>>,
+) -> Option<GroupError> {
     let fail_all = |batch: Vec<Box<dyn Work<S>>>, e: GroupError| {
         for work in batch {
             work.finish(Err(e.clone()));
@@ -380,7 +386,7 @@ fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<d
             return None;
         }
     }
-    match conn.execute_batch("COMMIT") {
+    match commit(group, conn) {
         Ok(()) => {
             for work in ran {
                 work.finish(Ok(()));
@@ -390,11 +396,12 @@ fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<d
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
             *state = before;
-            tracing::error!(error = %e, writes = ran.len(), "database commit failed; the batch is rolled back");
+            tracing::error!(group, error = %e, writes = ran.len(), "database commit failed; the batch is rolled back");
             let io = e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure);
             fail_all(ran, GroupError(format!("the database commit failed: {e}")));
             io.then(|| {
                 tracing::error!(
+                    group,
                     "the database refuses every write from now on: restart the server once the disk is sound"
                 );
                 GroupError(format!(
@@ -404,6 +411,18 @@ fn commit_batch<S: Clone>(conn: &mut Connection, state: &mut S, batch: Vec<Box<d
             })
         }
     }
+}
+
+/// COMMIT. Tests make it fail as a failed `fsync` does (SQLITE_IOERR_FSYNC)
+/// with the failure point `sqlite-commit-<group>`, a name per group so
+/// that other tests' databases are not hit.
+fn commit(group: &str, conn: &Connection) -> rusqlite::Result<()> {
+    fail::fail_point!(&format!("sqlite-commit-{group}"), |_| Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+        Some("disk I/O error (injected by a test)".into())
+    )));
+    let _ = group;
+    conn.execute_batch("COMMIT")
 }
 
 #[cfg(test)]
@@ -634,5 +653,50 @@ mod tests {
         }
         assert_eq!(seen, [1, 2, 3], "each write of the batch sees the state the ones before it left");
         assert_eq!(count(&g).await, 3);
+    }
+
+    /// A COMMIT failing on an I/O error (as after a failed `fsync`) fails
+    /// its batch, and every later write until the database is opened again
+    /// (a restart), even once the disk works; reads go on meanwhile.
+    #[cfg(feature = "failpoints")]
+    #[tokio::test]
+    async fn a_commit_failing_on_an_io_error_refuses_every_later_write_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let setup = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;";
+        let open = |name: &str| {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(setup).unwrap();
+            conn.execute_batch("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").unwrap();
+            Group::start(name, conn, 0u64, Some((path.clone(), setup))).unwrap()
+        };
+        async fn insert(g: &Group<u64>, k: i64) -> Result<u64, TestError> {
+            g.write(move |c, n| {
+                c.execute("INSERT INTO t (k, v) VALUES (?1, 'x')", [k])?;
+                *n += 1;
+                Ok(*n)
+            })
+            .await
+        }
+        let g = open("ioerr");
+        assert_eq!(insert(&g, 1).await.unwrap(), 1);
+
+        fail::cfg("sqlite-commit-ioerr", "1*return").unwrap();
+        let failed = insert(&g, 2).await;
+        let Err(TestError::Group(e)) = failed else { panic!("the failed commit was answered {failed:?}") };
+        assert!(e.to_string().contains("commit failed"), "{e}");
+
+        // The failure point is spent: the next COMMIT would succeed, but
+        // after a failed fsync nothing this connection writes is trusted.
+        let refused = insert(&g, 3).await;
+        let Err(TestError::Group(e)) = refused else { panic!("a write after it was answered {refused:?}") };
+        assert!(e.to_string().contains("restart the server"), "{e}");
+        assert_eq!(count(&g).await, 1, "reads still answer, and neither refused write is visible");
+
+        drop(g);
+        let g = open("ioerr-restarted");
+        assert_eq!(insert(&g, 4).await.unwrap(), 1, "a restart writes again");
+        assert_eq!(count(&g).await, 2);
+        fail::remove("sqlite-commit-ioerr");
     }
 }
