@@ -227,7 +227,7 @@ struct Session {
     durable: u64,
     pending: Vec<u8>,
     /// The journal write + fsync under way, if any (it owns the journal).
-    in_flight: Option<JoinHandle<FlushResult>>,
+    in_flight: Option<Flush>,
     /// When the oldest byte of `pending`, and of the batch being flushed,
     /// arrived: the ack latency metric measures from there.
     pending_since: Option<std::time::Instant>,
@@ -235,6 +235,21 @@ struct Session {
 }
 
 type FlushResult = Result<(Journal, u64), spool::SpoolError>;
+
+/// A journal flush under way.
+enum Flush {
+    /// On a task of its own: file I/O on the blocking pool.
+    Task(JoinHandle<FlushResult>),
+    /// Records sealed in memory and queued in the shared log ([`wal`]),
+    /// which is most flushes of a live call: the session task itself waits
+    /// for the log's sync, with no task, join handle or blocking-pool
+    /// round trip per flush (at thousands of calls, each of those is a
+    /// wake-up per stream every commit interval, and CPU per message is what
+    /// bounds the number of calls; BENCHMARKS.md).
+    Logged { journal: Journal, end: u64, synced: tokio::sync::oneshot::Receiver<std::io::Result<()>> },
+    /// Refused before anything was queued.
+    Failed(spool::SpoolError),
+}
 
 /// How the answer to a stream refused at `ingest.max_streams` begins
 /// (`UNAVAILABLE`); the load generator tells refusals from errors by it.
@@ -603,8 +618,8 @@ impl Ingest {
         let result = self.session_loop(actor, &mut session, inbound, out).await;
         // Whatever happened, no journal write may outlive the lease: a
         // resuming stream must be the only writer.
-        if let Some(handle) = session.in_flight.take() {
-            let _ = handle.await;
+        if session.in_flight.is_some() {
+            let _ = wait_flush(&mut session.in_flight).await;
         }
         match result {
             Ok(Some(object)) => {
@@ -651,16 +666,16 @@ impl Ingest {
                         // shred lets the caller resume it; the destroy step
                         // discards it and counts it in the certificate.
                         Some(st @ CustomerState::PendingShred) => {
-                            if let Some(h) = s.in_flight.take() {
-                                let _ = h.await;
+                            if s.in_flight.is_some() {
+                                let _ = wait_flush(&mut s.in_flight).await;
                             }
                             Refusal::Keep(Error::from_state(st))
                         }
                         // Keys already destroyed: remove what the shred
                         // could not see yet.
                         Some(st) if st != CustomerState::Active => {
-                            if let Some(h) = s.in_flight.take() {
-                                let _ = h.await;
+                            if s.in_flight.is_some() {
+                                let _ = wait_flush(&mut s.in_flight).await;
                             }
                             Refusal::Discard(Error::from_state(st))
                         }
@@ -747,22 +762,32 @@ impl Ingest {
         }
     }
 
-    fn start_flush(&self, s: &mut Session) -> JoinHandle<FlushResult> {
+    fn start_flush(&self, s: &mut Session) -> Flush {
         let mut journal = s.journal.take().expect("no flush in flight");
         let data = std::mem::take(&mut s.pending);
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
-        if matches!(&journal, Journal::File(f) if f.is_logged()) {
-            return tokio::spawn(flush_logged(journal, key, data));
+        if let Journal::File(f) = &journal
+            && f.is_logged()
+        {
+            if data.len() >= LOG_DIRECT_MIN || f.writes_segment(data.len()) {
+                return Flush::Task(tokio::spawn(flush_logged(journal, key, data)));
+            }
+            // No file I/O: only records sealed in memory (about a
+            // microsecond for a 100 ms frame batch).
+            return match queue_logged(journal, &key, &data, false) {
+                Ok((journal, synced)) => Flush::Logged { end: journal.end(), journal, synced },
+                Err(e) => Flush::Failed(e),
+            };
         }
-        tokio::task::spawn_blocking(move || {
+        Flush::Task(tokio::task::spawn_blocking(move || {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
             fail::fail_point!("ingest-flush");
             journal.append_durably(&key, &data)?;
             let end = journal.end();
             Ok((journal, end))
-        })
+        }))
     }
 
     /// Waits for any flush in flight, then flushes what is pending.
@@ -772,7 +797,8 @@ impl Ingest {
             s.flushed(journal, end);
         }
         if !s.pending.is_empty() {
-            let (journal, end) = self.start_flush(s).await.map_err(Error::internal)?.map_err(spool_error)?;
+            let mut flush = Some(self.start_flush(s));
+            let (journal, end) = wait_flush(&mut flush).await.map_err(spool_error)?;
             s.flushed(journal, end);
         }
         Ok(())
@@ -1278,25 +1304,27 @@ impl Session {
 /// would otherwise write each byte twice).
 const LOG_DIRECT_MIN: usize = 512 * 1024;
 
-/// One flush of a journal writing to the shared log ([`wal`]): seal, queue
-/// the records, wait for the log's sync.
+/// A flush of a journal writing to the shared log ([`wal`]) that writes a
+/// segment first (file I/O, on the blocking pool): seal, write, queue the
+/// records, wait for the log's sync.
 async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
     let direct = data.len() >= LOG_DIRECT_MIN;
-    let (journal, done) = if direct || matches!(&journal, Journal::File(f) if f.writes_segment(data.len())) {
-        tokio::task::spawn_blocking(move || {
-            fail::fail_point!("ingest-flush");
-            queue_logged(journal, &key, &data, direct)
-        })
-        .await
-        .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??
-    } else {
-        // No file I/O: only records sealed in memory (about a microsecond
-        // for a 100 ms frame batch), so no blocking-pool round trip.
-        queue_logged(journal, &key, &data, false)?
-    };
-    done.await.map_err(|_| spool::SpoolError::Io(std::io::Error::other("the ingest log writer stopped")))??;
+    let (journal, synced) = tokio::task::spawn_blocking(move || {
+        fail::fail_point!("ingest-flush");
+        queue_logged(journal, &key, &data, direct)
+    })
+    .await
+    .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+    log_synced(synced.await)?;
     let end = journal.end();
     Ok((journal, end))
+}
+
+fn log_synced(
+    answer: Result<std::io::Result<()>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), spool::SpoolError> {
+    answer.map_err(|_| spool::SpoolError::Io(std::io::Error::other("the ingest log writer stopped")))??;
+    Ok(())
 }
 
 /// Seals `data` into a logged journal and queues its records in the log.
@@ -1312,14 +1340,26 @@ fn queue_logged(
     Ok((journal, done))
 }
 
-async fn wait_flush(in_flight: &mut Option<JoinHandle<FlushResult>>) -> FlushResult {
+/// Waits for the flush in flight, if any (else for ever), and clears it.
+/// Cancel-safe: dropped before the flush ends, it leaves the flush in place.
+async fn wait_flush(in_flight: &mut Option<Flush>) -> FlushResult {
     match in_flight {
-        Some(handle) => {
+        None => std::future::pending().await,
+        Some(Flush::Task(handle)) => {
             let r = handle.await;
             *in_flight = None;
             r.unwrap_or_else(|e| Err(spool::SpoolError::Io(std::io::Error::other(e.to_string()))))
         }
-        None => std::future::pending().await,
+        Some(Flush::Logged { synced, .. }) => {
+            let answer = synced.await;
+            let Some(Flush::Logged { journal, end, .. }) = in_flight.take() else { unreachable!() };
+            log_synced(answer)?;
+            Ok((journal, end))
+        }
+        Some(Flush::Failed(_)) => {
+            let Some(Flush::Failed(e)) = in_flight.take() else { unreachable!() };
+            Err(e)
+        }
     }
 }
 
