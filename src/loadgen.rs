@@ -1115,14 +1115,27 @@ async fn ingest_bulk(
     chunk: u64,
     sampler: Option<&RssSampler>,
 ) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
-    ingest_bulk_with(client, seed, size, chunk, sampler, || {}).await
+    ingest_bulk_with(client, seed, size, chunk, None, sampler, || {}).await
 }
 
+/// SHA-256 of the bytes [`bulk_pieces`] makes.
+fn bulk_sha256(seed: u64, size: u64, chunk: u64) -> [u8; 32] {
+    let mut hash = digest::Context::new(&digest::SHA256);
+    for piece in bulk_pieces(seed, size, chunk) {
+        hash.update(&piece);
+    }
+    hash.finish().as_ref().try_into().expect("32 bytes")
+}
+
+/// `known_sha256`: the bytes' SHA-256 if the caller has it, so the sender
+/// does not hash them while it sends (a timed upload then measures the
+/// server, not the generator's hashing on the same cores).
 async fn ingest_bulk_with(
     client: &mut Client,
     seed: u64,
     size: u64,
     chunk: u64,
+    known_sha256: Option<[u8; 32]>,
     sampler: Option<&RssSampler>,
     mut on_all_acked: impl FnMut(),
 ) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
@@ -1141,10 +1154,12 @@ async fn ingest_bulk_with(
     // A fixed random block, its first 8 bytes replaced by the chunk index,
     // so every chunk differs without generating gigabytes of noise.
     let sender = tokio::spawn(async move {
-        let mut hash = digest::Context::new(&digest::SHA256);
+        let mut hash = known_sha256.is_none().then(|| digest::Context::new(&digest::SHA256));
         let mut offset = 0u64;
         for piece in bulk_pieces(seed, size, chunk) {
-            hash.update(&piece);
+            if let Some(h) = &mut hash {
+                h.update(&piece);
+            }
             let n = piece.len() as u64;
             let data = Data { offset, data: piece };
             if tx.send(pb::IngestRequest { msg: Some(Msg::Data(data)) }).await.is_err() {
@@ -1152,7 +1167,9 @@ async fn ingest_bulk_with(
             }
             offset += n;
         }
-        let sha: [u8; 32] = hash.finish().as_ref().try_into().expect("32 bytes");
+        let sha = known_sha256
+            .or_else(|| hash.map(|h| h.finish().as_ref().try_into().expect("32 bytes")))
+            .expect("hashed unless known");
         let finish = Finish { expected_sha256: Bytes::copy_from_slice(&sha), expected_size: size };
         let _ = tx.send(pb::IngestRequest { msg: Some(Msg::Finish(finish)) }).await;
         sha
@@ -1351,11 +1368,15 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
     let chunk = a.chunk.clamp(1, 1 << 20);
     let peer_dir = target.data_dir().map_or_else(|| a.target.work_dir.clone(), |d| d.to_owned());
     let (mut peer, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new());
+    // Hashed once, untimed: the peer hashes nothing, so neither side's time
+    // includes the generator hashing what it sends. The server still checks
+    // the upload against it (Finish) and the object against it (below).
+    let sha = bulk_sha256(a.target.seed, a.size, chunk);
     // Alternating rounds, so a drift in the machine's load hits both sides.
     for _ in 0..a.rounds.max(1) {
         peer.push(bulk_peer(bucket.as_ref(), &peer_dir, a).await?);
         let t = Instant::now();
-        let (_, _, _, all_acked) = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, t).await?;
+        let (_, _, _, all_acked) = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, sha, t).await?;
         committed.push(t.elapsed());
         acked.push(all_acked);
     }
@@ -1400,10 +1421,11 @@ async fn ingest_bulk_timed(
     seed: u64,
     size: u64,
     chunk: u64,
+    sha256: [u8; 32],
     start: Instant,
 ) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64, Duration)> {
     let acked = Arc::new(Mutex::new(None));
-    let (info, sha, peak) = ingest_bulk_with(client, seed, size, chunk, None, {
+    let (info, sha, peak) = ingest_bulk_with(client, seed, size, chunk, Some(sha256), None, {
         let acked = acked.clone();
         move || {
             acked.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(start.elapsed());
