@@ -1104,21 +1104,23 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
 // ---------------------------------------------------------------- memory --
 
 /// Streams `size` bytes of audio as one upload, as fast as the server takes
-/// them; returns the committed object.
-/// Streams `size` bytes of audio as one upload, as fast as the server takes
-/// them; returns the committed object, its SHA-256 and (with a sampler) the
-/// peak RSS until every byte was acknowledged, before the commit began.
+/// them; returns the committed object and (with a sampler) the peak RSS
+/// until every byte was acknowledged, before the commit began.
 async fn ingest_bulk(
     client: &mut Client,
     seed: u64,
     size: u64,
     chunk: u64,
+    sha256: [u8; 32],
     sampler: Option<&RssSampler>,
-) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
-    ingest_bulk_with(client, seed, size, chunk, None, sampler, || {}).await
+) -> anyhow::Result<(pb::ObjectInfo, u64)> {
+    ingest_bulk_with(client, seed, size, chunk, sha256, sampler, || {}).await
 }
 
-/// SHA-256 of the bytes [`bulk_pieces`] makes.
+/// SHA-256 of the bytes [`bulk_pieces`] makes. The callers hash before
+/// they upload, not while sending: a timed upload then measures the
+/// server, not the generator's hashing on the same cores (the peers hash
+/// nothing).
 fn bulk_sha256(seed: u64, size: u64, chunk: u64) -> [u8; 32] {
     let mut hash = digest::Context::new(&digest::SHA256);
     for piece in bulk_pieces(seed, size, chunk) {
@@ -1127,18 +1129,17 @@ fn bulk_sha256(seed: u64, size: u64, chunk: u64) -> [u8; 32] {
     hash.finish().as_ref().try_into().expect("32 bytes")
 }
 
-/// `known_sha256`: the bytes' SHA-256 if the caller has it, so the sender
-/// does not hash them while it sends (a timed upload then measures the
-/// server, not the generator's hashing on the same cores).
+/// `sha256`: [`bulk_sha256`] of the same bytes, sent with the finish and
+/// checked against the committed object.
 async fn ingest_bulk_with(
     client: &mut Client,
     seed: u64,
     size: u64,
     chunk: u64,
-    known_sha256: Option<[u8; 32]>,
+    sha256: [u8; 32],
     sampler: Option<&RssSampler>,
     mut on_all_acked: impl FnMut(),
-) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64)> {
+) -> anyhow::Result<(pb::ObjectInfo, u64)> {
     use pb::ingest_request::{Data, Finish, Msg, Open};
     let (tx, rx) = mpsc::channel::<pb::IngestRequest>(4);
     let spec = pb::ObjectSpec {
@@ -1154,12 +1155,8 @@ async fn ingest_bulk_with(
     // A fixed random block, its first 8 bytes replaced by the chunk index,
     // so every chunk differs without generating gigabytes of noise.
     let sender = tokio::spawn(async move {
-        let mut hash = known_sha256.is_none().then(|| digest::Context::new(&digest::SHA256));
         let mut offset = 0u64;
         for piece in bulk_pieces(seed, size, chunk) {
-            if let Some(h) = &mut hash {
-                h.update(&piece);
-            }
             let n = piece.len() as u64;
             let data = Data { offset, data: piece };
             if tx.send(pb::IngestRequest { msg: Some(Msg::Data(data)) }).await.is_err() {
@@ -1167,12 +1164,8 @@ async fn ingest_bulk_with(
             }
             offset += n;
         }
-        let sha = known_sha256
-            .or_else(|| hash.map(|h| h.finish().as_ref().try_into().expect("32 bytes")))
-            .expect("hashed unless known");
-        let finish = Finish { expected_sha256: Bytes::copy_from_slice(&sha), expected_size: size };
+        let finish = Finish { expected_sha256: Bytes::copy_from_slice(&sha256), expected_size: size };
         let _ = tx.send(pb::IngestRequest { msg: Some(Msg::Finish(finish)) }).await;
-        sha
     });
     let mut streaming_peak = 0;
     let info = loop {
@@ -1186,9 +1179,9 @@ async fn ingest_bulk_with(
             None => bail!("the ingest stream ended before the commit"),
         }
     };
-    let sha = sender.await?;
-    anyhow::ensure!(info.sha256[..] == sha && info.size == size, "the committed object differs from what was sent");
-    Ok((info, sha, streaming_peak))
+    sender.await?;
+    anyhow::ensure!(info.sha256[..] == sha256 && info.size == size, "the committed object differs from what was sent");
+    Ok((info, streaming_peak))
 }
 
 /// Reads an object (or a range) and returns its bytes' count and SHA-256,
@@ -1226,9 +1219,10 @@ async fn memory(a: &MemoryArgs) -> anyhow::Result<()> {
     let sampler = RssSampler::start(pid, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(100)).await;
     sampler.take_peak();
+    let chunk = a.chunk.clamp(1, 1 << 20);
+    let sha = bulk_sha256(a.target.seed, a.size, chunk);
     let t = Instant::now();
-    let (info, sha, streaming_peak) =
-        ingest_bulk(&mut client, a.target.seed, a.size, a.chunk.clamp(1, 1 << 20), Some(&sampler)).await?;
+    let (info, streaming_peak) = ingest_bulk(&mut client, a.target.seed, a.size, chunk, sha, Some(&sampler)).await?;
     let ingest_secs = t.elapsed().as_secs_f64();
     let commit_peak = sampler.take_peak();
     let spool = target.data_dir().map(|d| dir_size(&d.join("spool")));
@@ -1368,15 +1362,12 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
     let chunk = a.chunk.clamp(1, 1 << 20);
     let peer_dir = target.data_dir().map_or_else(|| a.target.work_dir.clone(), |d| d.to_owned());
     let (mut peer, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new());
-    // Hashed once, untimed: the peer hashes nothing, so neither side's time
-    // includes the generator hashing what it sends. The server still checks
-    // the upload against it (Finish) and the object against it (below).
     let sha = bulk_sha256(a.target.seed, a.size, chunk);
     // Alternating rounds, so a drift in the machine's load hits both sides.
     for _ in 0..a.rounds.max(1) {
         peer.push(bulk_peer(bucket.as_ref(), &peer_dir, a).await?);
         let t = Instant::now();
-        let (_, _, _, all_acked) = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, sha, t).await?;
+        let all_acked = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, sha, t).await?;
         committed.push(t.elapsed());
         acked.push(all_acked);
     }
@@ -1415,7 +1406,8 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// [`ingest_bulk`], also reporting when the last byte was acknowledged.
+/// [`ingest_bulk`], returning when the last byte was acknowledged (the
+/// commit's time is the caller's once this returns).
 async fn ingest_bulk_timed(
     client: &mut Client,
     seed: u64,
@@ -1423,17 +1415,13 @@ async fn ingest_bulk_timed(
     chunk: u64,
     sha256: [u8; 32],
     start: Instant,
-) -> anyhow::Result<(pb::ObjectInfo, [u8; 32], u64, Duration)> {
-    let acked = Arc::new(Mutex::new(None));
-    let (info, sha, peak) = ingest_bulk_with(client, seed, size, chunk, Some(sha256), None, {
-        let acked = acked.clone();
-        move || {
-            acked.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(start.elapsed());
-        }
+) -> anyhow::Result<Duration> {
+    let mut acked = None;
+    ingest_bulk_with(client, seed, size, chunk, sha256, None, || {
+        acked.get_or_insert(start.elapsed());
     })
     .await?;
-    let all_acked = acked.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or_else(|| start.elapsed());
-    Ok((info, sha, peak, all_acked))
+    Ok(acked.unwrap_or_else(|| start.elapsed()))
 }
 
 // ------------------------------------------------------------------ seek --

@@ -421,7 +421,7 @@ fn commit(group: &str, conn: &Connection) -> rusqlite::Result<()> {
         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
         Some("disk I/O error (injected by a test)".into())
     )));
-    let _ = group;
+    let _ = group; // only the failure point reads it
     conn.execute_batch("COMMIT")
 }
 

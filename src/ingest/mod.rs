@@ -618,9 +618,7 @@ impl Ingest {
         let result = self.session_loop(actor, &mut session, inbound, out).await;
         // Whatever happened, no journal write may outlive the lease: a
         // resuming stream must be the only writer.
-        if session.in_flight.is_some() {
-            let _ = wait_flush(&mut session.in_flight).await;
-        }
+        let _ = drain_flush(&mut session.in_flight).await;
         match result {
             Ok(Some(object)) => {
                 self.send(out, ServerMsg::Committed(object)).await?;
@@ -666,17 +664,13 @@ impl Ingest {
                         // shred lets the caller resume it; the destroy step
                         // discards it and counts it in the certificate.
                         Some(st @ CustomerState::PendingShred) => {
-                            if s.in_flight.is_some() {
-                                let _ = wait_flush(&mut s.in_flight).await;
-                            }
+                            let _ = drain_flush(&mut s.in_flight).await;
                             Refusal::Keep(Error::from_state(st))
                         }
                         // Keys already destroyed: remove what the shred
                         // could not see yet.
                         Some(st) if st != CustomerState::Active => {
-                            if s.in_flight.is_some() {
-                                let _ = wait_flush(&mut s.in_flight).await;
-                            }
+                            let _ = drain_flush(&mut s.in_flight).await;
                             Refusal::Discard(Error::from_state(st))
                         }
                         _ => {
@@ -792,13 +786,13 @@ impl Ingest {
 
     /// Waits for any flush in flight, then flushes what is pending.
     async fn settle(&self, s: &mut Session) -> Result<(), Error> {
-        if s.in_flight.is_some() {
-            let (journal, end) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
+        if let Some(done) = drain_flush(&mut s.in_flight).await {
+            let (journal, end) = done.map_err(spool_error)?;
             s.flushed(journal, end);
         }
         if !s.pending.is_empty() {
-            let mut flush = Some(self.start_flush(s));
-            let (journal, end) = wait_flush(&mut flush).await.map_err(spool_error)?;
+            s.in_flight = Some(self.start_flush(s));
+            let (journal, end) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
             s.flushed(journal, end);
         }
         Ok(())
@@ -1338,6 +1332,14 @@ fn queue_logged(
     let body = file.append_logged(key, data, direct)?;
     let done = file.submit(body);
     Ok((journal, done))
+}
+
+/// Waits for the flush in flight to end, if there is one.
+async fn drain_flush(in_flight: &mut Option<Flush>) -> Option<FlushResult> {
+    if in_flight.is_none() {
+        return None;
+    }
+    Some(wait_flush(in_flight).await)
 }
 
 /// Waits for the flush in flight, if any (else for ever), and clears it.
