@@ -38,6 +38,16 @@ const MAX_FRAME: u32 = 1 << 20;
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
+/// The gRPC port's HTTP/2 settings; also those of the load generator's
+/// loopback sink, so that peer measures the same transport.
+pub(crate) fn transport() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_frame_size(MAX_FRAME)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .tcp_nodelay(true)
+}
+
 /// The service's parts, opened and unsealed.
 pub struct Parts {
     pub ingest: Arc<Ingest>,
@@ -314,15 +324,11 @@ pub async fn serve(
     // it), and then every probe_interval.
     let _ = readiness.check().await;
     let watcher = tokio::spawn(readiness.clone().watch(cfg.health.probe_interval));
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = transport();
     if let Some(tls) = &cfg.tls {
         builder = builder.tls_config(tls_config(tls)?).context("invalid TLS configuration")?;
     }
     builder
-        .max_frame_size(MAX_FRAME)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

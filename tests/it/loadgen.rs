@@ -45,6 +45,35 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// `recvault loadgen bulk` into local files: all three sides run in the
+/// same round (the fsync'd file, the gRPC sink started as a process of its
+/// own, recvault), the committed object's SHA-256 is checked, and the
+/// server, the sink and their files are gone afterwards. Nothing is timed.
+#[test]
+fn loadgen_bulk_local_runs_the_file_the_sink_and_recvault() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_recvault");
+    let out = std::process::Command::new(bin)
+        .args(["loadgen", "bulk", "--size", "9MiB", "--chunk", "256KiB", "--rounds", "1", "--server-bin", bin])
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .expect("run loadgen bulk");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for row in [
+        "(a) peer: the same bytes to a file + fsync",
+        "(b) peer: the same stream into a discarding gRPC sink",
+        "recvault: every byte durable and acknowledged",
+        "recvault: object committed in storage",
+        "SHA-256 of every committed object matches",
+    ] {
+        assert!(stdout.contains(row), "no {row:?} in {stdout}");
+    }
+    let left: Vec<_> = std::fs::read_dir(work.path()).expect("work dir").collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// `recvault loadgen bulk` into a real Garage bucket, the real binary as
 /// server: runs both sides (raw multipart PUT and the upload through
 /// recvault) and checks the committed object's SHA-256. Figures for 1 GiB
@@ -71,6 +100,7 @@ async fn loadgen_bulk_into_s3_runs_both_sides() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("peer: raw multipart PUT of the same bytes"), "{stdout}");
+    assert!(stdout.contains("(b) peer: the same stream into a discarding gRPC sink"), "{stdout}");
     assert!(stdout.contains("recvault: object committed in storage"), "{stdout}");
     assert!(stdout.contains("SHA-256 of every committed object matches"), "{stdout}");
 }

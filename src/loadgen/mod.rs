@@ -2,7 +2,8 @@
 //! (issue #7; figures and commands in BENCHMARKS.md). Four modes: many
 //! concurrent live calls streaming G.711 in real time, server memory while
 //! one large object goes in and out, range reads in a long recording, and
-//! one large upload against the same bytes written without recvault.
+//! one large upload against the same bytes written without recvault and
+//! sent into a gRPC sink ([`sink`]).
 //!
 //! Without `--server` it starts `recvault serve` itself (this binary) on a
 //! fresh data directory under `--work-dir` and a loopback port, and removes
@@ -33,6 +34,8 @@ use crate::api::pb::ingest_response::Msg as ServerMsg;
 use crate::api::pb::recvault_client::RecvaultClient;
 use crate::cli::{BearerAuth, Client};
 
+mod sink;
+
 /// G.711 (μ-law or A-law): 8 000 samples of one byte per second.
 pub const G711_BYTES_PER_SEC: u64 = 8_000;
 /// Largest data message the generator sends (a resumed stream catches up
@@ -55,6 +58,12 @@ pub enum LoadgenCmd {
     /// same bytes written without recvault in the same run: a raw multipart
     /// PUT into the same bucket (S3 storage) or an fsync'd file (local).
     Bulk(BulkArgs),
+    /// The discarding gRPC sink `bulk` compares against (started by it).
+    #[command(hide = true)]
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 /// Which server to load.
@@ -186,15 +195,17 @@ pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
         LoadgenCmd::Memory(a) => memory(&a).await,
         LoadgenCmd::Seek(a) => seek(&a).await,
         LoadgenCmd::Bulk(a) => bulk(&a).await,
+        LoadgenCmd::Sink { listen } => sink::serve(listen).await,
     }
 }
 
 // ---------------------------------------------------------------- target --
 
-/// A server started for the run; killed and its data removed on drop.
+/// A process started for the run (a server, the sink); killed and its
+/// data directory removed on drop.
 struct Started {
     child: Child,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     _stdout: BufReader<ChildStdout>,
 }
 
@@ -202,7 +213,40 @@ impl Drop for Started {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Started {
+    /// Starts `cmd` and waits for the line `{announce}ADDR ...` it prints
+    /// once it listens; returns it with `http://ADDR`.
+    async fn spawn(mut cmd: Command, dir: Option<PathBuf>, announce: &'static str) -> anyhow::Result<(Self, String)> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
+        let stdout = child.stdout.take().context("no stdout of the started process")?;
+        let (line, reader) = tokio::task::spawn_blocking(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            reader.read_line(&mut line).map(|_| (line, reader))
+        })
+        .await??;
+        let mut started = Self { child, dir, _stdout: reader };
+        let Some(addr) = line.strip_prefix(announce).and_then(|r| r.split_whitespace().next()) else {
+            let status = started.child.try_wait().ok().flatten();
+            bail!("{} did not start (exit {status:?}); it printed {line:?}", cmd.get_program().to_string_lossy());
+        };
+        let url = format!("http://{addr}");
+        Ok((started, url))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -237,32 +281,14 @@ impl Target {
         if let Some(c) = &a.server_config {
             cmd.arg("--config").arg(c);
         }
-        let mut child = cmd
-            .env("RECVAULT_LOG", "warn")
+        cmd.env("RECVAULT_LOG", "warn")
             .env_remove("RECVAULT_CONFIG")
             .env_remove("RECVAULT_DATA_DIR")
-            .env_remove("RECVAULT_LISTEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout of the server")?;
-        let pid = child.id();
+            .env_remove("RECVAULT_LISTEN");
         // The line `recvault serving on ADDR (...)` comes once the server
         // has unsealed and bound its port.
-        let (line, reader) = tokio::task::spawn_blocking(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            reader.read_line(&mut line).map(|_| (line, reader))
-        })
-        .await??;
-        let mut started = Started { child, dir: dir.clone(), _stdout: reader };
-        let Some(addr) = line.strip_prefix("recvault serving on ").and_then(|r| r.split_whitespace().next()) else {
-            let status = started.child.try_wait().ok().flatten();
-            bail!("the server did not start (exit {status:?}); it printed {line:?}");
-        };
-        let url = format!("http://{addr}");
+        let (started, url) = Started::spawn(cmd, Some(dir.clone()), "recvault serving on ").await?;
+        let pid = started.pid();
         let admin = std::fs::read_to_string(dir.join(crate::auth::ADMIN_TOKEN_FILE))
             .context("the started server wrote no admin token")?;
         let token = connect(&url, admin.trim())
@@ -289,7 +315,7 @@ impl Target {
     }
 
     fn data_dir(&self) -> Option<&std::path::Path> {
-        self.started.as_ref().map(|s| s.dir.as_path())
+        self.started.as_ref().and_then(|s| s.dir.as_deref())
     }
 }
 
@@ -1361,17 +1387,28 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
     let mut client = target.clients().await?.remove(0);
     let chunk = a.chunk.clamp(1, 1 << 20);
     let peer_dir = target.data_dir().map_or_else(|| a.target.work_dir.clone(), |d| d.to_owned());
-    let (mut peer, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new());
+    let exe = std::env::current_exe().context("cannot find this binary to start the sink")?;
+    let mut sink_cmd = Command::new(exe);
+    sink_cmd.args(["loadgen", "sink", "--listen", "127.0.0.1:0"]);
+    let (sink, sink_url) = Started::spawn(sink_cmd, None, "recvault sink on ").await?;
+    let mut sink_client = connect(&sink_url, "none").await?;
+    let (mut peer, mut sunk, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let sha = bulk_sha256(a.target.seed, a.size, chunk);
-    // Alternating rounds, so a drift in the machine's load hits both sides.
+    let mut cpu = BulkCpu::default();
+    // Alternating rounds, so a drift in the machine's load hits every side.
     for _ in 0..a.rounds.max(1) {
         peer.push(bulk_peer(bucket.as_ref(), &peer_dir, a).await?);
-        let t = Instant::now();
+        let (t, before) = (Instant::now(), cpu_of(Some(sink.pid())));
+        ingest_bulk_timed(&mut sink_client, a.target.seed, a.size, chunk, sha, t).await?;
+        sunk.push(t.elapsed());
+        cpu.sink += cpu_of(Some(sink.pid())) - before;
+        let (t, before) = (Instant::now(), cpu_of(target.pid));
         let all_acked = ingest_bulk_timed(&mut client, a.target.seed, a.size, chunk, sha, t).await?;
         committed.push(t.elapsed());
         acked.push(all_acked);
+        cpu.server += cpu_of(target.pid) - before;
     }
-    for v in [&mut peer, &mut acked, &mut committed] {
+    for v in [&mut peer, &mut sunk, &mut acked, &mut committed] {
         v.sort();
     }
     let median = |v: &[Duration]| v[v.len() / 2];
@@ -1388,22 +1425,43 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
         chunk >> 10,
         a.rounds.max(1)
     );
-    println!("  {:<52} {:>9} {:>9} {:>10}", "", "best", "median", "vs peer");
+    println!("  {:<52} {:>9} {:>9} {:>8} {:>8}", "", "best", "median", "vs (a)", "vs (b)");
     let row = |name: &str, v: &[Duration]| {
         println!(
-            "  {:<52} {:>7.2} s {:>7.2} s {:>8.2} x   ({:.3} GB/s median)",
+            "  {:<52} {:>7.2} s {:>7.2} s {:>6.2} x {:>6.2} x   ({:.3} GB/s median)",
             name,
             v[0].as_secs_f64(),
             median(v).as_secs_f64(),
             median(&peer).as_secs_f64() / median(v).as_secs_f64(),
+            median(&sunk).as_secs_f64() / median(v).as_secs_f64(),
             gbps(median(v))
         )
     };
-    row(&format!("peer: {peer_name}"), &peer);
+    row(&format!("(a) peer: {peer_name}"), &peer);
+    row("(b) peer: the same stream into a discarding gRPC sink", &sunk);
     row("recvault: every byte durable and acknowledged", &acked);
     row("recvault: object committed in storage", &committed);
+    let per_gib = |secs: f64| secs / a.rounds.max(1) as f64 / (a.size as f64 / f64::from(1u32 << 30));
+    println!(
+        "  CPU per GiB received (user + system): the sink {:.2} s, the recvault server {:.2} s{}",
+        per_gib(cpu.sink),
+        per_gib(cpu.server),
+        if target.pid.is_some() { "" } else { " (no --server-pid: not measured)" }
+    );
     println!("  SHA-256 of every committed object matches what was sent");
     Ok(())
+}
+
+/// CPU seconds the sink and the server spent on their rounds of `bulk`.
+#[derive(Debug, Default)]
+struct BulkCpu {
+    sink: f64,
+    server: f64,
+}
+
+/// CPU seconds used so far by `pid` (0 when unknown or gone).
+fn cpu_of(pid: Option<u32>) -> f64 {
+    pid.and_then(proc_sample).map_or(0.0, |p| p.cpu_secs)
 }
 
 /// [`ingest_bulk`], returning when the last byte was acknowledged (the
