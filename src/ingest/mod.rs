@@ -758,7 +758,11 @@ impl Ingest {
 
     fn start_flush(&self, s: &mut Session) -> Flush {
         let mut journal = s.journal.take().expect("no flush in flight");
-        let data = std::mem::take(&mut s.pending);
+        // The next batch is likely the size of this one: a bulk upload's
+        // buffer is then allocated once per flush, not grown by doubling
+        // (a copy of everything it holds at each step).
+        let next = Vec::with_capacity(s.pending.len());
+        let data = std::mem::replace(&mut s.pending, next);
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();

@@ -69,6 +69,9 @@ pub const ROTATE_AT: u64 = 1024 * 1024;
 /// Batches at least this large are hashed on a second thread while they
 /// are written (a thread per small flush of a live call would cost more).
 const PARALLEL_HASH_MIN: usize = 512 * 1024;
+
+/// Plaintext sealed and written at a time by one append.
+const SEAL_PIECE: usize = 1 << 20;
 const AAD_LABEL: &[u8] = b"recvault v1 spool record";
 
 #[derive(Debug, thiserror::Error)]
@@ -442,19 +445,23 @@ impl FileJournal {
         let Some(enc) = self.enc.as_mut() else {
             return Err(SpoolError::Sealed(self.end));
         };
-        self.scratch.clear();
-        enc.update(data, &mut self.scratch).map_err(|_| SpoolError::Crypto)?;
-        let sealed_to = enc.sealed_len();
-        if !self.scratch.is_empty() {
-            // Two writes, so crash tests can stop between them and leave a
-            // torn segment (A1); recovery cuts it off.
-            let half = self.scratch.len() / 2;
-            self.seg.write_all(&self.scratch[..half])?;
-            fail::fail_point!("spool-mid-segment");
-            self.seg.write_all(&self.scratch[half..])?;
-            self.seg_dirty = true;
-            self.seg_len += self.scratch.len() as u64;
+        // In pieces, so the ciphertext buffer stays small whatever the
+        // batch (a bulk stream's batches are several MiB).
+        for piece in data.chunks(SEAL_PIECE) {
+            self.scratch.clear();
+            enc.update(piece, &mut self.scratch).map_err(|_| SpoolError::Crypto)?;
+            if !self.scratch.is_empty() {
+                // Two writes, so crash tests can stop between them and leave
+                // a torn segment (A1); recovery cuts it off.
+                let half = self.scratch.len() / 2;
+                self.seg.write_all(&self.scratch[..half])?;
+                fail::fail_point!("spool-mid-segment");
+                self.seg.write_all(&self.scratch[half..])?;
+                self.seg_dirty = true;
+                self.seg_len += self.scratch.len() as u64;
+            }
         }
+        let sealed_to = enc.sealed_len();
         let start = self.end;
         self.end += data.len() as u64;
         Ok((start, sealed_to))
