@@ -35,7 +35,13 @@ use crate::web::{self, link::LinkKey};
 /// HTTP/2 frames of 1 MiB nearly halve gRPC CPU per byte on bulk streams
 /// (shared/research/perf-limits.md).
 const MAX_FRAME: u32 = 1 << 20;
-const STREAM_WINDOW: u32 = 8 << 20;
+/// A bulk stream's sender may run this far ahead of what the service has
+/// taken. With 8 MiB a 1 GiB upload ran at half its speed: the stream
+/// stops reading while a flush is written, and the sender then waited for
+/// window updates on every flush (BENCHMARKS.md, "the flow-control
+/// wait"). The connection window still bounds what one connection can
+/// make the server buffer.
+const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// The gRPC port's HTTP/2 settings; also those of the load generator's

@@ -107,8 +107,8 @@ async fn a_fast_client_on_a_slow_disk_is_held_back_not_buffered() {
     sender.await.unwrap();
     assert_eq!(info.size, TOTAL);
     // Pending cap (1 MiB) + the flush under way (~2 MiB) + the server's
-    // 8 MiB stream window + client buffers; the whole upload without the cap.
-    assert!(worst <= 24 * MIB, "{} MiB handed over beyond the durable offset", worst / MIB);
+    // 16 MiB stream window + client buffers; the whole upload without the cap.
+    assert!(worst <= 32 * MIB, "{} MiB handed over beyond the durable offset", worst / MIB);
 }
 
 fn cli(target: &Target, args: &[&str]) -> Output {
