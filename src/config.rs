@@ -567,8 +567,9 @@ pub struct IngestSection {
     /// Longest wait of received bytes for their fsync and ack.
     #[serde(with = "humantime_serde_compat")]
     pub commit_interval: Duration,
-    /// Flush early once this many bytes are pending. A stream holds at
-    /// most this much more while a flush is under way, then stops reading.
+    /// Flush early once this many bytes are pending. While a flush is
+    /// under way a stream holds about this much more (up to one message
+    /// past it), then stops reading.
     pub commit_bytes: usize,
     /// Close a stream silent this long, or whose client reads no answer for
     /// this long (its durable bytes are kept).

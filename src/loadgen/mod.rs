@@ -3,7 +3,7 @@
 //! concurrent live calls streaming G.711 in real time, server memory while
 //! one large object goes in and out, range reads in a long recording, and
 //! one large upload against the same bytes written without recvault and
-//! sent into a gRPC sink ([`sink`]).
+//! sent into a gRPC sink (`src/loadgen/sink.rs`).
 //!
 //! Without `--server` it starts `recvault serve` itself (this binary) on a
 //! fresh data directory under `--work-dir` and a loopback port, and removes

@@ -23,8 +23,9 @@ use crate::api::pb::ingest_response::Msg as ServerMsg;
 /// (`ingest.commit_bytes`), so the answers on the wire are alike too.
 const ACK_EVERY: u64 = 4 << 20;
 
-/// What the server accepts in one message (data messages are at most
-/// [`crate::api::MAX_CHUNK`]).
+/// Largest message the sink takes: a data message of
+/// [`crate::api::MAX_CHUNK`] and its framing (the generator sends at most
+/// 1 MiB; the server also takes a `Put` body of up to `ingest.put_cap`).
 const MAX_MESSAGE: usize = crate::api::MAX_CHUNK + (64 << 10);
 
 /// Serves the sink on `listen` until the process is killed. Prints
