@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{self, MAX_CHUNK, pb};
 use crate::audit::{Actor, AuditLog};
@@ -51,7 +50,15 @@ pub(crate) fn transport() -> tonic::transport::Server {
         .max_frame_size(MAX_FRAME)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .tcp_nodelay(true)
+}
+
+/// The connections accepted on `listener`, with TCP_NODELAY set on each.
+/// tonic applies its own `tcp_nodelay` only to a listener it binds itself,
+/// not to `serve_with_incoming`; without it an ack (a small write after
+/// the previous one) can wait for the peer's delayed ACK, up to 40 ms on
+/// Linux.
+pub(crate) fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The service's parts, opened and unsealed.
@@ -339,7 +346,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     sweeper.abort();
     let _ = sweeper.await;
@@ -431,4 +438,23 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutting down: finishing requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    /// tonic ignores `Server::tcp_nodelay` with `serve_with_incoming`; the
+    /// sockets the gRPC port accepts must have it all the same.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let conn = accepted.next().await.expect("a connection").unwrap();
+        assert!(conn.nodelay().unwrap());
+    }
 }

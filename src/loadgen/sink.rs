@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{BoxFuture, Service, http};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -33,7 +33,7 @@ const MAX_MESSAGE: usize = crate::api::MAX_CHUNK + (64 << 10);
 pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("recvault sink on {}", listener.local_addr()?);
-    crate::server::transport().add_service(Sink).serve_with_incoming(TcpListenerStream::new(listener)).await?;
+    crate::server::transport().add_service(Sink).serve_with_incoming(crate::server::incoming(listener)).await?;
     Ok(())
 }
 
