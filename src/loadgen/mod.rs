@@ -206,7 +206,9 @@ pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
 struct Started {
     child: Child,
     dir: Option<PathBuf>,
-    _stdout: BufReader<ChildStdout>,
+    /// Kept open so the process never writes into a closed pipe; `None`
+    /// only while its first line is being read.
+    _stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl Drop for Started {
@@ -229,14 +231,19 @@ impl Started {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {}", cmd.get_program().to_string_lossy()))?;
-        let stdout = child.stdout.take().context("no stdout of the started process")?;
+        let stdout = child.stdout.take();
+        // From here on, every way out (a first line that cannot be read,
+        // for one) kills the process and removes its directory on drop.
+        let mut started = Self { child, dir, _stdout: None };
+        let stdout = stdout.context("no stdout of the started process")?;
         let (line, reader) = tokio::task::spawn_blocking(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
             reader.read_line(&mut line).map(|_| (line, reader))
         })
-        .await??;
-        let mut started = Self { child, dir, _stdout: reader };
+        .await?
+        .with_context(|| format!("cannot read the first line of {}", cmd.get_program().to_string_lossy()))?;
+        started._stdout = Some(reader);
         let Some(addr) = line.strip_prefix(announce).and_then(|r| r.split_whitespace().next()) else {
             let status = started.child.try_wait().ok().flatten();
             bail!("{} did not start (exit {status:?}); it printed {line:?}", cmd.get_program().to_string_lossy());
@@ -1618,6 +1625,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -1651,6 +1660,23 @@ mod tests {
         assert_eq!(parse_min_max("20-200"), Ok((20, 200)));
         assert_eq!(parse_min_max("50"), Ok((50, 50)));
         assert!(parse_min_max("200-20").is_err());
+    }
+
+    /// A process whose first line cannot be read (not UTF-8 here) is
+    /// killed and its directory removed, not left running.
+    #[tokio::test]
+    async fn a_process_that_does_not_announce_itself_is_not_left_running() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        let pid_file = tmp.path().join("pid");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("echo $$ > {}; printf '\\377\\n'; exec sleep 600", pid_file.display()));
+        let err = Started::spawn(cmd, Some(dir.clone()), "listening on ").await.err().expect("no announcement");
+        assert!(format!("{err:#}").contains("cannot read the first line of sh"), "{err:#}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists(), "process {} still exists", pid.trim());
+        assert!(!dir.exists(), "its directory was removed");
     }
 
     #[test]
