@@ -228,6 +228,11 @@ struct Session {
     /// End of the bytes known durable.
     durable: u64,
     pending: Vec<u8>,
+    /// The buffer of the last batch flushed, emptied, for the next batch:
+    /// a bulk upload then fills the same few MiB again and again instead
+    /// of faulting in fresh pages for every batch (each flush freed its
+    /// buffer and the next allocation touched new memory).
+    spare: Vec<u8>,
     /// The journal write + fsync under way, if any (it owns the journal).
     in_flight: Option<Flush>,
     /// When the oldest byte of `pending`, and of the batch being flushed,
@@ -236,7 +241,8 @@ struct Session {
     flushing_since: Option<std::time::Instant>,
 }
 
-type FlushResult = Result<(Journal, u64), spool::SpoolError>;
+/// The journal back, the durable end, and the batch's buffer for reuse.
+type FlushResult = Result<(Journal, u64, Vec<u8>), spool::SpoolError>;
 
 /// A journal flush under way.
 enum Flush {
@@ -494,6 +500,7 @@ impl Ingest {
             received: end,
             durable: end,
             pending: Vec::new(),
+            spare: Vec::new(),
             in_flight: None,
             pending_since: None,
             flushing_since: None,
@@ -684,8 +691,8 @@ impl Ingest {
                     });
                 }
                 done = wait_flush(&mut s.in_flight) => {
-                    let (journal, end) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
-                    s.flushed(journal, end);
+                    let (journal, end, buffer) = done.map_err(|e| Refusal::Keep(spool_error(e)))?;
+                    s.flushed(journal, end, buffer);
                     fail::fail_point!("ingest-before-ack");
                     self.send(out, ServerMsg::Ack { durable_offset: end }).await.map_err(Refusal::Keep)?;
                     s.acked();
@@ -761,10 +768,12 @@ impl Ingest {
     fn start_flush(&self, s: &mut Session) -> Flush {
         let mut journal = s.journal.take().expect("no flush in flight");
         // The next batch is likely the size of this one: a bulk upload's
-        // buffer is then allocated once per flush, not grown by doubling
-        // (a copy of everything it holds at each step).
-        let next = Vec::with_capacity(s.pending.len());
-        let data = std::mem::replace(&mut s.pending, next);
+        // buffer then has room for it from the start, not grown by
+        // doubling (a copy of everything it holds at each step).
+        let mut next = std::mem::take(&mut s.spare);
+        next.clear();
+        next.reserve(s.pending.len());
+        let mut data = std::mem::replace(&mut s.pending, next);
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
@@ -776,7 +785,10 @@ impl Ingest {
             }
             // No file I/O: only records sealed in memory (about a
             // microsecond for a 100 ms frame batch).
-            return match queue_logged(journal, &key, &data, false) {
+            let queued = queue_logged(journal, &key, &data, false);
+            data.clear();
+            s.spare = data;
+            return match queued {
                 Ok((journal, synced)) => Flush::Logged { end: journal.end(), journal, synced },
                 Err(e) => Flush::Failed(e),
             };
@@ -786,20 +798,20 @@ impl Ingest {
             fail::fail_point!("ingest-flush");
             journal.append_durably(&key, &data)?;
             let end = journal.end();
-            Ok((journal, end))
+            Ok((journal, end, data))
         }))
     }
 
     /// Waits for any flush in flight, then flushes what is pending.
     async fn settle(&self, s: &mut Session) -> Result<(), Error> {
         if let Some(done) = drain_flush(&mut s.in_flight).await {
-            let (journal, end) = done.map_err(spool_error)?;
-            s.flushed(journal, end);
+            let (journal, end, buffer) = done.map_err(spool_error)?;
+            s.flushed(journal, end, buffer);
         }
         if !s.pending.is_empty() {
             s.in_flight = Some(self.start_flush(s));
-            let (journal, end) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
-            s.flushed(journal, end);
+            let (journal, end, buffer) = wait_flush(&mut s.in_flight).await.map_err(spool_error)?;
+            s.flushed(journal, end, buffer);
         }
         Ok(())
     }
@@ -1282,8 +1294,11 @@ impl Session {
         Ok(())
     }
 
-    /// A flush made everything up to `end` durable.
-    fn flushed(&mut self, journal: Journal, end: u64) {
+    /// A flush made everything up to `end` durable; `buffer` held its batch.
+    fn flushed(&mut self, journal: Journal, end: u64, buffer: Vec<u8>) {
+        if buffer.capacity() > self.spare.capacity() {
+            self.spare = buffer;
+        }
         if let (Some(follower), Journal::File(f)) = (&self.follower, &journal) {
             follower.durable(f.segments_len());
         }
@@ -1309,15 +1324,15 @@ const LOG_DIRECT_MIN: usize = 512 * 1024;
 /// records, wait for the log's sync.
 async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
     let direct = data.len() >= LOG_DIRECT_MIN;
-    let (journal, synced) = tokio::task::spawn_blocking(move || {
+    let (journal, synced, data) = tokio::task::spawn_blocking(move || {
         fail::fail_point!("ingest-flush");
-        queue_logged(journal, &key, &data, direct)
+        queue_logged(journal, &key, &data, direct).map(|(journal, synced)| (journal, synced, data))
     })
     .await
     .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
     log_synced(synced.await)?;
     let end = journal.end();
-    Ok((journal, end))
+    Ok((journal, end, data))
 }
 
 fn log_synced(
@@ -1362,7 +1377,7 @@ async fn wait_flush(in_flight: &mut Option<Flush>) -> FlushResult {
             let answer = synced.await;
             let Some(Flush::Logged { journal, end, .. }) = in_flight.take() else { unreachable!() };
             log_synced(answer)?;
-            Ok((journal, end))
+            Ok((journal, end, Vec::new()))
         }
         Some(Flush::Failed(_)) => {
             let Some(Flush::Failed(e)) = in_flight.take() else { unreachable!() };
