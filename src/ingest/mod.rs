@@ -1351,7 +1351,7 @@ fn queue_logged(
 ) -> Result<(Journal, tokio::sync::oneshot::Receiver<std::io::Result<()>>), spool::SpoolError> {
     let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };
     let body = file.append_logged(key, data, direct)?;
-    let done = file.submit(body);
+    let done = file.submit(body, direct);
     Ok((journal, done))
 }
 

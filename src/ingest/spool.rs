@@ -528,9 +528,10 @@ impl FileJournal {
     }
 
     /// Queues a body from [`FileJournal::append_logged`] in the shared log;
-    /// the receiver answers once it is durable.
-    pub fn submit(&self, body: Vec<u8>) -> tokio::sync::oneshot::Receiver<std::io::Result<()>> {
-        self.log.as_ref().expect("a logged journal").submit(self.end, body)
+    /// the receiver answers once it is durable (`urgent`: see
+    /// [`super::wal::Pin::submit`]).
+    pub fn submit(&self, body: Vec<u8>, urgent: bool) -> tokio::sync::oneshot::Receiver<std::io::Result<()>> {
+        self.log.as_ref().expect("a logged journal").submit(self.end, body, urgent)
     }
 
     fn append_records(&mut self, key: &LessSafeKey, mut at: u64, data: &[u8]) -> Result<(), SpoolError> {
