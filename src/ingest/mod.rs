@@ -771,9 +771,8 @@ impl Ingest {
         // buffer then has room for it from the start, not grown by
         // doubling (a copy of everything it holds at each step).
         let mut next = std::mem::take(&mut s.spare);
-        next.clear();
         next.reserve(s.pending.len());
-        let mut data = std::mem::replace(&mut s.pending, next);
+        let data = std::mem::replace(&mut s.pending, next);
         // A batch awaited without an ack (settle) keeps its older start.
         s.flushing_since = s.flushing_since.or(s.pending_since.take());
         let key = s.spool_key.clone();
@@ -786,8 +785,7 @@ impl Ingest {
             // No file I/O: only records sealed in memory (about a
             // microsecond for a 100 ms frame batch).
             let queued = queue_logged(journal, &key, &data, false);
-            data.clear();
-            s.spare = data;
+            s.recycle(data);
             return match queued {
                 Ok((journal, synced)) => Flush::Logged { end: journal.end(), journal, synced },
                 Err(e) => Flush::Failed(e),
@@ -1296,14 +1294,25 @@ impl Session {
 
     /// A flush made everything up to `end` durable; `buffer` held its batch.
     fn flushed(&mut self, journal: Journal, end: u64, buffer: Vec<u8>) {
-        if buffer.capacity() > self.spare.capacity() {
-            self.spare = buffer;
-        }
+        self.recycle(buffer);
         if let (Some(follower), Journal::File(f)) = (&self.follower, &journal) {
             follower.durable(f.segments_len());
         }
         self.journal = Some(journal);
         self.durable = end;
+    }
+
+    /// Keeps `buffer`, which held the batch just flushed, emptied for the
+    /// next batch, if its batch filled it fairly. One grown for a burst (a
+    /// resumed call catching up in 4 MiB batches) is freed once batches are
+    /// small again, so a live call does not hold megabytes for the rest of
+    /// its session.
+    fn recycle(&mut self, mut buffer: Vec<u8>) {
+        const SMALL: usize = 64 << 10;
+        if buffer.capacity() <= 2 * buffer.len() + SMALL && buffer.capacity() > self.spare.capacity() {
+            buffer.clear();
+            self.spare = buffer;
+        }
     }
 
     /// Everything flushed so far was just acknowledged.
