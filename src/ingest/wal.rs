@@ -120,8 +120,8 @@ struct State {
     keep_all: bool,
     /// The writer is gathering entries for its next batch ([`GATHER`]).
     gathering: bool,
-    /// An entry someone waits for with nothing else to do (a bulk flush's
-    /// tail) is queued: the writer stops gathering.
+    /// `queue` holds an entry someone waits for with nothing else to do
+    /// (a bulk flush's tail): the writer does not gather.
     urgent: bool,
     stop: bool,
 }
@@ -378,6 +378,7 @@ fn write_loop(shared: &Shared, mut file: File) {
             if st.queue.is_empty() {
                 return;
             }
+            st.urgent = false;
             if st.failed {
                 for e in st.queue.drain(..) {
                     let _ = e.done.send(Err(failed()));
@@ -471,7 +472,6 @@ fn gather(shared: &Shared) {
         st = shared.wake.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
     }
     st.gathering = false;
-    st.urgent = false;
 }
 
 /// Crash tests start a generation after every batch (`log-rotate=return`),
