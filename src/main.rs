@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+// At thousands of live calls glibc malloc's arena searches (`_int_malloc`)
+// were 5 % of the machine's CPU; mimalloc's thread-local free lists halved
+// the ack p50 at 3 000 calls (BENCHMARKS.md, "Concurrent live calls").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = recvault::cli::Cli::parse();
     // Crash tests set failpoints through FAILPOINTS; absent from release
