@@ -22,9 +22,11 @@ RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/interop
 # Once with the default per-stream fdatasync, then with the shared ingest
 # log (fewer steady-state points: the model is the same; the log starts a
 # generation after every batch, so a short run spills, checkpoints and
-# deletes generations).
+# deletes generations; the first checkpoint with segments to make durable
+# does it with one syncfs, the path taken at many live calls, and later
+# ones with a sync per segments file).
 RECVAULT_BIN="$PWD/target/debug/recvault" python3 -m pytest -q tests/powercut
-RECVAULT_BIN="$PWD/target/debug/recvault" POWERCUT_INGEST_SYNC=log POWERCUT_POINTS=40 FAILPOINTS=log-rotate=return \
+RECVAULT_BIN="$PWD/target/debug/recvault" POWERCUT_INGEST_SYNC=log POWERCUT_POINTS=40 FAILPOINTS="log-rotate=return;checkpoint-syncfs=1*return" \
   python3 -m pytest -q tests/powercut -k "steady or first_start"
 
 # deploy/ (issue #6): the Kubernetes manifests and compose file parse and
