@@ -653,6 +653,11 @@ impl Ingest {
         S: Stream<Item = Result<ClientMsg, Error>> + Unpin + Send,
     {
         let mut flush_at: Option<tokio::time::Instant> = None;
+        // One timer for the session, reset when a batch starts: a timer made
+        // at each turn of the loop was registered with the runtime's timer
+        // wheel and removed again for every message.
+        let flush_timer = tokio::time::sleep(self.cfg.commit_interval);
+        tokio::pin!(flush_timer);
         let cancel = s.lease.cancel.clone();
         // Made once, not per message: thousands of live calls send tens of
         // thousands of messages a second, and a timer or waiter registered
@@ -702,7 +707,7 @@ impl Ingest {
                         flush_at = None;
                     }
                 }
-                _ = sleep_until(flush_at), if s.in_flight.is_none() => {
+                _ = &mut flush_timer, if flush_at.is_some() && s.in_flight.is_none() => {
                     s.in_flight = Some(self.start_flush(s));
                     flush_at = None;
                 }
@@ -731,7 +736,9 @@ impl Ingest {
                         Some(Ok(ClientMsg::Data { offset, data })) => {
                             s.receive(offset, &data)?;
                             if flush_at.is_none() {
-                                flush_at = Some(tokio::time::Instant::now() + self.cfg.commit_interval);
+                                let at = tokio::time::Instant::now() + self.cfg.commit_interval;
+                                flush_at = Some(at);
+                                flush_timer.as_mut().reset(at);
                             }
                             if s.in_flight.is_none() && s.pending.len() >= self.cfg.commit_bytes {
                                 s.in_flight = Some(self.start_flush(s));
@@ -1392,13 +1399,6 @@ async fn wait_flush(in_flight: &mut Option<Flush>) -> FlushResult {
             let Some(Flush::Failed(e)) = in_flight.take() else { unreachable!() };
             Err(e)
         }
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 
