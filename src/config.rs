@@ -192,6 +192,13 @@ pub struct StorageSection {
     /// s3: longest time of one HTTP request.
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
+    /// s3: put the SHA-256 of each request body in its signature. Unset:
+    /// only over plain `http://`, as the AWS SDKs do (over TLS the body is
+    /// already integrity-checked in transit, and an object is AES-GCM
+    /// sealed end to end, so the hash only costs a pass over every byte on
+    /// both sides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sign_payload: Option<bool>,
 }
 
 impl Default for StorageSection {
@@ -209,6 +216,7 @@ impl Default for StorageSection {
             max_retries: 5,
             retry_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(60),
+            sign_payload: None,
         }
     }
 }
@@ -273,6 +281,9 @@ impl StorageSection {
             max_retries: self.max_retries,
             retry_timeout: self.retry_timeout,
             request_timeout: self.request_timeout,
+            sign_payload: self
+                .sign_payload
+                .unwrap_or_else(|| !self.endpoint.as_deref().is_some_and(|e| e.starts_with("https://"))),
         }))
     }
 
@@ -1234,6 +1245,15 @@ mod tests {
         let settings = storage.s3().unwrap().expect("s3 settings");
         let debug = format!("{settings:?}");
         assert!(!debug.contains("very-secret-value") && !debug.contains("GK0123"), "{debug}");
+        // Payload hashes are signed over plain http only, unless set.
+        assert!(settings.sign_payload, "no endpoint is Amazon S3's https");
+        let https = StorageSection { endpoint: Some("https://s3.example.net".into()), ..storage.clone() };
+        assert!(!https.s3().unwrap().unwrap().sign_payload);
+        let http =
+            StorageSection { endpoint: Some("http://10.0.0.5:3900".into()), allow_http: true, ..storage.clone() };
+        assert!(http.s3().unwrap().unwrap().sign_payload);
+        let forced = StorageSection { sign_payload: Some(true), ..https };
+        assert!(forced.s3().unwrap().unwrap().sign_payload);
         std::fs::write(&secret, "\n").unwrap();
         assert!(storage.s3().unwrap_err().to_string().contains("is empty"));
         // Without files, the environment (not set in this test process:

@@ -35,6 +35,9 @@ pub struct S3Settings {
     pub retry_timeout: Duration,
     /// Longest time one HTTP request (a part of at most 16 MiB, say) may take.
     pub request_timeout: Duration,
+    /// Each request's body hash is part of its signature (SigV4); otherwise
+    /// `UNSIGNED-PAYLOAD` is signed in its place.
+    pub sign_payload: bool,
 }
 
 /// An access key pair. No `Clone`; `Debug` prints neither half; the secret
@@ -101,6 +104,7 @@ pub fn s3_client(settings: &S3Settings) -> Result<Arc<dyn object_store::ObjectSt
         .with_region(&settings.region)
         .with_virtual_hosted_style_request(!settings.path_style)
         .with_credentials(Arc::new(StaticCredentialProvider::new(credential)))
+        .with_unsigned_payload(!settings.sign_payload)
         .with_retry(retry)
         .with_client_options(client);
     builder = match settings.write_once {
