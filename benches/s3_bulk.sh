@@ -7,6 +7,8 @@
 #
 # Needs `garage` on PATH or in ~/.cargo/bin (.ci/run installs it) and a
 # recvault binary: RECVAULT_BIN, default target/release/recvault.
+# SIGN_PAYLOAD=false runs both sides with unsigned payloads, the default
+# over https (Garage here speaks plain http, where the default signs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size="${1:-1GiB}"
@@ -54,6 +56,7 @@ allow_http = true
 access_key_id_file = "$work/key-id"
 secret_access_key_file = "$work/secret"
 write_once = "check-first"
+${SIGN_PAYLOAD:+sign_payload = $SIGN_PAYLOAD}
 TOML
 # The S3 API may answer 503 for a moment after the layout is applied.
 sleep 2
