@@ -281,9 +281,11 @@ impl StorageSection {
             max_retries: self.max_retries,
             retry_timeout: self.retry_timeout,
             request_timeout: self.request_timeout,
+            // `validate` let through only http:// and https:// endpoints;
+            // none is Amazon S3, over https.
             sign_payload: self
                 .sign_payload
-                .unwrap_or_else(|| !self.endpoint.as_deref().is_some_and(|e| e.starts_with("https://"))),
+                .unwrap_or_else(|| self.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))),
         }))
     }
 
@@ -1246,7 +1248,7 @@ mod tests {
         let debug = format!("{settings:?}");
         assert!(!debug.contains("very-secret-value") && !debug.contains("GK0123"), "{debug}");
         // Payload hashes are signed over plain http only, unless set.
-        assert!(settings.sign_payload, "no endpoint is Amazon S3's https");
+        assert!(!settings.sign_payload, "no endpoint is Amazon S3, over https");
         let https = StorageSection { endpoint: Some("https://s3.example.net".into()), ..storage.clone() };
         assert!(!https.s3().unwrap().unwrap().sign_payload);
         let http =

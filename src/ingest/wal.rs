@@ -60,6 +60,15 @@ pub const WAL_DIR: &str = "wal";
 const GENERATION_SIZE: u64 = 32 << 20;
 /// How often the checkpoint thread runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// A checkpoint with at least this many segments files to make durable
+/// makes them so with one `syncfs` of the spool's file system, not one
+/// `fdatasync` each. A live call writes a segment every 8 s, so at
+/// thousands of calls the checkpoint thread synced hundreds of files a
+/// second, each an ext4 journal commit (the file grew) competing with the
+/// log's own syncs on the ack path. `syncfs` writes them back together in
+/// one commit; it also writes back whatever else is dirty on that file
+/// system (a dedicated spool volume keeps that small).
+const SYNCFS_FROM: usize = 32;
 const ENTRY_HEADER_LEN: usize = 16 + 4;
 /// Group commit: after a batch of at least two entries, the writer waits
 /// this long for more before its next write and sync, unless
@@ -70,15 +79,6 @@ const ENTRY_HEADER_LEN: usize = 16 + 4;
 /// 198–404 ms (BENCHMARKS.md, "Concurrent live calls"). A lone stream
 /// (batches of one entry) never waits.
 const GATHER: Duration = Duration::from_millis(2);
-/// A checkpoint with at least this many segments files to make durable
-/// makes them so with one `syncfs` of the spool's file system, not one
-/// `fdatasync` each. A live call writes a segment every 8 s, so at
-/// thousands of calls the checkpoint thread synced hundreds of files a
-/// second, each an ext4 journal commit (the file grew) competing with the
-/// log's own syncs on the ack path. `syncfs` writes them back together in
-/// one commit; it also writes back whatever else is dirty on that file
-/// system (a dedicated spool volume keeps that small).
-const SYNCFS_FROM: usize = 32;
 /// Queued entries that end a gathering wait at once.
 const GATHER_ENTRIES: usize = 512;
 /// Largest entry body: one flush (`commit_bytes`) of records, with room.
@@ -941,8 +941,9 @@ mod tests {
 
     // At many live calls one syncfs stands for a sync per segments file.
     // That it makes them durable is the power-cut tests' part (A2, with
-    // `checkpoint-syncfs`); here, that the checkpoint takes that path and
-    // leaves every upload whole.
+    // `checkpoint-syncfs`, which asserts the path was traced); here, that
+    // a checkpoint with more than SYNCFS_FROM dirty files succeeds, clears
+    // every file's dirty mark and leaves every upload whole.
     #[test]
     fn a_checkpoint_of_many_dirty_segments_files_syncs_them_at_once() {
         let dir = tempfile::tempdir().unwrap();
