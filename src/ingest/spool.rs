@@ -461,6 +461,13 @@ impl FileJournal {
                 self.seg_len += self.scratch.len() as u64;
             }
         }
+        // A trickle (a live call's frames) seals a segment every few
+        // seconds: its buffer is freed rather than held between them. Larger
+        // appends keep theirs, so a bulk stream does not fault in new pages
+        // for every batch.
+        if data.len() < enc.segment_size() as usize {
+            self.scratch = Vec::new();
+        }
         let sealed_to = enc.sealed_len();
         let start = self.end;
         self.end += data.len() as u64;
@@ -1066,6 +1073,23 @@ mod tests {
         // Three segments sealed; the 100-byte tail is a record.
         assert_eq!(std::fs::metadata(t.seg_path()).unwrap().len(), format::segment_offset(3, DEFAULT_SEGMENT_SIZE));
         assert!(t.journal_len() < FILE_HEADER_LEN + 200);
+        drop(j);
+        same(&t.recovered(), &a);
+    }
+
+    #[test]
+    fn a_trickle_holds_no_ciphertext_buffer_between_segments() {
+        // A live call's frames: each sealed segment is written and its
+        // buffer freed, not kept per call until the next one.
+        let t = setup();
+        let mut j = t.open();
+        let a = data(2 * SEG + 5000, 3);
+        for frame in a.chunks(1600) {
+            j.append(&t.spool, frame).unwrap();
+            assert_eq!(j.scratch.capacity(), 0);
+        }
+        j.sync(&t.spool).unwrap();
+        assert_eq!(std::fs::metadata(t.seg_path()).unwrap().len(), format::segment_offset(2, DEFAULT_SEGMENT_SIZE));
         drop(j);
         same(&t.recovered(), &a);
     }
