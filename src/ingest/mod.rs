@@ -145,7 +145,9 @@ pub enum ClientMsg {
     Finish { expected_sha256: Option<[u8; 32]>, expected_size: Option<u64> },
 }
 
-/// A server message of an ingest stream.
+/// A server message of an ingest stream. The records are boxed: every
+/// stream queues these in a channel whose slots are allocated 32 at a time,
+/// so their size is paid per live call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMsg {
     /// The upload is open (or already committed); send from `durable_offset`.
@@ -153,13 +155,13 @@ pub enum ServerMsg {
         upload_id: UploadId,
         object_id: ObjectId,
         durable_offset: u64,
-        committed: Option<ObjectRecord>,
+        committed: Option<Box<ObjectRecord>>,
     },
     /// Every byte before `durable_offset` survives a crash.
     Ack {
         durable_offset: u64,
     },
-    Committed(ObjectRecord),
+    Committed(Box<ObjectRecord>),
 }
 
 struct Active {
@@ -586,7 +588,6 @@ impl Ingest {
         };
         let mut session = match self.open(actor, upload_id, spec).await? {
             Opening::Committed(object) => {
-                let object = *object;
                 self.send(
                     out,
                     ServerMsg::Opened {
@@ -630,7 +631,7 @@ impl Ingest {
         let _ = drain_flush(&mut session.in_flight).await;
         match result {
             Ok(Some(object)) => {
-                self.send(out, ServerMsg::Committed(object)).await?;
+                self.send(out, ServerMsg::Committed(Box::new(object))).await?;
                 Ok(())
             }
             Ok(None) => Ok(()),
