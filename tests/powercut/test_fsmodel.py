@@ -192,6 +192,29 @@ def test_short_write_counts_only_the_returned_bytes(tmp_path):
     assert bytes(t.replay(tmp_path).lookup(["f"]).vol) == b"abcd"
 
 
+def test_a_write_the_kill_cut_short_may_be_on_disk_in_part(tmp_path):
+    """A write still inside the kernel at SIGKILL has no return in the
+    trace; the disk may hold all, part or none of it, and nothing else."""
+    t = Trace()
+    t.open(3, "f")
+    t.write(3, "f", "abc")
+    t.start(f"write({fd(3, ROOT + '/f')}, {q('defg')}, 4", tid=101)
+    m = t.replay(tmp_path)
+    (tmp_path / "trace.txt").write_text("\n".join(t.lines) + "\n")
+    unfinished = fsmodel.unfinished_writes(str(tmp_path / "trace.txt"))
+    assert unfinished == {ROOT + "/f": [b"defg"]}
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    ok, bad = [b"abc", b"abcde", b"abcdefg"], [b"abcx", b"abcdefgh", b"ab"]
+    for content in ok + bad:
+        (disk / "f").write_bytes(content)
+        # The model names the data directory ROOT; the comparison keys the
+        # unfinished writes by the directory compared.
+        paths = {str(disk / "f"): unfinished[ROOT + "/f"]}
+        diffs = fsmodel.compare_with_disk(m, str(disk), paths)
+        assert (diffs == []) == (content in ok), (content, diffs)
+
+
 def test_sync_counts_only_what_was_written_before_it_started(tmp_path):
     t = Trace()
     t.open(3, "f")
