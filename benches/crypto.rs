@@ -34,17 +34,6 @@ fn seal(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// As [`seal`], but the whole segments are sealed in place in `data` (the
-/// spool's path for a large batch; the buffer's content does not change
-/// the cost, so it is sealed again on every iteration).
-fn seal_in_place(data: &mut [u8]) -> (Vec<u8>, usize) {
-    let mut enc = ObjectEncryptor::new(SegmentSealer::new(&dek(), fields()).unwrap());
-    let (mut out, mut tags) = (Vec::new(), Vec::new());
-    let range = enc.update_in_place(data, false, &mut out, &mut tags).unwrap();
-    enc.finish(&mut out).unwrap();
-    (out, range.len())
-}
-
 fn bench(c: &mut Criterion) {
     let data: Vec<u8> = (0..LEN).map(|i| (i * 31 % 251) as u8).collect();
     let object = seal(&data);
@@ -52,8 +41,6 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(LEN as u64));
     g.sample_size(20);
     g.bench_function("recvault_seal_64k_segments", |b| b.iter(|| seal(&data)));
-    let mut buf = data.clone();
-    g.bench_function("recvault_seal_in_place_64k_segments", |b| b.iter(|| seal_in_place(&mut buf)));
     g.bench_function("recvault_open_64k_segments", |b| b.iter(|| format::decrypt_object(&dek(), &object).unwrap()));
     // The limit: ring AES-256-GCM over the same 64 KiB chunks, no framing.
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());

@@ -241,28 +241,6 @@ impl SegmentSealer {
         Ok(())
     }
 
-    /// Seals the non-final segment `buf` (exactly `segment_size` bytes) in
-    /// place and returns its tag, which follows it in the object: no copy
-    /// of the plaintext at all, where [`SegmentSealer::seal_segment_onto`]
-    /// makes one.
-    pub fn seal_segment_in_place(&self, index: u64, buf: &mut [u8]) -> Result<[u8; TAG_LEN], CryptoError> {
-        if index > MAX_SEGMENT_INDEX {
-            return Err(CryptoError::CounterExhausted);
-        }
-        if buf.len() != self.fields.segment_size as usize {
-            return Err(CryptoError::InvalidSegment);
-        }
-        let nonce = segment_nonce(&self.fields.nonce_prefix, index, false);
-        let tag = self
-            .keys
-            .aead
-            .seal_in_place_separate_tag(nonce, Aad::from(&self.header[..]), buf)
-            .map_err(|_| CryptoError::InvalidSegment)?;
-        let mut out = [0u8; TAG_LEN];
-        out.copy_from_slice(tag.as_ref());
-        Ok(out)
-    }
-
     /// Seals the non-final segment `plain` (exactly `segment_size` bytes)
     /// onto the end of `out`: one copy of the plaintext, where buffering it
     /// for [`SegmentSealer::seal_segment`] would take two.
@@ -404,49 +382,6 @@ impl ObjectEncryptor {
         Ok(())
     }
 
-    /// [`ObjectEncryptor::update`] without copying most of `data`: the
-    /// whole segments in it are sealed in place, in `data`, and the range
-    /// they fill is returned, with their tags pushed onto `tags` (cleared
-    /// first). The object continues with `out`, then each of those
-    /// segments' ciphertext followed by its tag. The bytes of `data` before
-    /// the range complete the held-back segment (sealed onto `out`), and
-    /// those after it are held back, as `update` does with them.
-    ///
-    /// `more_follows` says that more plaintext will follow `data`, so a
-    /// whole segment at its end is not the last one and can be sealed now;
-    /// without it, that segment is held back (copied) in case it is last.
-    /// `data` is overwritten with ciphertext in the returned range only.
-    pub fn update_in_place(
-        &mut self,
-        data: &mut [u8],
-        more_follows: bool,
-        out: &mut Vec<u8>,
-        tags: &mut Vec<[u8; TAG_LEN]>,
-    ) -> Result<std::ops::Range<usize>, CryptoError> {
-        tags.clear();
-        let size = self.sealer.segment_size() as usize;
-        let head = (size - self.pending.len() % size) % size;
-        let head = head.min(data.len());
-        self.update(&data[..head], out)?;
-        let rest = data.len() - head;
-        if rest == 0 {
-            return Ok(head..head);
-        }
-        if self.pending.len() == size {
-            // More data follows, so the held-back full segment is not last.
-            self.seal_pending(false, out, false)?;
-        }
-        debug_assert!(self.pending.is_empty());
-        let whole = if more_follows { rest / size } else { (rest - 1) / size };
-        let range = head..head + whole * size;
-        for segment in data[range.clone()].chunks_exact_mut(size) {
-            tags.push(self.sealer.seal_segment_in_place(self.next_index, segment)?);
-            self.next_index += 1;
-        }
-        self.update(&data[range.end..], out)?;
-        Ok(range)
-    }
-
     /// Seals the held-back segment onto `out`. With `release` the buffer is
     /// not kept for the next segment: it becomes `out` when `out` is empty
     /// (no copy), and is freed otherwise.
@@ -575,56 +510,6 @@ mod tests {
         object
     }
 
-    /// As [`encrypt`], but through [`ObjectEncryptor::update_in_place`],
-    /// telling it that more follows each piece but the last when `follows`.
-    fn encrypt_in_place(dek: &DataKey, f: HeaderFields, plain: &[u8], piece: usize, follows: bool) -> Vec<u8> {
-        let size = f.segment_size as usize;
-        let mut enc = ObjectEncryptor::new(SegmentSealer::new(dek, f).unwrap());
-        let (mut object, mut tags) = (Vec::new(), Vec::new());
-        let pieces: Vec<&[u8]> = plain.chunks(piece.max(1)).collect();
-        for (i, chunk) in pieces.iter().enumerate() {
-            let mut data = chunk.to_vec();
-            let mut out = Vec::new();
-            let range = enc.update_in_place(&mut data, follows && i + 1 < pieces.len(), &mut out, &mut tags).unwrap();
-            // Only the returned range is overwritten.
-            assert_eq!(data[..range.start], chunk[..range.start]);
-            assert_eq!(data[range.end..], chunk[range.end..]);
-            assert_eq!(tags.len() * size, range.len());
-            object.extend_from_slice(&out);
-            for (segment, tag) in data[range].chunks(size).zip(&tags) {
-                object.extend_from_slice(segment);
-                object.extend_from_slice(tag);
-            }
-        }
-        let mut out = Vec::new();
-        enc.finish(&mut out).unwrap();
-        object.extend_from_slice(&out);
-        object
-    }
-
-    #[test]
-    fn a_bulk_batch_is_sealed_in_place_but_its_last_segment() {
-        let dek = key(6);
-        let size = DEFAULT_SEGMENT_SIZE as usize;
-        let plain: Vec<u8> = (0..4 * size).map(|i| (i * 31 + 7) as u8).collect();
-        let mut enc = ObjectEncryptor::new(SegmentSealer::new(&dek, fields(DEFAULT_SEGMENT_SIZE)).unwrap());
-        let (mut data, mut out, mut tags) = (plain.clone(), Vec::new(), Vec::new());
-        // Nothing known to follow: the fourth segment may be the last.
-        let range = enc.update_in_place(&mut data, false, &mut out, &mut tags).unwrap();
-        assert_eq!(range, 0..3 * size);
-        assert_eq!(out.len(), HEADER_LEN, "only the header is copied out");
-        assert_eq!(enc.pending(), &plain[3 * size..]);
-        assert_ne!(data[..size], plain[..size]);
-        // The next batch seals the held-back segment onto `out`, then its
-        // own whole segments in place; with more to follow, all of them.
-        let (mut data, mut out) = (plain.clone(), Vec::new());
-        let range = enc.update_in_place(&mut data, true, &mut out, &mut tags).unwrap();
-        assert_eq!(range, 0..4 * size);
-        assert_eq!(out.len(), size + TAG_LEN);
-        assert!(enc.pending().is_empty());
-        assert_eq!(enc.sealed_len(), 8 * size as u64);
-    }
-
     #[test]
     fn a_trickle_starts_each_segment_in_a_small_buffer() {
         // A live call: 20 ms G.711 frames into 64 KiB segments.
@@ -687,7 +572,6 @@ mod tests {
             extra in 0usize..200,
             piece in 1usize..300,
             seg in prop::sample::select(vec![16u32, 32, 100]),
-            follows in any::<bool>(),
         ) {
             let s = seg as usize;
             let len = [0, 1, s - 1, s, s + 1, s * 5 + extra][len_class];
@@ -702,9 +586,6 @@ mod tests {
             // (as the spool's do), where a sealed segment is handed over
             // rather than copied.
             prop_assert_eq!(&object, &encrypt_fresh_out(&dek, fields(seg), &plain, piece));
-            // Nor on whether whole segments are sealed in place, whether or
-            // not the encryptor is told that more follows.
-            prop_assert_eq!(&object, &encrypt_in_place(&dek, fields(seg), &plain, piece, follows));
             let (_, back) = decrypt_object(&dek, &object).unwrap();
             prop_assert_eq!(back, plain);
         }

@@ -792,8 +792,7 @@ impl Ingest {
             }
             // No file I/O: only records sealed in memory (about a
             // microsecond for a 100 ms frame batch).
-            let mut data = data;
-            let queued = queue_logged(journal, &key, &mut data, false);
+            let queued = queue_logged(journal, &key, &data, false);
             s.recycle(data);
             return match queued {
                 Ok((journal, synced)) => Flush::Logged { end: journal.end(), journal, synced },
@@ -803,8 +802,7 @@ impl Ingest {
         Flush::Task(tokio::task::spawn_blocking(move || {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
             fail::fail_point!("ingest-flush");
-            let mut data = data;
-            journal.append_durably(&key, &mut data)?;
+            journal.append_durably(&key, &data)?;
             let end = journal.end();
             Ok((journal, end, data))
         }))
@@ -1341,11 +1339,11 @@ const LOG_DIRECT_MIN: usize = 512 * 1024;
 /// A flush of a journal writing to the shared log ([`wal`]) that writes a
 /// segment first (file I/O, on the blocking pool): seal, write, queue the
 /// records, wait for the log's sync.
-async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, mut data: Vec<u8>) -> FlushResult {
+async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
     let direct = data.len() >= LOG_DIRECT_MIN;
     let (journal, synced, data) = tokio::task::spawn_blocking(move || {
         fail::fail_point!("ingest-flush");
-        queue_logged(journal, &key, &mut data, direct).map(|(journal, synced)| (journal, synced, data))
+        queue_logged(journal, &key, &data, direct).map(|(journal, synced)| (journal, synced, data))
     })
     .await
     .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
@@ -1365,7 +1363,7 @@ fn log_synced(
 fn queue_logged(
     mut journal: Journal,
     key: &LessSafeKey,
-    data: &mut [u8],
+    data: &[u8],
     direct: bool,
 ) -> Result<(Journal, tokio::sync::oneshot::Receiver<std::io::Result<()>>), spool::SpoolError> {
     let Journal::File(file) = &mut journal else { unreachable!("only local journals are logged") };

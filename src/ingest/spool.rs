@@ -40,7 +40,7 @@
 //! Everything here is blocking I/O: call it from `spawn_blocking`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, IoSlice, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -170,66 +170,6 @@ pub struct FileJournal {
     /// With `ingest.sync = "log"`: records go to the shared log through
     /// this, not to the records file.
     log: Option<Pin>,
-}
-
-/// Splits `data` into a first piece of `first` bytes and the rest into
-/// pieces of `piece` bytes (the last may be shorter).
-fn split_pieces(mut data: &mut [u8], first: usize, piece: usize) -> Vec<&mut [u8]> {
-    let mut pieces = Vec::with_capacity(data.len() / piece.max(1) + 2);
-    let mut len = first;
-    while !data.is_empty() {
-        let take = len.min(data.len());
-        let (head, rest) = std::mem::take(&mut data).split_at_mut(take);
-        pieces.push(head);
-        data = rest;
-        len = piece;
-    }
-    pieces
-}
-
-/// Writes `parts` in order as two vectored writes, so crash tests can stop
-/// between them and leave a torn segment (A1); recovery cuts it off.
-/// Returns the bytes written.
-fn write_in_halves(file: &mut File, parts: &[&[u8]]) -> std::io::Result<u64> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    if total == 0 {
-        return Ok(0);
-    }
-    let half = total / 2;
-    let (mut first, mut second) = (Vec::with_capacity(parts.len() + 1), Vec::with_capacity(parts.len() + 1));
-    let mut at = 0;
-    for part in parts {
-        if at + part.len() <= half {
-            first.push(IoSlice::new(part));
-        } else if at >= half {
-            second.push(IoSlice::new(part));
-        } else {
-            let (a, b) = part.split_at(half - at);
-            first.push(IoSlice::new(a));
-            second.push(IoSlice::new(b));
-        }
-        at += part.len();
-    }
-    write_all_vectored(file, &mut first)?;
-    fail::fail_point!("spool-mid-segment");
-    write_all_vectored(file, &mut second)?;
-    Ok(total as u64)
-}
-
-/// `Write::write_all_vectored`, which is not stable yet.
-fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    // Linux takes at most IOV_MAX buffers in one call.
-    const IOV_MAX: usize = 1024;
-    IoSlice::advance_slices(&mut slices, 0);
-    while !slices.is_empty() {
-        match file.write_vectored(&slices[..slices.len().min(IOV_MAX)]) {
-            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// One full or final segment read back from a segments file.
@@ -455,108 +395,26 @@ impl FileJournal {
         self.write(key, data)
     }
 
-    /// [`FileJournal::append`] then [`FileJournal::sync`], sealing the
-    /// whole segments of `data` in place: it is left holding their
-    /// ciphertext (the bytes after them, which go into records, are kept).
-    pub fn append_durably(&mut self, key: &LessSafeKey, data: &mut [u8]) -> Result<(), SpoolError> {
-        let (start, sealed_to) = self.write_segments_in_place(data)?;
-        let from = sealed_to.max(start);
-        if from < self.end {
-            self.append_records(key, from, &data[(from - start) as usize..])?;
-        }
-        self.sync(key)
-    }
-
-    /// Hashes `data` (which starts at `self.end()`), seals the full
-    /// segments it completes into the segments file (not synced), sealing
-    /// its own whole segments in place, and advances the end. Returns where
-    /// `data` started and the end of the sealed segments.
-    ///
-    /// A large batch is hashed on a second thread a piece ahead of the
-    /// sealing, which must not overwrite a piece before it is hashed:
-    /// SHA-256 is the dearest step here, and in line it would add to every
-    /// ack's wait. Sealing in place saves copying each byte once more: the
-    /// copy was 5 % of a bulk upload's CPU (BENCHMARKS.md).
-    fn write_segments_in_place(&mut self, data: &mut [u8]) -> Result<(u64, u64), SpoolError> {
-        let Some(enc) = self.enc.as_ref() else {
+    /// [`FileJournal::append`] then [`FileJournal::sync`]. A large batch is
+    /// hashed on a second thread meanwhile: SHA-256 costs about a quarter
+    /// of a disk write here, and would otherwise add to every ack's wait.
+    pub fn append_durably(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
+        if self.enc.is_none() {
             return Err(SpoolError::Sealed(self.end));
-        };
-        let len = data.len();
-        let seg = enc.segment_size() as usize;
-        let mut tags = Vec::new();
-        if len < PARALLEL_HASH_MIN {
+        }
+        if data.len() < PARALLEL_HASH_MIN {
             self.hash.update(data);
-            self.seal_piece_in_place(data, false, &mut tags)?;
-        } else {
-            // Pieces end on segment boundaries, so none is copied whole
-            // to be finished by the next.
-            let piece = (SEAL_PIECE / seg).max(1) * seg;
-            let head = (seg - enc.pending().len() % seg) % seg;
-            let pieces = split_pieces(data, head + piece, piece);
-            let count = pieces.len();
-            let mut hash = std::mem::replace(&mut self.hash, digest::Context::new(&digest::SHA256));
-            let sealed = std::thread::scope(|scope| {
-                let (hashed, to_seal) = std::sync::mpsc::sync_channel::<(&mut [u8], bool)>(count);
-                let hasher = scope.spawn(move || {
-                    for (i, piece) in pieces.into_iter().enumerate() {
-                        hash.update(piece);
-                        if hashed.send((piece, i + 1 < count)).is_err() {
-                            break;
-                        }
-                    }
-                    hash
-                });
-                let mut sealed = Ok(());
-                for (piece, more_follows) in to_seal.iter() {
-                    sealed = self.seal_piece_in_place(piece, more_follows, &mut tags);
-                    if sealed.is_err() {
-                        break;
-                    }
-                }
-                drop(to_seal);
-                hasher.join().map(|hash| (hash, sealed))
-            });
-            let (hash, sealed) = sealed.map_err(|_| SpoolError::Crypto)?;
-            self.hash = hash;
-            sealed?;
+            return self.write(key, data).and_then(|()| self.sync(key));
         }
-        // As in `write_segments`: a trickle's ciphertext buffer is freed.
-        if len < seg {
-            self.scratch = Vec::new();
-        }
-        let sealed_to = self.enc.as_ref().map_or(0, ObjectEncryptor::sealed_len);
-        let start = self.end;
-        self.end += len as u64;
-        Ok((start, sealed_to))
-    }
-
-    /// Seals one piece of a batch, its whole segments in place, and writes
-    /// what that completes to the segments file.
-    fn seal_piece_in_place(
-        &mut self,
-        piece: &mut [u8],
-        more_follows: bool,
-        tags: &mut Vec<[u8; format::TAG_LEN]>,
-    ) -> Result<(), SpoolError> {
-        let Some(enc) = self.enc.as_mut() else {
-            return Err(SpoolError::Sealed(self.end));
-        };
-        self.scratch.clear();
-        let range =
-            enc.update_in_place(piece, more_follows, &mut self.scratch, tags).map_err(|_| SpoolError::Crypto)?;
-        let seg = enc.segment_size() as usize;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + 2 * tags.len());
-        parts.push(&self.scratch);
-        for (ciphertext, tag) in piece[range].chunks(seg).zip(tags.iter()) {
-            parts.push(ciphertext);
-            parts.push(tag);
-        }
-        let written = write_in_halves(&mut self.seg, &parts)?;
-        if written > 0 {
-            self.seg_dirty = true;
-            self.seg_len += written;
-        }
-        Ok(())
+        let mut hash = std::mem::replace(&mut self.hash, digest::Context::new(&digest::SHA256));
+        let written = std::thread::scope(|scope| {
+            let hasher = scope.spawn(|| hash.update(data));
+            let written = self.write(key, data).and_then(|()| self.sync(key));
+            hasher.join().map_err(|_| SpoolError::Crypto)?;
+            written
+        });
+        self.hash = hash;
+        written
     }
 
     /// Rewrites the records file holding the tail only. Everything before
@@ -633,27 +491,30 @@ impl FileJournal {
     /// later checkpoint), or with `sync_segments` only the bytes past the
     /// segments, which are then synced here (a large batch, where writing
     /// its bytes twice would cost more than one more sync).
-    ///
-    /// With `sync_segments`, the whole segments of `data` are sealed in
-    /// place (see [`FileJournal::append_durably`]); otherwise `data` is
-    /// left as it is, since the records need all of it.
     pub fn append_logged(
         &mut self,
         key: &LessSafeKey,
-        data: &mut [u8],
+        data: &[u8],
         sync_segments: bool,
     ) -> Result<Vec<u8>, SpoolError> {
         if self.enc.is_none() {
             return Err(SpoolError::Sealed(self.end));
         }
         let sealed_before = self.enc.as_ref().map_or(0, ObjectEncryptor::sealed_len);
-        let (start, sealed_to) = if sync_segments {
-            self.write_segments_in_place(data)?
-        } else {
+        let (start, sealed_to) = if data.len() < PARALLEL_HASH_MIN {
             self.hash.update(data);
             self.write_segments(data)?
+        } else {
+            let mut hash = std::mem::replace(&mut self.hash, digest::Context::new(&digest::SHA256));
+            let written = std::thread::scope(|scope| {
+                let hasher = scope.spawn(|| hash.update(data));
+                let written = self.write_segments(data);
+                hasher.join().map_err(|_| SpoolError::Crypto)?;
+                written
+            });
+            self.hash = hash;
+            written?
         };
-        let data = &*data;
         if sync_segments && self.seg_dirty {
             self.seg.sync_data()?;
             self.seg_dirty = false;
@@ -1033,9 +894,8 @@ impl Journal {
         }
     }
 
-    /// Appends `data` and makes it durable. A local journal seals the
-    /// whole segments of `data` in place, leaving their ciphertext in it.
-    pub fn append_durably(&mut self, key: &LessSafeKey, data: &mut [u8]) -> Result<(), SpoolError> {
+    /// Appends `data` and makes it durable.
+    pub fn append_durably(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
         match self {
             Self::File(f) => f.append_durably(key, data),
             Self::Catalog(_) => self.append(key, data).and_then(|()| self.sync(key)),
@@ -1246,38 +1106,12 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_splits_into_a_first_piece_then_equal_ones() {
-        let mut data = vec![0u8; 10];
-        let lens = |first, piece| -> Vec<usize> {
-            split_pieces(&mut data.clone(), first, piece).iter().map(|p| p.len()).collect()
-        };
-        assert_eq!(lens(3, 4), [3, 4, 3]);
-        assert_eq!(lens(12, 4), [10]);
-        assert_eq!(lens(2, 2), [2, 2, 2, 2, 2]);
-        assert!(split_pieces(&mut data[..0], 3, 4).is_empty());
-    }
-
-    #[test]
     fn large_batches_hashed_alongside_the_write_hash_the_same() {
         let t = setup();
         let mut j = t.open();
         let a = data(3 * PARALLEL_HASH_MIN + 17, 8);
-        j.append_durably(&t.spool, &mut a[..100].to_vec()).unwrap();
-        // A batch not starting on a segment boundary, hashed a piece ahead
-        // of being sealed in place.
-        let mut batch = a[100..].to_vec();
-        j.append_durably(&t.spool, &mut batch).unwrap();
-        // Its whole segments were sealed in place, save the last, which is
-        // held back (and recorded) in case it ends the object.
-        let held = (a.len() as u64 - j.enc.as_ref().unwrap().sealed_len()) as usize;
-        assert!(held > 0 && held <= SEG);
-        assert_eq!(batch[batch.len() - held..], a[a.len() - held..]);
-        assert_ne!(batch[SEG..2 * SEG], a[100 + SEG..100 + 2 * SEG], "sealed in place");
-        drop(j);
-        // The records hold what the segments do not: a reopened journal
-        // has every byte, and seals the same object.
-        let mut j = t.open();
-        assert_eq!(j.end(), a.len() as u64);
+        j.append_durably(&t.spool, &a[..100]).unwrap();
+        j.append_durably(&t.spool, &a[100..]).unwrap();
         assert_eq!(j.seal().unwrap(), (a.len() as u64, sha(&a)));
         same(&decrypt_object(&t.dek, &std::fs::read(t.seg_path()).unwrap()).unwrap().1, &a);
     }

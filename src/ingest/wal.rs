@@ -834,7 +834,7 @@ mod tests {
 
     /// Appends through the log and waits for the sync, as an ack does.
     fn append(j: &mut FileJournal, key: &LessSafeKey, data: &[u8]) {
-        let body = j.append_logged(key, &mut data.to_vec(), false).unwrap();
+        let body = j.append_logged(key, data, false).unwrap();
         j.submit(body, false).blocking_recv().unwrap().unwrap();
     }
 
