@@ -14,8 +14,9 @@
 //! - `<object_id>.journal` holds the bytes after the last sealed segment
 //!   (the held-back tail, under one segment) as records sealed under a spool
 //!   key derived from the data key (distinct from the segment key) with
-//!   fresh random nonces, so a record can be rewritten after a crash
-//!   without reusing a segment nonce. Records wholly inside the sealed
+//!   fresh nonces (a random prefix drawn each time the journal is opened,
+//!   then a counter: [`RecordNonces`]), so a record can be rewritten after
+//!   a crash without reusing a nonce. Records wholly inside the sealed
 //!   segments are obsolete; once they outgrow [`ROTATE_AT`] the journal is
 //!   rewritten holding the tail only.
 //!
@@ -123,12 +124,48 @@ pub fn spool_file_id(file_name: &str) -> Option<&str> {
     [".journal", ".seg", ".journal.new"].iter().find_map(|suffix| file_name.strip_suffix(suffix))
 }
 
-fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> Vec<u8> {
-    let mut aad = AAD_LABEL.to_vec();
-    aad.extend_from_slice(object_id.as_bytes());
-    aad.extend_from_slice(&start.to_be_bytes());
-    aad.extend_from_slice(&len.to_be_bytes());
+const AAD_LEN: usize = AAD_LABEL.len() + 16 + 8 + 4;
+
+/// On the stack: a live call seals a record every 100 ms, and thousands
+/// of them allocating one each showed in the profile (BENCHMARKS.md).
+fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> [u8; AAD_LEN] {
+    let mut aad = [0u8; AAD_LEN];
+    let (label, rest) = aad.split_at_mut(AAD_LABEL.len());
+    label.copy_from_slice(AAD_LABEL);
+    rest[..16].copy_from_slice(object_id.as_bytes());
+    rest[16..24].copy_from_slice(&start.to_be_bytes());
+    rest[24..].copy_from_slice(&len.to_be_bytes());
     aad
+}
+
+/// Nonces of one writer's records: a random 8-byte prefix, drawn when the
+/// journal is opened, then a 4-byte counter (the deterministic
+/// construction of NIST SP 800-38D, 8.2.1, with a random fixed field). A
+/// random 12-byte nonce per record cost a `getrandom` system call each, 1 %
+/// of the server's CPU at 3 000 live calls (BENCHMARKS.md). Every writer
+/// of the same upload (a restart, a resume, another replica) draws its own
+/// prefix, so two of them share one with a chance of about n² / 2⁶⁵ for n
+/// opens; a new prefix is drawn before the counter could wrap.
+pub(crate) struct RecordNonces {
+    prefix: [u8; 8],
+    counter: u32,
+}
+
+impl RecordNonces {
+    pub(crate) fn new() -> Result<Self, SpoolError> {
+        Ok(Self { prefix: random_bytes().map_err(|_| SpoolError::Crypto)?, counter: 0 })
+    }
+
+    fn next(&mut self) -> Result<[u8; 12], SpoolError> {
+        if self.counter == u32::MAX {
+            *self = Self::new()?;
+        }
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&self.prefix);
+        nonce[8..].copy_from_slice(&self.counter.to_be_bytes());
+        self.counter += 1;
+        Ok(nonce)
+    }
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -167,6 +204,7 @@ pub struct FileJournal {
     seg_dirty: bool,
     file_dirty: bool,
     scratch: Vec<u8>,
+    nonces: RecordNonces,
     /// With `ingest.sync = "log"`: records go to the shared log through
     /// this, not to the records file.
     log: Option<Pin>,
@@ -341,6 +379,7 @@ impl FileJournal {
             seg_dirty: false,
             file_dirty: false,
             scratch: Vec::new(),
+            nonces: RecordNonces::new()?,
             log: None,
         };
         // What was read back may have been in the page cache only (a kill
@@ -523,7 +562,7 @@ impl FileJournal {
         let mut body = Vec::with_capacity((self.end - from) as usize + 2 * (RECORD_HEADER_LEN + TAG_LEN));
         let mut at = from;
         for piece in data[(from - start) as usize..].chunks(MAX_RECORD) {
-            seal_record(key, &self.object_id, at, piece, &mut body)?;
+            seal_record(key, &mut self.nonces, &self.object_id, at, piece, &mut body)?;
             at += piece.len() as u64;
         }
         if let Some(pin) = &self.log
@@ -545,7 +584,7 @@ impl FileJournal {
         let mut out = Vec::with_capacity(data.len().min(MAX_RECORD) + RECORD_HEADER_LEN + TAG_LEN);
         for piece in data.chunks(MAX_RECORD) {
             out.clear();
-            seal_record(key, &self.object_id, at, piece, &mut out)?;
+            seal_record(key, &mut self.nonces, &self.object_id, at, piece, &mut out)?;
             // Two writes, so crash tests can stop between them and leave a
             // torn record (A1); recovery cuts it off.
             let half = out.len() / 2;
@@ -586,7 +625,7 @@ impl FileJournal {
         let mut out = Vec::new();
         let mut at = from;
         for piece in data.chunks(MAX_RECORD) {
-            seal_record(key, &self.object_id, at, piece, &mut out)?;
+            seal_record(key, &mut self.nonces, &self.object_id, at, piece, &mut out)?;
             at += piece.len() as u64;
         }
         file.write_all(&out)?;
@@ -687,6 +726,7 @@ fn read_segment(
 /// and appends its encoding to `out`.
 fn seal_record(
     key: &LessSafeKey,
+    nonces: &mut RecordNonces,
     object_id: &ObjectId,
     start: u64,
     piece: &[u8],
@@ -694,7 +734,7 @@ fn seal_record(
 ) -> Result<(), SpoolError> {
     debug_assert!(piece.len() <= MAX_RECORD);
     let len = piece.len() as u32;
-    let nonce: [u8; 12] = random_bytes().map_err(|_| SpoolError::Crypto)?;
+    let nonce = nonces.next()?;
     out.extend_from_slice(&start.to_be_bytes());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&nonce);
@@ -789,6 +829,7 @@ pub struct CatalogJournal {
     /// End of the bytes appended (`synced` plus `pending`).
     end: u64,
     pending: Vec<u8>,
+    nonces: RecordNonces,
 }
 
 impl CatalogJournal {
@@ -861,6 +902,7 @@ impl Journal {
                     synced: end,
                     end,
                     pending: Vec::new(),
+                    nonces: RecordNonces::new()?,
                 }))
             }
         }
@@ -886,7 +928,7 @@ impl Journal {
             Self::File(f) => f.append(key, data),
             Self::Catalog(c) => {
                 for piece in data.chunks(MAX_RECORD) {
-                    seal_record(key, &c.object_id, c.end, piece, &mut c.pending)?;
+                    seal_record(key, &mut c.nonces, &c.object_id, c.end, piece, &mut c.pending)?;
                     c.end += piece.len() as u64;
                 }
                 Ok(())
@@ -1223,10 +1265,11 @@ mod tests {
         let t = setup();
         let a = data(3 * MAX_RECORD + 12_345, 10);
         let mut v1 = MAGIC_V1.to_vec();
+        let mut nonces = RecordNonces::new().unwrap();
         v1.extend_from_slice(t.id.as_bytes());
         let mut at = 0;
         for piece in a.chunks(MAX_RECORD) {
-            seal_record(&t.spool, &t.id, at as u64, piece, &mut v1).unwrap();
+            seal_record(&t.spool, &mut nonces, &t.id, at as u64, piece, &mut v1).unwrap();
             at += piece.len();
         }
         std::fs::write(journal_path(t.dir.path(), &t.id), &v1).unwrap();
@@ -1245,9 +1288,10 @@ mod tests {
         let t = setup();
         let a = data(SEG + 300, 7);
         let mut v1 = MAGIC_V1.to_vec();
+        let mut nonces = RecordNonces::new().unwrap();
         v1.extend_from_slice(t.id.as_bytes());
-        seal_record(&t.spool, &t.id, 0, &a[..SEG / 2], &mut v1).unwrap();
-        seal_record(&t.spool, &t.id, (SEG / 2) as u64, &a[SEG / 2..], &mut v1).unwrap();
+        seal_record(&t.spool, &mut nonces, &t.id, 0, &a[..SEG / 2], &mut v1).unwrap();
+        seal_record(&t.spool, &mut nonces, &t.id, (SEG / 2) as u64, &a[SEG / 2..], &mut v1).unwrap();
         std::fs::write(journal_path(t.dir.path(), &t.id), &v1).unwrap();
         same(&t.recovered(), &a);
         let mut j = t.open();
@@ -1284,6 +1328,52 @@ mod tests {
             let bytes = std::fs::read(&path).unwrap();
             assert!(!bytes.windows(canary.len()).any(|w| w == canary), "{path:?}");
         }
+    }
+
+    #[test]
+    fn record_nonces_count_under_a_random_prefix_and_redraw_it_before_wrapping() {
+        let (mut a, mut b) = (RecordNonces::new().unwrap(), RecordNonces::new().unwrap());
+        let (n0, n1) = (a.next().unwrap(), a.next().unwrap());
+        assert_eq!(n0[..8], n1[..8]);
+        assert_eq!(n0[8..], [0, 0, 0, 0]);
+        assert_eq!(n1[8..], [0, 0, 0, 1]);
+        assert_ne!(n0[..8], b.next().unwrap()[..8], "each writer draws its own prefix");
+        a.counter = u32::MAX - 1;
+        let last = a.next().unwrap();
+        assert_eq!(last[8..], (u32::MAX - 1).to_be_bytes());
+        let fresh = a.next().unwrap();
+        assert_ne!(fresh[..8], last[..8]);
+        assert_eq!(fresh[8..], [0, 0, 0, 0]);
+    }
+
+    /// The nonces of every record in a journal's records file.
+    fn record_nonces(path: &Path) -> Vec<[u8; 12]> {
+        let bytes = std::fs::read(path).unwrap();
+        let (mut at, mut out) = (FILE_HEADER_LEN as usize, Vec::new());
+        while at + RECORD_HEADER_LEN <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+            out.push(bytes[at + 12..at + RECORD_HEADER_LEN].try_into().unwrap());
+            at += RECORD_HEADER_LEN + len + TAG_LEN;
+        }
+        out
+    }
+
+    #[test]
+    fn no_record_nonce_repeats_across_reopens() {
+        let t = setup();
+        let a = data(12 * 100, 4);
+        for batch in a.chunks(100 * 4) {
+            let mut j = t.open();
+            for piece in batch.chunks(100) {
+                j.append_durably(&t.spool, piece).unwrap();
+            }
+        }
+        let nonces = record_nonces(&journal_path(t.dir.path(), &t.id));
+        assert_eq!(nonces.len(), 12);
+        let distinct: std::collections::BTreeSet<_> = nonces.iter().collect();
+        assert_eq!(distinct.len(), 12);
+        let j = t.open();
+        assert_eq!(j.end(), a.len() as u64);
     }
 
     #[test]
