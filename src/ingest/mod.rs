@@ -22,7 +22,9 @@ pub mod spool;
 pub mod wal;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +34,6 @@ use ring::aead::LessSafeKey;
 use ring::digest;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Actor, AuditLog, Event};
 use crate::catalog::{Catalog, CatalogError, CustomerState, UploadRecord};
@@ -166,7 +167,7 @@ pub enum ServerMsg {
 
 struct Active {
     customer_ref: CustomerRef,
-    cancel: CancellationToken,
+    cancel: Arc<StreamCancel>,
     /// Distinguishes this holder from a later one of the same upload.
     generation: u64,
 }
@@ -196,7 +197,66 @@ struct Lease {
     ingest: Arc<Ingest>,
     upload_id: UploadId,
     generation: u64,
-    cancel: CancellationToken,
+    cancel: Arc<StreamCancel>,
+}
+
+/// Tells the stream holding an upload to let it go: a newer stream took
+/// the upload over, or its customer is being shredded.
+///
+/// tokio_util's `CancellationToken` did this before, but each poll of its
+/// `cancelled()` takes a mutex (twice), and the session loop polls it on
+/// every message: 2 % of the server's CPU at 3 000 live calls
+/// (BENCHMARKS.md). Here a poll reads one flag once the task's waker is
+/// registered.
+#[derive(Default)]
+struct StreamCancel {
+    cancelled: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl StreamCancel {
+    fn cancel(&self) {
+        self.cancelled.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Ready once [`StreamCancel::cancel`] was called, before or after.
+    fn cancelled(&self) -> Cancelled<'_> {
+        Cancelled { cancel: self, notified: Box::pin(self.notify.notified()), waker: None }
+    }
+}
+
+/// The future of [`StreamCancel::cancelled`].
+struct Cancelled<'a> {
+    cancel: &'a StreamCancel,
+    // Made with the future, so `notify_waiters` reaches it even before its
+    // first poll.
+    notified: Pin<Box<tokio::sync::futures::Notified<'a>>>,
+    /// The waker `notified` holds.
+    waker: Option<std::task::Waker>,
+}
+
+impl Future for Cancelled<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = &mut *self;
+        if this.cancel.is_cancelled() {
+            return std::task::Poll::Ready(());
+        }
+        if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            // First poll, or from another task: (re)register its waker.
+            if this.notified.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+            this.waker = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
+    }
 }
 
 impl Drop for Lease {
@@ -345,7 +405,7 @@ impl Ingest {
                     Some(a) => a.cancel.cancel(),
                     None => {
                         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let cancel = CancellationToken::new();
+                        let cancel = Arc::new(StreamCancel::default());
                         active.insert(upload_id, Active { customer_ref, cancel: cancel.clone(), generation });
                         return Ok(Lease { ingest: self.clone(), upload_id, generation, cancel });
                     }
@@ -1423,4 +1483,57 @@ fn same_upload(existing: &UploadRecord, spec: &ObjectSpec) -> Result<(), Error> 
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_cancel_is_seen_whenever_it_comes() {
+        // After the future is made, before its first poll.
+        let c = StreamCancel::default();
+        let f = c.cancelled();
+        c.cancel();
+        f.await;
+        // Before the future is made.
+        c.cancelled().await;
+        // While the only thing the task waits on is the cancel: its wake-up
+        // must come from `cancel` itself.
+        let c = Arc::new(StreamCancel::default());
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.cancelled().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.cancel();
+        tokio::time::timeout(Duration::from_secs(30), waiter).await.expect("the cancel woke the waiter").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_cancel_is_seen_after_polls_that_only_read_the_flag() {
+        // The session loop polls the future on every message; after the
+        // first poll those polls do not touch the Notify.
+        let c = Arc::new(StreamCancel::default());
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move {
+                let cancelled = c.cancelled();
+                tokio::pin!(cancelled);
+                let mut polls = 0u32;
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = &mut cancelled => break polls,
+                        _ = tokio::time::sleep(Duration::from_millis(1)) => polls += 1,
+                    }
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.cancel();
+        let polls =
+            tokio::time::timeout(Duration::from_secs(30), waiter).await.expect("the waiter saw the cancel").unwrap();
+        assert!(polls > 1, "polled {polls} times before the cancel");
+    }
 }
