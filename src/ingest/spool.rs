@@ -146,13 +146,13 @@ fn record_aad(object_id: &ObjectId, start: u64, len: u32) -> [u8; AAD_LEN] {
 /// of the same upload (a restart, a resume, another replica) draws its own
 /// prefix, so two of them share one with a chance of about n² / 2⁶⁵ for n
 /// opens; a new prefix is drawn before the counter could wrap.
-pub(crate) struct RecordNonces {
+struct RecordNonces {
     prefix: [u8; 8],
     counter: u32,
 }
 
 impl RecordNonces {
-    pub(crate) fn new() -> Result<Self, SpoolError> {
+    fn new() -> Result<Self, SpoolError> {
         Ok(Self { prefix: random_bytes().map_err(|_| SpoolError::Crypto)?, counter: 0 })
     }
 
