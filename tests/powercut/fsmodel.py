@@ -130,6 +130,16 @@ def parse_fd(a):
     return (fd if fd == "AT_FDCWD" else int(fd)), path
 
 
+def iov_bytes(arg):
+    """The bytes of an strace iovec array argument, in order."""
+    parts = []
+    for hx, trunc, ln in _IOV.findall(arg):
+        if trunc:
+            raise ModelError("strace truncated an iovec: raise -s")
+        parts.append(unhex(hx))
+    return b"".join(parts)
+
+
 def parse_int(a):
     a = a.strip()
     if re.fullmatch(r"0[0-7]+", a):
@@ -232,9 +242,15 @@ class Event:
         self.name = name
 
 
-def parse_trace(path):
+def parse_trace(path, unfinished=None):
     """Events in the order strace saw them: a completed call is placed at
-    its exit; a sync also gets a 'sync-begin' event at its entry."""
+    its exit; a sync also gets a 'sync-begin' event at its entry.
+
+    `unfinished`, a dict if given, receives the data writes the trace
+    leaves unfinished: the process was killed inside them, so strace never
+    saw them return, and the kernel may have done all, part or none of
+    each (a write to a file checks for a fatal signal between pages).
+    {file path: [payload, ...]}, for `compare_with_disk`."""
     events = []
     pending = {}
     seq = 0
@@ -289,7 +305,25 @@ def parse_trace(path):
                 fd = _first_fd(mc.group(2)) if name != "sync" else None
                 events.append(Event("sync-begin", tid=tid, fd=fd, t=ts, name=name))
             events.append(Event("call", call))
+    if unfinished is not None:
+        for name, args, _ in pending.values():
+            if name in _DATA_WRITES:
+                _unfinished_write(unfinished, name, args)
     return events
+
+
+_DATA_WRITES = ("write", "writev", "pwrite64", "pwritev", "pwritev2")
+
+
+def _unfinished_write(out, name, args):
+    a = split_args(args)
+    try:
+        _, file = parse_fd(a[0])
+        payload = parse_str(a[1]) if name in ("write", "pwrite64") else iov_bytes(a[1])
+    except (ModelError, IndexError):
+        return
+    if file is not None:
+        out.setdefault(file, []).append(payload)
 
 
 def _first_fd(args):
@@ -583,12 +617,7 @@ class Model:
         return True
 
     def _iov(self, arg, n):
-        parts = []
-        for hx, trunc, ln in _IOV.findall(arg):
-            if trunc:
-                raise ModelError("strace truncated an iovec: raise -s")
-            parts.append(unhex(hx))
-        return b"".join(parts)[:n]
+        return iov_bytes(arg)[:n]
 
     def _writev(self, c, a):
         of, node = self._data_target(c, a)
@@ -1050,47 +1079,11 @@ def _apply_op(data, op):
             data.extend(b"\0" * (size - len(data)))
 
 
-_DATA_WRITES = ("write", "writev", "pwrite64", "pwritev", "pwritev2")
-
-
-def unfinished_writes(path):
-    """The data writes a trace leaves unfinished: the process was killed
-    inside them, so strace never saw them return. The kernel may have done
-    all, part or none of each (a write to a file checks for a fatal signal
-    between pages). Returns {file path: [payload, ...]}."""
-    pending = {}
-    with open(path, "r", encoding="ascii", errors="strict") as f:
-        for raw in f:
-            m = _LINE.match(raw.rstrip("\n"))
-            if not m:
-                continue
-            tid, rest = int(m.group(1)), m.group(3)
-            mu = _UNFINISHED.match(rest)
-            if mu:
-                pending[tid] = (mu.group(1), mu.group(2))
-            elif _RESUMED.match(rest):
-                pending.pop(tid, None)
-    out = {}
-    for name, args in pending.values():
-        if name not in _DATA_WRITES:
-            continue
-        a = split_args(args)
-        try:
-            _, file = parse_fd(a[0])
-            payload = parse_str(a[1]) if name in ("write", "pwrite64") else b"".join(
-                unhex(hx) for hx, _, _ in _IOV.findall(a[1]))
-        except (ModelError, IndexError):
-            continue
-        if file is not None:
-            out.setdefault(file, []).append(payload)
-    return out
-
-
 def compare_with_disk(model, directory, unfinished=None):
     """Differences between the model's volatile tree and a real directory
     (the data directory after the traced process died: its page cache is
     exactly the volatile state). An empty list validates parse and replay.
-    `unfinished` ({path: [payload]}, from `unfinished_writes`): a file that
+    `unfinished` ({path: [payload]}, from `parse_trace`): a file that
     holds the model's bytes followed by a prefix of such an appending
     write's payload also matches, since the kill may have come after the
     kernel wrote them."""

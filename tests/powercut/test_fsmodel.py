@@ -200,8 +200,8 @@ def test_a_write_the_kill_cut_short_may_be_on_disk_in_part(tmp_path):
     t.write(3, "f", "abc")
     t.start(f"write({fd(3, ROOT + '/f')}, {q('defg')}, 4", tid=101)
     m = t.replay(tmp_path)
-    (tmp_path / "trace.txt").write_text("\n".join(t.lines) + "\n")
-    unfinished = fsmodel.unfinished_writes(str(tmp_path / "trace.txt"))
+    unfinished = {}
+    fsmodel.parse_trace(str(tmp_path / "trace.txt"), unfinished)
     assert unfinished == {ROOT + "/f": [b"defg"]}
     disk = tmp_path / "disk"
     disk.mkdir()
