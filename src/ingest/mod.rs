@@ -46,7 +46,7 @@ use crate::model::{ContentKind, CustomerRef, ObjectId, ObjectRecord, ObjectSpec,
 use crate::retention::policy::Policies;
 use crate::store::{Store, StoreError};
 use sniff::{ContentChecker, SniffLimits};
-use spool::{Journal, JournalPlace};
+use spool::{CatalogJournal, Journal, JournalPlace};
 
 /// Size caps per content kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -522,20 +522,33 @@ impl Ingest {
         let limits = self.cfg.sniff;
         let key = spool_key.clone();
         let fields = header_fields(&record);
-        let (journal, checker, check, dek) = tokio::task::spawn_blocking(move || {
-            let mut checker = ContentChecker::new(&content_type, limits);
-            let mut check = Ok(());
-            let keys = spool::JournalKeys { spool: &key, dek: &dek, fields };
-            let journal = Journal::open(&place, upload_id, object_id, &keys, |data| {
-                if check.is_ok() {
-                    check = checker.update(data);
-                }
-            });
-            (journal, checker, check, dek)
-        })
-        .await
-        .map_err(Error::internal)?;
-        let journal = journal.map_err(spool_error)?;
+        let (journal, checker, check, dek) = if let JournalPlace::Catalog(catalog) = place {
+            let checking = (ContentChecker::new(&content_type, limits), Ok(()));
+            let (journal, (checker, check)) =
+                CatalogJournal::open(catalog, upload_id, object_id, key, checking, |(checker, check), data| {
+                    if check.is_ok() {
+                        *check = checker.update(data);
+                    }
+                })
+                .await
+                .map_err(spool_error)?;
+            (Journal::Catalog(journal), checker, check, dek)
+        } else {
+            let (journal, checker, check, dek) = tokio::task::spawn_blocking(move || {
+                let mut checker = ContentChecker::new(&content_type, limits);
+                let mut check = Ok(());
+                let keys = spool::JournalKeys { spool: &key, dek: &dek, fields };
+                let journal = Journal::open(&place, object_id, &keys, |data| {
+                    if check.is_ok() {
+                        check = checker.update(data);
+                    }
+                });
+                (journal, checker, check, dek)
+            })
+            .await
+            .map_err(Error::internal)?;
+            (journal.map_err(spool_error)?, checker, check, dek)
+        };
         // The bytes were checked when they arrived; a failure now means the
         // rules changed in between. Refuse rather than commit unchecked data.
         check?;
@@ -859,6 +872,9 @@ impl Ingest {
                 Err(e) => Flush::Failed(e),
             };
         }
+        if let Journal::Catalog(_) = &journal {
+            return Flush::Task(tokio::spawn(flush_shared(journal, key, data)));
+        }
         Flush::Task(tokio::task::spawn_blocking(move || {
             // Tests slow the disk down here (`ingest-flush=sleep(ms)`).
             fail::fail_point!("ingest-flush");
@@ -1016,57 +1032,52 @@ impl Ingest {
         dek: &DataKey,
         spool_key: &Arc<LessSafeKey>,
     ) -> Result<(u64, [u8; 32]), Error> {
-        let fields = header_fields(record);
-        let sealer = SegmentSealer::new(dek, fields)?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
-        let place = self.journals.clone();
-        let (upload_id, object_id) = (record.upload_id, record.object_id);
-        let key = spool_key.clone();
-        let producer = tokio::task::spawn_blocking(move || -> Result<(u64, [u8; 32]), Error> {
-            let mut enc = ObjectEncryptor::new(sealer);
-            let mut hash = digest::Context::new(&digest::SHA256);
-            let mut out = Vec::with_capacity(2 * BATCH);
-            let mut failed = None;
-            let JournalPlace::Catalog(catalog) = &place else {
-                return Err(Error::Internal("a local journal is published, not replayed".into()));
-            };
-            let size = Journal::replay_shared(catalog.as_ref(), upload_id, object_id, &key, |data| {
-                if failed.is_some() {
-                    return;
+        let JournalPlace::Catalog(catalog) = &self.journals else {
+            return Err(Error::Internal("a local journal is published, not replayed".into()));
+        };
+        let sealer = SegmentSealer::new(dek, header_fields(record))?;
+        let mut assembly = Assembly {
+            enc: ObjectEncryptor::new(sealer),
+            hash: digest::Context::new(&digest::SHA256),
+            out: Vec::with_capacity(2 * BATCH),
+            failed: None,
+        };
+        let mut replay = spool::SharedReplay::new(record.upload_id, record.object_id, spool_key.clone());
+        let mut writer = self.store.writer(record.object_id);
+        // The chunks are opened and sealed on the blocking pool a step at a
+        // time, and each step's output is written here, on the runtime: no
+        // thread waits on another (a blocking producer feeding this task
+        // could deadlock with a store that needs the blocking pool too).
+        let assembled: Result<[u8; 32], Error> = async {
+            loop {
+                let (back, more) =
+                    replay.next(catalog.as_ref(), assembly, Assembly::feed).await.map_err(spool_error)?;
+                assembly = back;
+                if let Some(e) = assembly.failed.take() {
+                    return Err(e.into());
                 }
-                hash.update(data);
-                if let Err(e) = enc.update(data, &mut out) {
-                    failed = Some(e);
-                    return;
+                if !more {
+                    break;
                 }
-                if out.len() >= BATCH {
-                    let full = std::mem::replace(&mut out, Vec::with_capacity(2 * BATCH));
-                    if tx.blocking_send(full).is_err() {
-                        failed = Some(crate::crypto::CryptoError::InvalidSegment);
-                    }
+                if !assembly.out.is_empty() {
+                    writer.write(&assembly.out).await?;
+                    assembly.out.clear();
                 }
-            })
-            .map_err(spool_error)?;
-            if let Some(e) = failed {
-                return Err(e.into());
             }
+            let Assembly { enc, hash, mut out, .. } = assembly;
             enc.finish(&mut out)?;
-            tx.blocking_send(out).map_err(|_| Error::Internal("object writer stopped".into()))?;
-            let sha: [u8; 32] = hash.finish().as_ref().try_into().expect("SHA-256 is 32 bytes");
-            Ok((size, sha))
-        });
-        let mut writer = self.store.writer(object_id);
-        let mut write_result = Ok(());
-        while let Some(chunk) = rx.recv().await {
-            if write_result.is_ok() {
-                write_result = writer.write(&chunk).await;
+            writer.write(&out).await?;
+            Ok(hash.finish().as_ref().try_into().expect("SHA-256 is 32 bytes"))
+        }
+        .await;
+        let sha = match assembled {
+            Ok(sha) => sha,
+            Err(e) => {
+                writer.abort().await;
+                return Err(e);
             }
-        }
-        let (size, sha) = producer.await.map_err(Error::internal)??;
-        if let Err(e) = write_result {
-            writer.abort().await;
-            return Err(e.into());
-        }
+        };
+        let size = replay.end();
         fail::fail_point!("ingest-before-object-commit");
         self.commit_object(writer, size).await?;
         Ok((size, sha))
@@ -1312,10 +1323,29 @@ fn header_fields(u: &UploadRecord) -> HeaderFields {
     }
 }
 
-/// Replay batch handed to the object writer. Up to four are alive at once
-/// (one filling, two queued, one being written): memory of a commit, not
-/// of the object.
+/// Replay batch handed to the object writer: memory of a commit, not of
+/// the object.
 const BATCH: usize = 1 << 20;
+
+/// A shared journal's plaintext on its way into the object ([`Ingest::assemble`]).
+struct Assembly {
+    enc: ObjectEncryptor,
+    hash: digest::Context,
+    out: Vec<u8>,
+    failed: Option<crate::crypto::CryptoError>,
+}
+
+impl Assembly {
+    fn feed(&mut self, data: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        self.hash.update(data);
+        if let Err(e) = self.enc.update(data, &mut self.out) {
+            self.failed = Some(e);
+        }
+    }
+}
 
 enum Opening {
     Committed(Box<ObjectRecord>),
@@ -1395,6 +1425,21 @@ impl Session {
 /// file, and only the bytes past them go to the shared log (a bulk upload
 /// would otherwise write each byte twice).
 const LOG_DIRECT_MIN: usize = 512 * 1024;
+
+/// Seals `data` into a journal in the catalog (on the blocking pool, which
+/// waits on nothing) and writes it there as one chunk (on the runtime).
+async fn flush_shared(mut journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) -> FlushResult {
+    let (mut journal, data) = tokio::task::spawn_blocking(move || {
+        fail::fail_point!("ingest-flush");
+        journal.append(&key, &data).map(|()| (journal, data))
+    })
+    .await
+    .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+    let Journal::Catalog(shared) = &mut journal else { unreachable!("only journals in the catalog are flushed here") };
+    shared.sync().await?;
+    let end = journal.end();
+    Ok((journal, end, data))
+}
 
 /// A flush of a journal writing to the shared log ([`wal`]) that writes a
 /// segment first (file I/O, on the blocking pool): seal, write, queue the

@@ -38,7 +38,9 @@
 //! byte survives the loss of the replica that received it; the object is
 //! then sealed from them at finish.
 //!
-//! Everything here is blocking I/O: call it from `spawn_blocking`.
+//! The local journal's I/O blocks: call it from `spawn_blocking`. The
+//! catalog's is awaited on the runtime, never waited on from a blocking
+//! thread ([`SharedReplay`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -49,7 +51,7 @@ use std::sync::Arc;
 use ring::aead::{Aad, LessSafeKey, Nonce};
 use ring::digest;
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, JournalChunk};
 use crate::crypto::DataKey;
 use crate::crypto::format::{self, HeaderFields, ObjectEncryptor, SegmentOpener, SegmentSealer};
 use crate::crypto::secret::random_bytes;
@@ -833,50 +835,159 @@ pub struct CatalogJournal {
 }
 
 impl CatalogJournal {
-    /// Replays every chunk from the start through `sink`; returns the end.
-    fn replay(
-        catalog: &dyn Catalog,
-        upload_id: &UploadId,
-        object_id: &ObjectId,
-        key: &LessSafeKey,
-        mut sink: impl FnMut(&[u8]),
-    ) -> Result<u64, SpoolError> {
-        let rt = tokio::runtime::Handle::current();
-        let mut end = 0;
+    /// Claims the upload's journal (a writer elsewhere that still holds it
+    /// is fenced off) and replays every durable byte through `sink`.
+    pub async fn open<T: Send + 'static>(
+        catalog: Arc<dyn Catalog>,
+        upload_id: UploadId,
+        object_id: ObjectId,
+        key: Arc<LessSafeKey>,
+        mut state: T,
+        sink: fn(&mut T, &[u8]),
+    ) -> Result<(Self, T), SpoolError> {
+        let epoch = catalog.claim_journal(&upload_id).await?;
+        let mut replay = SharedReplay::new(upload_id, object_id, key);
         loop {
-            let page = rt.block_on(catalog.journal_chunks(upload_id, end, REPLAY_PAGE))?;
-            if page.is_empty() {
-                return Ok(end);
+            let (back, more) = replay.next(catalog.as_ref(), state, sink).await?;
+            state = back;
+            if !more {
+                break;
             }
-            for chunk in page {
-                if chunk.start != end {
-                    return Err(SpoolError::Corrupt);
-                }
-                let chunk_end = chunk.end;
-                if open_chunk(key, object_id, chunk.start, chunk.sealed, &mut sink)? != chunk_end {
-                    return Err(SpoolError::Corrupt);
-                }
-                end = chunk_end;
+        }
+        let end = replay.end();
+        let journal = Self {
+            catalog,
+            upload_id,
+            object_id,
+            epoch,
+            synced: end,
+            end,
+            pending: Vec::new(),
+            nonces: RecordNonces::new()?,
+        };
+        Ok((journal, state))
+    }
+
+    /// Writes the records appended since the last sync to the catalog, as
+    /// one chunk, in one transaction.
+    pub async fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.end == self.synced {
+            return Ok(());
+        }
+        let sealed = std::mem::take(&mut self.pending);
+        let append = self.catalog.append_journal(&self.upload_id, self.epoch, self.synced, self.end, &sealed);
+        match append.await {
+            Ok(()) => {
+                self.synced = self.end;
+                Ok(())
+            }
+            Err(e) => {
+                // Not durable: forget it, so a retry cannot skip it.
+                self.end = self.synced;
+                Err(match e {
+                    CatalogError::Conflict(m) => SpoolError::TakenOver(m),
+                    other => SpoolError::Catalog(other),
+                })
             }
         }
     }
 }
 
+/// Reads a shared journal back from the start, a page of chunks per
+/// catalog round trip. The round trips are awaited on the runtime and the
+/// chunks are opened on the blocking pool, which waits on nothing: a
+/// blocking thread that waited on the runtime (as this once did, with
+/// `Handle::block_on`) could deadlock once every blocking thread waited so
+/// and the catalog or the store needed one more.
+pub struct SharedReplay {
+    upload_id: UploadId,
+    object_id: ObjectId,
+    key: Arc<LessSafeKey>,
+    /// End of the chunks fetched (and of `page`).
+    fetched: u64,
+    /// End of the chunks handed to a sink.
+    end: u64,
+    page: std::collections::VecDeque<JournalChunk>,
+}
+
+/// Plaintext handed to a sink per trip to the blocking pool, at most (plus
+/// one chunk): what a sink makes of it stays about this size too.
+const REPLAY_STEP: u64 = 1 << 20;
+
+impl SharedReplay {
+    pub fn new(upload_id: UploadId, object_id: ObjectId, key: Arc<LessSafeKey>) -> Self {
+        Self { upload_id, object_id, key, fetched: 0, end: 0, page: Default::default() }
+    }
+
+    /// End of the bytes replayed so far.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Hands the plaintext of the next chunks (about [`REPLAY_STEP`]), in
+    /// order, to `sink` with `state`, which moves to the blocking pool and
+    /// back; the flag is false once the journal is read to its end.
+    pub async fn next<T: Send + 'static>(
+        &mut self,
+        catalog: &dyn Catalog,
+        mut state: T,
+        sink: fn(&mut T, &[u8]),
+    ) -> Result<(T, bool), SpoolError> {
+        if self.page.is_empty() {
+            let page = catalog.journal_chunks(&self.upload_id, self.fetched, REPLAY_PAGE).await?;
+            for chunk in page {
+                if chunk.start != self.fetched || chunk.end < chunk.start {
+                    return Err(SpoolError::Corrupt);
+                }
+                self.fetched = chunk.end;
+                self.page.push_back(chunk);
+            }
+            if self.page.is_empty() {
+                return Ok((state, false));
+            }
+        }
+        let mut step = Vec::new();
+        let mut size = 0;
+        while let Some(chunk) = self.page.pop_front() {
+            size += chunk.end - chunk.start;
+            step.push(chunk);
+            if size >= REPLAY_STEP {
+                break;
+            }
+        }
+        let (key, object_id) = (self.key.clone(), self.object_id);
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut feed = |data: &[u8]| sink(&mut state, data);
+            for chunk in step {
+                if open_chunk(&key, &object_id, chunk.start, chunk.sealed, &mut feed)? != chunk.end {
+                    return Err(SpoolError::Corrupt);
+                }
+            }
+            Ok(state)
+        })
+        .await
+        .map_err(|e| SpoolError::Io(std::io::Error::other(e.to_string())))?;
+        let state = opened?;
+        self.end = self.page.front().map_or(self.fetched, |c| c.start);
+        Ok((state, true))
+    }
+}
+
 /// An open upload journal, in a local file or in the shared catalog.
-/// Blocking: call it from `spawn_blocking` (the catalog variant waits on
-/// the runtime from there).
+/// A local journal's calls block: make them from `spawn_blocking`. A
+/// shared one opens with [`CatalogJournal::open`] and syncs with
+/// [`CatalogJournal::sync`], both awaited on the runtime.
 pub enum Journal {
     File(Box<FileJournal>),
     Catalog(CatalogJournal),
 }
 
 impl Journal {
-    /// Opens (or creates) the upload's journal for writing, replaying every
-    /// durable byte through `sink`. In the catalog this claims the upload:
-    /// a writer elsewhere that still holds it is fenced off.
+    /// Opens (or creates) the upload's local journal for writing, replaying
+    /// every durable byte through `sink`. A shared journal is refused here:
+    /// it opens with [`CatalogJournal::open`], on the runtime.
     pub fn open(
         place: &JournalPlace,
-        upload_id: UploadId,
         object_id: ObjectId,
         keys: &JournalKeys<'_>,
         sink: impl FnMut(&[u8]),
@@ -891,20 +1002,7 @@ impl Journal {
                 journal.log = Some(wal.pin(object_id));
                 Ok(Self::File(Box::new(journal)))
             }
-            JournalPlace::Catalog(catalog) => {
-                let epoch = tokio::runtime::Handle::current().block_on(catalog.claim_journal(&upload_id))?;
-                let end = CatalogJournal::replay(catalog.as_ref(), &upload_id, &object_id, keys.spool, sink)?;
-                Ok(Self::Catalog(CatalogJournal {
-                    catalog: catalog.clone(),
-                    upload_id,
-                    object_id,
-                    epoch,
-                    synced: end,
-                    end,
-                    pending: Vec::new(),
-                    nonces: RecordNonces::new()?,
-                }))
-            }
+            JournalPlace::Catalog(_) => Err(runtime_only("opened")),
         }
     }
 
@@ -940,48 +1038,17 @@ impl Journal {
     pub fn append_durably(&mut self, key: &LessSafeKey, data: &[u8]) -> Result<(), SpoolError> {
         match self {
             Self::File(f) => f.append_durably(key, data),
-            Self::Catalog(_) => self.append(key, data).and_then(|()| self.sync(key)),
+            Self::Catalog(_) => Err(runtime_only("synced")),
         }
     }
 
-    /// Makes every appended record durable.
+    /// Makes every appended record of a local journal durable (a shared
+    /// one syncs with [`CatalogJournal::sync`], on the runtime).
     pub fn sync(&mut self, key: &LessSafeKey) -> Result<(), SpoolError> {
         match self {
             Self::File(f) => f.sync(key),
-            Self::Catalog(c) => {
-                if c.end == c.synced {
-                    return Ok(());
-                }
-                let sealed = std::mem::take(&mut c.pending);
-                let append = c.catalog.append_journal(&c.upload_id, c.epoch, c.synced, c.end, &sealed);
-                match tokio::runtime::Handle::current().block_on(append) {
-                    Ok(()) => {
-                        c.synced = c.end;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // Not durable: forget it, so a retry cannot skip it.
-                        c.end = c.synced;
-                        Err(match e {
-                            CatalogError::Conflict(m) => SpoolError::TakenOver(m),
-                            other => SpoolError::Catalog(other),
-                        })
-                    }
-                }
-            }
+            Self::Catalog(_) => Err(runtime_only("synced")),
         }
-    }
-
-    /// Reads a shared journal back from the start, handing plaintext pieces
-    /// to `sink` in order (the object is sealed from them at commit).
-    pub fn replay_shared(
-        catalog: &dyn Catalog,
-        upload_id: UploadId,
-        object_id: ObjectId,
-        key: &LessSafeKey,
-        sink: impl FnMut(&[u8]),
-    ) -> Result<u64, SpoolError> {
-        CatalogJournal::replay(catalog, &upload_id, &object_id, key, sink)
     }
 
     /// Removes a local journal file; the catalog removes its chunks itself
@@ -993,6 +1060,14 @@ impl Journal {
             JournalPlace::Catalog(_) => Ok(()),
         }
     }
+}
+
+/// A shared journal's catalog calls are awaited on the runtime, not made
+/// from a blocking thread ([`SharedReplay`] says why).
+fn runtime_only(what: &str) -> SpoolError {
+    SpoolError::Io(std::io::Error::other(format!(
+        "a journal in the catalog is {what} on the runtime (CatalogJournal), not on a blocking thread"
+    )))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -811,9 +811,7 @@ mod tests {
         fn open(&self, wal: &Arc<Wal>) -> (Box<FileJournal>, Vec<u8>) {
             let mut got = Vec::new();
             let place = JournalPlace::Log(wal.clone());
-            let journal =
-                Journal::open(&place, UploadId::new_random(), self.id, &self.keys(), |p| got.extend_from_slice(p))
-                    .unwrap();
+            let journal = Journal::open(&place, self.id, &self.keys(), |p| got.extend_from_slice(p)).unwrap();
             let Journal::File(file) = journal else { panic!("a local journal") };
             (file, got)
         }
@@ -829,8 +827,6 @@ mod tests {
             segments_path(spool_dir, &self.id)
         }
     }
-
-    use crate::model::UploadId;
 
     /// Appends through the log and waits for the sync, as an ack does.
     fn append(j: &mut FileJournal, key: &LessSafeKey, data: &[u8]) {

@@ -220,3 +220,44 @@ async fn b1_b4_the_catalog_journal_resumes_and_fences() {
     let left: i64 = catalog.query_row("SELECT count(*) FROM journal_chunks", [], |r| r.get(0)).unwrap();
     assert_eq!(left, 0, "the commit took the journal's records with it");
 }
+
+/// The catalog-held journal never has a blocking thread wait on the
+/// runtime: with one blocking thread in all, an upload still resumes,
+/// commits (its object sealed from the journal into the local store,
+/// which writes on the blocking pool too) and reads back. Its replay once
+/// ran on a blocking thread that waited on catalog calls and fed the
+/// store's writer through a bounded channel, so this hung for ever once
+/// the object outgrew that channel.
+#[test]
+fn the_catalog_journal_commits_with_a_single_blocking_thread() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let run = async {
+            let tune = |cfg: &mut Config| cfg.ingest.journal = recvault::config::JournalMode::Catalog;
+            let server = TestServer::start_with(tune).await;
+            let mut c = server.client().await;
+            let call = wav(8 << 20);
+            let upload_id = new_id();
+            let mut first = Stream::start(&mut c).await.unwrap();
+            let (object_id, _, _) = first.open(&upload_id, spec("crm:cj1", REC, "audio/wav")).await.unwrap();
+            first.data_chunks(0, &call[..5 << 20]).await;
+            first.acked(5 << 20).await.unwrap();
+            drop(first);
+            let mut s = Stream::start(&mut c).await.unwrap();
+            let (_, durable, _) = s.open(&upload_id, spec("crm:cj1", REC, "audio/wav")).await.unwrap();
+            assert_eq!(durable, 5 << 20, "the resumed stream replayed the journal to its end");
+            s.data_chunks(durable, &call[durable as usize..]).await;
+            s.finish(Some(sha256(&call)), call.len() as u64).await;
+            assert_eq!(s.committed().await.unwrap().object_id, object_id);
+            assert!(get(&mut c, &object_id, None).await.unwrap() == call, "the object reads back bit-exact");
+        };
+        tokio::time::timeout(Duration::from_secs(300), run)
+            .await
+            .expect("an upload through the catalog journal hung with one blocking thread");
+    });
+}
