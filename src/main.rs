@@ -43,7 +43,11 @@ fn main() -> std::process::ExitCode {
         Some(cfg) => recvault::cli::init_logging(cfg.log.format, "info"),
         None => recvault::cli::init_logging(recvault::config::LogFormat::Text, "warn"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(cfg) = &serve_config {
+        builder.max_blocking_threads(cfg.blocking_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("recvault: cannot start the async runtime: {e}");
