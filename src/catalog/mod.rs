@@ -446,9 +446,9 @@ fn check_append(
             "the upload was taken over by a newer stream (journal epoch {current_epoch}, this writer {epoch})"
         )));
     }
-    if start != journal_end || end < start {
+    if start != journal_end || end <= start {
         return Err(CatalogError::Conflict(format!(
-            "journal append [{start}, {end}) does not continue the journal, which ends at {journal_end}"
+            "journal append [{start}, {end}) does not continue the journal, which ends at {journal_end}, or is empty"
         )));
     }
     Ok(())

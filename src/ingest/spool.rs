@@ -936,7 +936,9 @@ impl SharedReplay {
         if self.page.is_empty() {
             let page = catalog.journal_chunks(&self.upload_id, self.fetched, REPLAY_PAGE).await?;
             for chunk in page {
-                if chunk.start != self.fetched || chunk.end < chunk.start {
+                // An empty chunk (never written) would be fetched again and
+                // again: the replay would not end.
+                if chunk.start != self.fetched || chunk.end <= chunk.start {
                     return Err(SpoolError::Corrupt);
                 }
                 self.fetched = chunk.end;

@@ -222,12 +222,13 @@ async fn b1_b4_the_catalog_journal_resumes_and_fences() {
 }
 
 /// The catalog-held journal never has a blocking thread wait on the
-/// runtime: with one blocking thread in all, an upload still resumes,
-/// commits (its object sealed from the journal into the local store,
-/// which writes on the blocking pool too) and reads back. Its replay once
-/// ran on a blocking thread that waited on catalog calls and fed the
-/// store's writer through a bounded channel, so this hung for ever once
-/// the object outgrew that channel.
+/// runtime: with one blocking thread in all, an upload still opens,
+/// resumes, commits (its object sealed from the journal into the local
+/// store, which writes on the blocking pool too) and reads back. The
+/// journal was once opened on a blocking thread that waited on catalog
+/// calls, which SQLite's reads answer from the blocking pool too, so this
+/// hung at the first open; the commit's replay also fed the store's writer
+/// from a blocking thread through a bounded channel.
 #[test]
 fn the_catalog_journal_commits_with_a_single_blocking_thread() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -236,7 +237,7 @@ fn the_catalog_journal_commits_with_a_single_blocking_thread() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let outcome = rt.block_on(async {
         let run = async {
             let tune = |cfg: &mut Config| cfg.ingest.journal = recvault::config::JournalMode::Catalog;
             let server = TestServer::start_with(tune).await;
@@ -256,8 +257,10 @@ fn the_catalog_journal_commits_with_a_single_blocking_thread() {
             assert_eq!(s.committed().await.unwrap().object_id, object_id);
             assert!(get(&mut c, &object_id, None).await.unwrap() == call, "the object reads back bit-exact");
         };
-        tokio::time::timeout(Duration::from_secs(300), run)
-            .await
-            .expect("an upload through the catalog journal hung with one blocking thread");
+        tokio::time::timeout(Duration::from_secs(300), run).await
     });
+    // Dropping a runtime waits for its blocking tasks; one stuck for ever
+    // would hang the test instead of failing it.
+    rt.shutdown_background();
+    outcome.expect("an upload through the catalog journal hung with one blocking thread");
 }
