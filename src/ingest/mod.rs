@@ -1433,8 +1433,7 @@ async fn flush_shared(mut journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>
         fail::fail_point!("ingest-flush");
         journal.append(&key, &data).map(|()| (journal, data))
     })
-    .await
-    .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+    .await??;
     let Journal::Catalog(shared) = &mut journal else { unreachable!("only journals in the catalog are flushed here") };
     shared.sync().await?;
     let end = journal.end();
@@ -1450,8 +1449,7 @@ async fn flush_logged(journal: Journal, key: Arc<LessSafeKey>, data: Vec<u8>) ->
         fail::fail_point!("ingest-flush");
         queue_logged(journal, &key, &data, direct).map(|(journal, synced)| (journal, synced, data))
     })
-    .await
-    .map_err(|e| spool::SpoolError::Io(std::io::Error::other(e.to_string())))??;
+    .await??;
     log_synced(synced.await)?;
     let end = journal.end();
     Ok((journal, end, data))
@@ -1493,7 +1491,7 @@ async fn wait_flush(in_flight: &mut Option<Flush>) -> FlushResult {
         Some(Flush::Task(handle)) => {
             let r = handle.await;
             *in_flight = None;
-            r.unwrap_or_else(|e| Err(spool::SpoolError::Io(std::io::Error::other(e.to_string()))))
+            r.unwrap_or_else(|e| Err(e.into()))
         }
         Some(Flush::Logged { synced, .. }) => {
             let answer = synced.await;

@@ -100,6 +100,13 @@ pub enum SpoolError {
     Catalog(#[from] CatalogError),
 }
 
+/// A blocking task of the spool that panicked or was cancelled.
+impl From<tokio::task::JoinError> for SpoolError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::Io(std::io::Error::other(e.to_string()))
+    }
+}
+
 impl SpoolError {
     pub fn is_disk_full(&self) -> bool {
         matches!(self, Self::Io(e) if e.kind() == std::io::ErrorKind::StorageFull)
@@ -905,8 +912,6 @@ pub struct SharedReplay {
     key: Arc<LessSafeKey>,
     /// End of the chunks fetched (and of `page`).
     fetched: u64,
-    /// End of the chunks handed to a sink.
-    end: u64,
     page: std::collections::VecDeque<JournalChunk>,
 }
 
@@ -916,12 +921,13 @@ const REPLAY_STEP: u64 = 1 << 20;
 
 impl SharedReplay {
     pub fn new(upload_id: UploadId, object_id: ObjectId, key: Arc<LessSafeKey>) -> Self {
-        Self { upload_id, object_id, key, fetched: 0, end: 0, page: Default::default() }
+        Self { upload_id, object_id, key, fetched: 0, page: Default::default() }
     }
 
-    /// End of the bytes replayed so far.
+    /// End of the bytes replayed so far: where the chunks fetched but not
+    /// yet handed to a sink start.
     pub fn end(&self) -> u64 {
-        self.end
+        self.page.front().map_or(self.fetched, |c| c.start)
     }
 
     /// Hands the plaintext of the next chunks (about [`REPLAY_STEP`]), in
@@ -967,11 +973,8 @@ impl SharedReplay {
             }
             Ok(state)
         })
-        .await
-        .map_err(|e| SpoolError::Io(std::io::Error::other(e.to_string())))?;
-        let state = opened?;
-        self.end = self.page.front().map_or(self.fetched, |c| c.start);
-        Ok((state, true))
+        .await?;
+        Ok((opened?, true))
     }
 }
 
