@@ -1,6 +1,7 @@
 //! `recvault loadgen`: benchmarks against a real `recvault serve` process
 //! (issue #7; figures and commands in BENCHMARKS.md). Four modes: many
-//! concurrent live calls streaming G.711 in real time, server memory while
+//! concurrent live calls streaming G.711 in real time (also, as their peer,
+//! into a gRPC sink that answers alike and keeps nothing), server memory while
 //! one large object goes in and out, range reads in a long recording, and
 //! one large upload against the same bytes written without recvault and
 //! sent into a gRPC sink (`src/loadgen/sink.rs`).
@@ -48,6 +49,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 pub enum LoadgenCmd {
     /// N concurrent live calls streaming G.711 in real time, some dropped and
     /// resumed, with transcript and image uploads; checks every object.
+    /// `--against sink` or `both` runs the same load into the transport sink.
     Calls(CallsArgs),
     /// Server RSS while one large object is ingested and read back.
     Memory(MemoryArgs),
@@ -133,6 +135,20 @@ pub struct CallsArgs {
     /// journal's acks per second. 0 skips it.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub fsync_probe: Duration,
+    /// What takes the load: recvault, the transport sink (the same gRPC
+    /// calls answered as the server answers them, nothing kept: what the
+    /// transport alone costs), or both one after the other.
+    #[arg(long, value_enum, default_value_t = Against::Server)]
+    pub against: Against,
+}
+
+/// The side `loadgen calls` loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Against {
+    Server,
+    Sink,
+    /// The sink first, then recvault, with the same seed.
+    Both,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -185,10 +201,29 @@ pub struct BulkArgs {
 pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
     match cmd {
         LoadgenCmd::Calls(a) => {
-            let r = calls(&a).await?;
-            print!("{r}");
-            if r.errors() > 0 || r.mismatched > 0 || r.verified != r.committed() {
-                bail!("{} errors, {} of {} objects verified", r.errors(), r.verified, r.committed());
+            let peer = match a.against {
+                Against::Server => None,
+                Against::Sink | Against::Both => {
+                    let r = calls_against_sink(&a).await?;
+                    print!("{r}");
+                    Some(r)
+                }
+            };
+            let server = match a.against {
+                Against::Sink => None,
+                Against::Server | Against::Both => {
+                    let r = calls(&a).await?;
+                    print!("{r}");
+                    Some(r)
+                }
+            };
+            if let (Some(peer), Some(server)) = (&peer, &server) {
+                print!("{}", PeerComparison { peer, server });
+            }
+            for r in peer.iter().chain(&server) {
+                if !r.passed() {
+                    bail!("{} errors, {} of {} objects verified", r.errors(), r.verified, r.committed());
+                }
             }
             Ok(())
         }
@@ -311,6 +346,22 @@ impl Target {
             .into_inner()
             .token;
         Ok(Self { url, token, pid: Some(pid), started: Some(started), connections })
+    }
+
+    /// The transport sink (`src/loadgen/sink.rs`), started from this binary.
+    async fn sink(a: &TargetArgs) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this binary to start the sink")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["loadgen", "sink", "--listen", "127.0.0.1:0"]);
+        let (started, url) = Started::spawn(cmd, None, "recvault sink on ").await?;
+        let pid = started.pid();
+        Ok(Self {
+            url,
+            token: "none".into(),
+            pid: Some(pid),
+            started: Some(started),
+            connections: a.connections.max(1),
+        })
     }
 
     async fn clients(&self) -> anyhow::Result<Vec<Client>> {
@@ -901,6 +952,8 @@ async fn slot(sh: Arc<Shared>, mut client: Client, a: Arc<CallsArgs>, index: usi
 /// The outcome of `loadgen calls`.
 #[derive(Debug, Default)]
 pub struct CallsReport {
+    /// Against the transport sink, which keeps nothing to verify.
+    pub sink: bool,
     pub calls: usize,
     pub connections: usize,
     pub seed: u64,
@@ -951,6 +1004,50 @@ impl CallsReport {
     pub fn committed(&self) -> u64 {
         self.calls_committed + self.transcripts + self.images
     }
+
+    /// No errors, and every object checked (the sink's have nothing to
+    /// check them against: it echoes the client's SHA-256).
+    pub fn passed(&self) -> bool {
+        self.errors() == 0 && self.mismatched == 0 && (self.sink || self.verified == self.committed())
+    }
+
+    /// Server CPU per data message received, in microseconds.
+    pub fn cpu_us_per_message(&self) -> Option<f64> {
+        self.server_cpu_secs.filter(|_| self.messages > 0).map(|c| c * 1e6 / self.messages as f64)
+    }
+}
+
+/// Both sides of `loadgen calls --against both`, side by side.
+struct PeerComparison<'a> {
+    peer: &'a CallsReport,
+    server: &'a CallsReport,
+}
+
+impl std::fmt::Display for PeerComparison<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, s) = (self.peer, self.server);
+        writeln!(f, "recvault against the transport sink, same load and seed:")?;
+        writeln!(
+            f,
+            "  ack p99 {:.0} ms against {:.0} ms ({:.2} x); p50 {:.0} against {:.0} ms",
+            s.ack_p99_ms,
+            p.ack_p99_ms,
+            s.ack_p99_ms / p.ack_p99_ms.max(f64::MIN_POSITIVE),
+            s.ack_p50_ms,
+            p.ack_p50_ms
+        )?;
+        if let (Some(sc), Some(pc)) = (s.cpu_us_per_message(), p.cpu_us_per_message()) {
+            writeln!(
+                f,
+                "  CPU per data message {sc:.1} us against {pc:.1} us ({:.2} x)",
+                sc / pc.max(f64::MIN_POSITIVE)
+            )?;
+        }
+        if let (Some(sl), Some(pl)) = (s.loadgen_cpu_secs, p.loadgen_cpu_secs) {
+            writeln!(f, "  load generator CPU {sl:.1} s against {pl:.1} s")?;
+        }
+        Ok(())
+    }
 }
 
 fn mib(b: u64) -> f64 {
@@ -962,8 +1059,11 @@ impl std::fmt::Display for CallsReport {
         let wall = self.load_secs + self.drain_secs;
         writeln!(
             f,
-            "loadgen calls: {} concurrent calls on {} connections, seed {}",
-            self.calls, self.connections, self.seed
+            "loadgen calls{}: {} concurrent calls on {} connections, seed {}",
+            if self.sink { " against the transport sink (nothing kept)" } else { "" },
+            self.calls,
+            self.connections,
+            self.seed
         )?;
         writeln!(f, "  load {:.1} s + drain after hang-up {:.1} s", self.load_secs, self.drain_secs)?;
         writeln!(
@@ -990,9 +1090,14 @@ impl std::fmt::Display for CallsReport {
         writeln!(f, "  ack latency     {}", self.ack)?;
         writeln!(
             f,
-            "  acks {} = {:.0}/s over the load (one per journal fdatasync of a stream)",
+            "  acks {} = {:.0}/s over the load ({})",
             self.acks,
-            self.acks as f64 / self.load_secs
+            self.acks as f64 / self.load_secs,
+            if self.sink {
+                "one per batch of a stream, as the server batches"
+            } else {
+                "one per journal fdatasync of a stream"
+            }
         )?;
         if let Some(c) = self.fsync_ceiling {
             writeln!(
@@ -1007,12 +1112,21 @@ impl std::fmt::Display for CallsReport {
         writeln!(f, "  put latency     {}", self.put)?;
         writeln!(f, "  generator lag   {}", self.lag)?;
         if let Some(cpu) = self.server_cpu_secs {
-            writeln!(f, "  server CPU {:.1} s = {:.2} cores over {:.1} s", cpu, cpu / wall, wall)?;
+            writeln!(
+                f,
+                "  {} CPU {:.1} s = {:.2} cores over {:.1} s, {:.1} us per data message",
+                if self.sink { "sink" } else { "server" },
+                cpu,
+                cpu / wall,
+                wall,
+                self.cpu_us_per_message().unwrap_or(0.0)
+            )?;
         }
         if let (Some(idle), Some(peak), Some(hwm)) = (self.server_idle_rss, self.server_peak_rss, self.server_hwm) {
             writeln!(
                 f,
-                "  server RSS idle {:.0} MiB, peak sampled {:.0} MiB, VmHWM {:.0} MiB, threads peak {}",
+                "  {} RSS idle {:.0} MiB, peak sampled {:.0} MiB, VmHWM {:.0} MiB, threads peak {}",
+                if self.sink { "sink" } else { "server" },
                 mib(idle),
                 mib(peak),
                 mib(hwm),
@@ -1026,6 +1140,9 @@ impl std::fmt::Display for CallsReport {
         for (what, n) in &self.errors {
             writeln!(f, "    {n} x {what}")?;
         }
+        if self.sink {
+            return writeln!(f, "  nothing to verify: the sink keeps nothing ({} objects answered)", self.committed());
+        }
         writeln!(
             f,
             "  verified {} of {} committed objects by Stat (SHA-256 and size), mismatches {}",
@@ -1038,9 +1155,18 @@ impl std::fmt::Display for CallsReport {
 
 /// Runs `loadgen calls` and returns its report (printing is the caller's).
 pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
-    let target = Target::open(&a.target).await?;
+    calls_on(a, Target::open(&a.target).await?, false).await
+}
+
+/// The same load against the transport sink: the floor under recvault's
+/// figures on this machine (no journal, no crypto, no catalog).
+pub async fn calls_against_sink(a: &CallsArgs) -> anyhow::Result<CallsReport> {
+    calls_on(a, Target::sink(&a.target).await?, true).await
+}
+
+async fn calls_on(a: &CallsArgs, target: Target, sink: bool) -> anyhow::Result<CallsReport> {
     let clients = target.clients().await?;
-    let fsync_ceiling = if a.fsync_probe.is_zero() {
+    let fsync_ceiling = if a.fsync_probe.is_zero() || sink {
         None
     } else {
         let (dir, d) = (a.target.work_dir.clone(), a.fsync_probe);
@@ -1070,7 +1196,10 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
     drop(sampler);
 
     // Every committed object, as the server now describes it.
-    let expected = std::mem::take(&mut *sh.committed.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut expected = std::mem::take(&mut *sh.committed.lock().unwrap_or_else(|p| p.into_inner()));
+    if sink {
+        expected.clear();
+    }
     let checks = futures::stream::iter(expected.into_iter().enumerate().map(|(i, e)| {
         let mut c = clients[i % clients.len()].clone();
         async move {
@@ -1097,6 +1226,7 @@ pub async fn calls(a: &CallsArgs) -> anyhow::Result<CallsReport> {
     drop(target);
     let load_end = hang_up.min(end);
     Ok(CallsReport {
+        sink,
         calls: a.calls,
         connections: clients.len(),
         seed: a.target.seed,

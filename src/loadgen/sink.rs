@@ -1,13 +1,23 @@
-//! The tonic loopback sink, peer (b) of `loadgen bulk`: a process of its
-//! own that serves only `Ingest`, over the gRPC port's HTTP/2 settings
+//! The tonic loopback sink, peer (b) of `loadgen bulk` and the transport
+//! peer of `loadgen calls --against sink`: a process of its own that
+//! serves only `Ingest` and `Put`, over the gRPC port's HTTP/2 settings
 //! ([`crate::server::transport`]), reads every message and keeps nothing.
-//! Its time for an upload is what the transport alone costs on this
-//! machine (loopback TCP, HTTP/2, protobuf decoding): the floor under
-//! recvault's ingest, whatever the disk does.
+//! Its time for an upload, and its CPU for a call load, are what the
+//! transport alone costs on this machine (loopback TCP, HTTP/2, protobuf
+//! decoding): the floor under recvault's ingest, whatever the disk does.
+//!
+//! It answers as the server does on the wire: an ack once
+//! `ingest.commit_bytes` are pending or the oldest unacknowledged byte has
+//! waited `ingest.commit_interval` (the defaults), and a dropped stream
+//! resumes from what it had received (kept per upload id until the
+//! finish, as the server keeps its journal).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -23,6 +33,10 @@ use crate::api::pb::ingest_response::Msg as ServerMsg;
 /// (`ingest.commit_bytes`), so the answers on the wire are alike too.
 const ACK_EVERY: u64 = 4 << 20;
 
+/// The longest a received byte waits for its ack: the server's default
+/// `ingest.commit_interval`, without the journal write and fsync after it.
+const ACK_WITHIN: Duration = Duration::from_millis(100);
+
 /// Largest message the sink takes: a data message of
 /// [`crate::api::MAX_CHUNK`] and its framing (the generator sends at most
 /// 1 MiB; the server also takes a `Put` body of up to `ingest.put_cap`).
@@ -33,14 +47,23 @@ const MAX_MESSAGE: usize = crate::api::MAX_CHUNK + (64 << 10);
 pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("recvault sink on {}", listener.local_addr()?);
-    crate::server::transport().add_service(Sink).serve_with_incoming(crate::server::incoming(listener)).await?;
+    crate::server::transport()
+        .add_service(Sink::default())
+        .serve_with_incoming(crate::server::incoming(listener))
+        .await?;
     Ok(())
 }
 
-/// The `recvault.v1.Recvault` service with only `Ingest`; every other
-/// method is answered UNIMPLEMENTED.
-#[derive(Debug, Clone, Copy)]
-struct Sink;
+/// The `recvault.v1.Recvault` service with only `Ingest` and `Put`; every
+/// other method is answered UNIMPLEMENTED.
+#[derive(Debug, Clone, Default)]
+struct Sink {
+    received: Received,
+}
+
+/// Bytes received per upload id whose stream ended before its finish: a
+/// resumed stream goes on from there.
+type Received = Arc<Mutex<HashMap<String, u64>>>;
 
 impl tonic::server::NamedService for Sink {
     const NAME: &'static str = "recvault.v1.Recvault";
@@ -60,19 +83,48 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let received = self.received.clone();
         Box::pin(async move {
-            if req.uri().path() != "/recvault.v1.Recvault/Ingest" {
-                return Ok(Status::unimplemented("the load generator's sink serves only Ingest").into_http());
-            }
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
-                .apply_max_message_size_config(Some(MAX_MESSAGE), Some(MAX_MESSAGE));
-            Ok(grpc.streaming(Drain, req).await)
+            Ok(match req.uri().path() {
+                "/recvault.v1.Recvault/Ingest" => grpc().streaming(Drain { received }, req).await,
+                "/recvault.v1.Recvault/Put" => grpc().unary(Discard, req).await,
+                _ => Status::unimplemented("the load generator's sink serves only Ingest and Put").into_http(),
+            })
+        })
+    }
+}
+
+/// The gRPC handler of one method, with the sink's message size limit.
+fn grpc<T, U>() -> tonic::server::Grpc<tonic_prost::ProstCodec<T, U>>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+        .apply_max_message_size_config(Some(MAX_MESSAGE), Some(MAX_MESSAGE))
+}
+
+/// One `Put`, read and dropped; the "object" echoes the client's SHA-256.
+struct Discard;
+
+impl tonic::server::UnaryService<pb::PutRequest> for Discard {
+    type Response = pb::PutResponse;
+    type Future = BoxFuture<Response<pb::PutResponse>, Status>;
+
+    fn call(&mut self, req: Request<pb::PutRequest>) -> Self::Future {
+        Box::pin(async move {
+            let put = req.into_inner();
+            let object =
+                pb::ObjectInfo { size: put.data.len() as u64, sha256: put.expected_sha256, ..Default::default() };
+            Ok(Response::new(pb::PutResponse { object: Some(object) }))
         })
     }
 }
 
 /// One `Ingest` stream, drained.
-struct Drain;
+struct Drain {
+    received: Received,
+}
 
 impl tonic::server::StreamingService<pb::IngestRequest> for Drain {
     type Response = pb::IngestResponse;
@@ -80,10 +132,11 @@ impl tonic::server::StreamingService<pb::IngestRequest> for Drain {
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, req: Request<Streaming<pb::IngestRequest>>) -> Self::Future {
+        let received = self.received.clone();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(4);
             tokio::spawn(async move {
-                if let Err(status) = drain(req.into_inner(), &tx).await {
+                if let Err(status) = drain(req.into_inner(), &tx, &received).await {
                     let _ = tx.send(Err(status)).await;
                 }
             });
@@ -98,20 +151,48 @@ impl tonic::server::StreamingService<pb::IngestRequest> for Drain {
 async fn drain(
     mut inbound: Streaming<pb::IngestRequest>,
     out: &mpsc::Sender<Result<pb::IngestResponse, Status>>,
+    kept: &Received,
 ) -> Result<(), Status> {
     let send = |msg| async move {
         out.send(Ok(pb::IngestResponse { msg: Some(msg) })).await.map_err(|_| Status::cancelled("the client went away"))
     };
+    let ack = |offset| ServerMsg::Ack(pb::ingest_response::Ack { durable_offset: offset });
     let (mut received, mut acked) = (0u64, 0u64);
-    while let Some(msg) = inbound.next().await {
-        match msg?.msg {
+    let mut upload: Option<String> = None;
+    // One timer for the stream, armed by the first byte not yet acked.
+    let timer = tokio::time::sleep(ACK_WITHIN);
+    tokio::pin!(timer);
+    let mut armed = false;
+    let result = loop {
+        let msg = tokio::select! {
+            msg = inbound.next() => msg,
+            _ = &mut timer, if armed => {
+                armed = false;
+                acked = received;
+                send(ack(received)).await?;
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break Err(Status::cancelled("the stream ended before its finish")) };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => break Err(e),
+        };
+        match msg.msg {
             Some(ClientMsg::Open(open)) => {
-                let opened = pb::ingest_response::Opened { upload_id: open.upload_id, ..Default::default() };
+                received = kept.lock().unwrap_or_else(|p| p.into_inner()).get(&open.upload_id).copied().unwrap_or(0);
+                acked = received;
+                let opened = pb::ingest_response::Opened {
+                    upload_id: open.upload_id.clone(),
+                    durable_offset: received,
+                    ..Default::default()
+                };
+                upload = Some(open.upload_id);
                 send(ServerMsg::Opened(opened)).await?;
             }
             Some(ClientMsg::Data(d)) => {
                 if d.offset != received {
-                    return Err(Status::failed_precondition(format!(
+                    break Err(Status::failed_precondition(format!(
                         "data at offset {} but the next expected offset is {received}",
                         d.offset
                     )));
@@ -119,23 +200,37 @@ async fn drain(
                 received += d.data.len() as u64;
                 if received - acked >= ACK_EVERY {
                     acked = received;
-                    send(ServerMsg::Ack(pb::ingest_response::Ack { durable_offset: received })).await?;
+                    armed = false;
+                    send(ack(received)).await?;
+                } else if !armed && received > acked {
+                    armed = true;
+                    timer.as_mut().reset(tokio::time::Instant::now() + ACK_WITHIN);
                 }
             }
             Some(ClientMsg::Finish(f)) => {
                 if f.expected_size != received {
-                    return Err(Status::invalid_argument(format!(
+                    break Err(Status::invalid_argument(format!(
                         "finish claims {} bytes but {received} were sent",
                         f.expected_size
                     )));
                 }
-                send(ServerMsg::Ack(pb::ingest_response::Ack { durable_offset: received })).await?;
+                if let Some(id) = &upload {
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                }
+                send(ack(received)).await?;
                 let info = pb::ObjectInfo { size: received, sha256: f.expected_sha256, ..Default::default() };
                 send(ServerMsg::Committed(info)).await?;
                 return Ok(());
             }
-            None => return Err(Status::invalid_argument("an ingest message without a body")),
+            None => break Err(Status::invalid_argument("an ingest message without a body")),
         }
+    };
+    // Ended before the finish: what came is kept for a resume, as the
+    // server keeps what it received in the upload's journal.
+    if let Some(id) = upload
+        && received > 0
+    {
+        kept.lock().unwrap_or_else(|p| p.into_inner()).insert(id, received);
     }
-    Err(Status::cancelled("the stream ended before its finish"))
+    result
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use recvault::loadgen::{CallsArgs, TargetArgs, calls};
+use recvault::loadgen::{Against, CallsArgs, TargetArgs, calls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_smoke_run_commits_and_verifies_every_object() {
@@ -31,6 +31,7 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
         image_fraction: 0.5,
         customers: 10,
         fsync_probe: Duration::from_millis(200),
+        against: Against::Server,
     };
     let r = calls(&args).await.expect("the load generator runs");
     assert_eq!(r.errors(), 0, "{r}");
@@ -41,6 +42,47 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
     assert!(r.server_peak_rss.is_some_and(|b| b > 0), "{r}");
     assert!(r.fsync_ceiling.is_some_and(|c| c > 0.0), "{r}");
     // The started server and its data directory are gone.
+    let left: Vec<_> = std::fs::read_dir(work.path()).expect("work dir").collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `recvault loadgen calls --against both`: the same short call load into
+/// the transport sink, then into recvault, with dropped-and-resumed streams
+/// and Puts on both sides. The sink must answer as the server does (acks,
+/// the durable offset on a resume, Put) or the generator reports errors.
+/// Nothing is timed.
+#[test]
+fn loadgen_calls_against_the_sink_and_the_server() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_recvault");
+    let out = std::process::Command::new(bin)
+        .args(["loadgen", "calls", "--against", "both", "--calls", "12", "--duration", "4s", "--ramp", "1s"])
+        .args([
+            "--call-secs",
+            "1-3",
+            "--drop-fraction",
+            "0.5",
+            "--transcript-fraction",
+            "0.5",
+            "--image-fraction",
+            "0.5",
+        ])
+        .args(["--connections", "2", "--fsync-probe", "0s", "--seed", "3", "--server-bin", bin])
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .expect("run loadgen calls");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (sink, server) = stdout.split_once("\nloadgen calls: ").expect("two reports");
+    assert!(sink.starts_with("loadgen calls against the transport sink"), "{stdout}");
+    for report in [sink, server] {
+        assert!(report.contains("  errors 0\n"), "{stdout}");
+        assert!(!report.contains("resumed streams 0 "), "no stream was resumed: {stdout}");
+    }
+    assert!(sink.contains("nothing to verify: the sink keeps nothing"), "{stdout}");
+    assert!(server.contains("mismatches 0"), "{stdout}");
+    assert!(server.contains("recvault against the transport sink, same load and seed:"), "{stdout}");
     let left: Vec<_> = std::fs::read_dir(work.path()).expect("work dir").collect();
     assert!(left.is_empty(), "{left:?}");
 }
