@@ -48,9 +48,9 @@ async fn loadgen_smoke_run_commits_and_verifies_every_object() {
 
 /// `recvault loadgen calls --against both`: the same short call load into
 /// the transport sink, then into recvault, with dropped-and-resumed streams
-/// and Puts on both sides. The sink must answer as the server does (acks,
-/// the durable offset on a resume, Put) or the generator reports errors.
-/// Nothing is timed.
+/// and Puts on both sides. A sink that answered otherwise than the server
+/// (no ack, a durable offset past what was sent, no Put, no commit) would
+/// show as errors in its report. Nothing is timed.
 #[test]
 fn loadgen_calls_against_the_sink_and_the_server() {
     let work = tempfile::tempdir().expect("tempdir");
