@@ -1185,7 +1185,7 @@ async fn put(a: PutArgs) -> anyhow::Result<()> {
     let size = std::fs::metadata(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?.len();
     let sha = sha256_file(&a.file)?;
     let upload_id = match &a.upload_id {
-        Some(u) => crate::model::UploadId::parse(u).map_err(|e| anyhow::anyhow!("--upload-id: {e}"))?,
+        Some(u) => crate::model::UploadId::parse_client(u).map_err(|e| anyhow::anyhow!("--upload-id: {e}"))?,
         None => crate::model::UploadId::new_random(),
     };
     let spec = pb::ObjectSpec {

@@ -106,6 +106,25 @@ uuid_id!(
     UploadId,
     "upload_id"
 );
+
+impl UploadId {
+    /// An upload id sent by a client. Version 8 UUIDs are the server's
+    /// own: it derives the ids of the items it makes itself (a
+    /// transcript's redacted rendition) in that version, which no random
+    /// (version 4) or time-ordered (version 7) id has. A client that could
+    /// take one could put its own bytes where the server will look for
+    /// the redacted copy of a transcript.
+    pub fn parse_client(s: &str) -> Result<Self, InvalidInput> {
+        let id = Self::parse(s)?;
+        if id.0.get_version_num() == 8 {
+            return Err(invalid(format!(
+                "upload_id {s} is a version 8 UUID, which this server keeps for the ids it derives itself; \
+                 use a random (version 4) UUID"
+            )));
+        }
+        Ok(id)
+    }
+}
 uuid_id!(
     /// A legal hold; chosen by the server.
     HoldId,

@@ -288,7 +288,7 @@ fn parse_ingest(req: pb::IngestRequest) -> Result<ClientMsg, Error> {
     use pb::ingest_request::Msg;
     match req.msg {
         Some(Msg::Open(open)) => Ok(ClientMsg::Open {
-            upload_id: UploadId::parse(&open.upload_id).map_err(|e| field("upload_id", e))?,
+            upload_id: UploadId::parse_client(&open.upload_id).map_err(|e| field("upload_id", e))?,
             spec: parse_spec(open.spec)?,
         }),
         Some(Msg::Data(d)) => {
@@ -488,7 +488,11 @@ impl pb::recvault_server::Recvault for Service {
         let (caller, _) = self.authorize(&request, Rpc::Put).await?;
         let req = request.into_inner();
         let run = async {
-            let upload_id = UploadId::parse(&req.upload_id).map_err(|e| field("upload_id", e))?;
+            let upload_id = if req.upload_id.is_empty() {
+                UploadId::new_random()
+            } else {
+                UploadId::parse_client(&req.upload_id).map_err(|e| field("upload_id", e))?
+            };
             let spec = parse_spec(req.spec)?;
             let sha = parse_sha(&req.expected_sha256)?;
             self.ingest.put(&caller, upload_id, spec, req.data, sha).await

@@ -91,7 +91,7 @@ const MAX_REDACT_BYTES: u64 = 64 << 20;
 /// The rendition's upload id: fixed per source and redaction version, so
 /// every coach gets the one stored rendition (idempotent creation) and a
 /// better redactor gets a new one.
-fn rendition_upload_id(source: &ObjectId) -> crate::model::UploadId {
+pub fn rendition_upload_id(source: &ObjectId) -> crate::model::UploadId {
     let d = ring::digest::digest(
         &ring::digest::SHA256,
         &[b"recvault redacted rendition v1\n".as_slice(), source.as_bytes()].concat(),
@@ -572,7 +572,7 @@ impl Retrieve {
         if let Some(u) = self.catalog.upload(&upload_id).await?
             && u.committed
         {
-            return Ok(u.object_id);
+            return self.checked_rendition(source, &u.object_id).await;
         }
         let record = &source.record;
         if record.size > MAX_REDACT_BYTES {
@@ -607,6 +607,31 @@ impl Retrieve {
             .await?;
         tracing::info!(source = %record.object_id, rendition = %derived.object_id, "redacted rendition stored");
         Ok(derived.object_id)
+    }
+
+    /// The stored rendition, once it is shown to be what the server made
+    /// from `source`: a transcript derived from it, of the same customer.
+    /// It is served without redaction, so anything else found under its
+    /// id (put there by a client, say) is refused, never served.
+    async fn checked_rendition(&self, source: &StoredObject, id: &ObjectId) -> Result<ObjectId, Error> {
+        let source = &source.record;
+        let found = self.catalog.object(id).await?.map(|o| o.record);
+        match found {
+            Some(r)
+                if r.derived_from == Some(source.object_id)
+                    && r.spec.customer_id == source.spec.customer_id
+                    && r.spec.kind == crate::model::ContentKind::ChatTranscript =>
+            {
+                Ok(r.object_id)
+            }
+            _ => {
+                tracing::error!(source = %source.object_id, object_id = %id, "the redacted rendition's id names an object the server did not derive from this transcript; not served");
+                Err(Error::Internal(format!(
+                    "the redacted rendition of transcript {} is not the server's own; refusing to serve it",
+                    source.object_id
+                )))
+            }
+        }
     }
 }
 

@@ -503,6 +503,97 @@ async fn coaches_read_redacted_transcripts() {
     }
 }
 
+/// Review finding of 2026-12-07: the id under which the server stores a
+/// transcript's redacted rendition is derived from the transcript's object
+/// id, which the uploader is told. An ingest client must not be able to
+/// take it first and so choose what coaches read, unredacted, as "the
+/// redacted copy": such ids are refused at `Put` and at an `Ingest` open,
+/// and the coach still gets the server's own rendition.
+#[tokio::test]
+async fn a_client_cannot_take_the_id_of_a_redacted_rendition() {
+    let server = TestServer::start().await;
+    let mut ingest = server.client_as("chat-platform", &[Role::Ingest], false).await;
+    let mut coach = server.client_as("coach-1", &[Role::Coach], false).await;
+    let text = "Customer: my card is 4111 1111 1111 1111\n";
+    let plain = put(&mut ingest, spec("plant-1", CHAT, "text/plain"), text.as_bytes()).await.unwrap();
+    let source = recvault::model::ObjectId::parse(&plain.object_id).unwrap();
+    let taken = recvault::retrieve::rendition_upload_id(&source).to_string();
+
+    let refused = ingest
+        .put(pb::PutRequest {
+            upload_id: taken.clone(),
+            spec: Some(spec("plant-1", CHAT, "text/plain")),
+            data: text.as_bytes().to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("version 8"), "{}", refused.message());
+    let open = pb::IngestRequest {
+        msg: Some(pb::ingest_request::Msg::Open(pb::ingest_request::Open {
+            upload_id: taken,
+            spec: Some(spec("plant-1", CHAT, "text/plain")),
+        })),
+    };
+    let refused = match ingest.ingest(tokio_stream::iter([open])).await {
+        Err(status) => status,
+        Ok(answers) => answers.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    let seen = String::from_utf8(read_for(&mut coach, &plain.object_id, pb::Purpose::Coaching).await.unwrap()).unwrap();
+    assert_eq!(seen, "Customer: my card is [card]\n");
+
+    // The upload id of a Put is optional, as its documentation says: the
+    // server makes a (random) one.
+    let fresh = ingest
+        .put(pb::PutRequest {
+            upload_id: String::new(),
+            spec: Some(spec("plant-1", CHAT, "text/plain")),
+            data: b"hello".to_vec().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .object
+        .unwrap();
+    assert_eq!(fresh.size, 5);
+}
+
+/// The same finding, below the API: whatever is found under a rendition's
+/// id is served (unredacted) only if the server derived it from that
+/// transcript. An object put there some other way is refused, never served.
+#[tokio::test]
+async fn a_rendition_the_server_did_not_derive_is_never_served() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = recvault::config::Config { data_dir: data.path().to_owned(), ..Default::default() };
+    let parts = recvault::server::open(&cfg).await.unwrap();
+    let actor = recvault::audit::Actor::system("test");
+    let transcript = |customer: &str| recvault::model::ObjectSpec {
+        customer_id: recvault::model::CustomerId::parse(customer).unwrap(),
+        kind: recvault::model::ContentKind::ChatTranscript,
+        content_type: "text/plain".into(),
+        interaction: recvault::model::Interaction { interaction_id: "chat-9".into(), ..Default::default() },
+        sensitive_spans: Vec::new(),
+    };
+    let secret = "card 4111 1111 1111 1111";
+    let source = parts
+        .ingest
+        .put(&actor, recvault::model::UploadId::new_random(), transcript("plant-2"), secret.into(), None)
+        .await
+        .unwrap();
+    let taken = recvault::retrieve::rendition_upload_id(&source.object_id);
+    parts.ingest.put(&actor, taken, transcript("plant-2"), secret.into(), None).await.unwrap();
+
+    let coach = recvault::audit::Actor::system("coach-1");
+    let whole = recvault::retrieve::ByteRange { start: 0, end: None };
+    let read = parts.retrieve.read(&coach, recvault::model::Purpose::Coaching, &source.object_id, whole, true).await;
+    let Err(e) = read else { panic!("a planted rendition was served") };
+    assert!(matches!(e, recvault::error::Error::Internal(_)), "{e:?}");
+}
+
 /// Issue #5 point 4: spans marked sensitive at ingest or later are silenced
 /// for coaches, on the fly, in whole reads and seeks alike; the break-glass
 /// grant hears the original; a format that cannot be silenced in place is
