@@ -556,14 +556,29 @@ impl pb::recvault_server::Recvault for Service {
         &self,
         request: Request<pb::MarkSensitiveRequest>,
     ) -> Result<Response<pb::ObjectInfo>, Status> {
-        let (caller, _) = self.authorize(&request, Rpc::MarkSensitive).await?;
+        let (caller, principal) = self.authorize(&request, Rpc::MarkSensitive).await?;
         let req = request.into_inner();
         let run = async {
             let id = parse_object_id(&req.object_id)?;
             let spans: Vec<TimeSpan> = req.spans.iter().map(time_span).collect();
-            self.retrieve.mark_sensitive(&caller, &id, &spans).await
+            let record = self.retrieve.mark_sensitive(&caller, &id, &spans).await?;
+            // The answer describes the object only to a caller who could
+            // `Stat` it: an ingest platform (upload only, "not even
+            // metadata") and a coach marking an opted-out customer's call
+            // learn the spans now marked, nothing else.
+            let may_stat = principal.may(Rpc::Stat)
+                && (!training_only(&principal) || self.retrieve.training_use(&record.spec.customer_id).await?);
+            Ok::<_, Error>(if may_stat {
+                object_info(&record)
+            } else {
+                pb::ObjectInfo {
+                    object_id: record.object_id.to_string(),
+                    sensitive_spans: record.spec.sensitive_spans.iter().map(span_info).collect(),
+                    ..Default::default()
+                }
+            })
         };
-        Ok(Response::new(object_info(&run.await.map_err(to_status)?)))
+        Ok(Response::new(run.await.map_err(to_status)?))
     }
 
     async fn search(&self, request: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {

@@ -642,6 +642,26 @@ async fn coaches_hear_silence_over_sensitive_spans() {
     assert_eq!(&heard[..span.start], &audio[..span.start], "the header and the rest are untouched");
     assert_eq!(&heard[span.end..], &audio[span.end..]);
 
+    // The platform may mark spans too, but learns nothing else of the
+    // object from the answer (ingest is upload only: not even metadata).
+    let by_pbx = pbx
+        .mark_sensitive(pb::MarkSensitiveRequest {
+            object_id: w.object_id.clone(),
+            spans: vec![pb::TimeSpan { start_ms: 3000, end_ms: 3500 }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let only_spans = pb::ObjectInfo {
+        object_id: w.object_id.clone(),
+        sensitive_spans: vec![
+            pb::TimeSpan { start_ms: 1000, end_ms: 2000 },
+            pb::TimeSpan { start_ms: 3000, end_ms: 3500 },
+        ],
+        ..Default::default()
+    };
+    assert_eq!(by_pbx, only_spans);
+
     // Bad spans and non-recordings are refused with a reason.
     let bad = coach
         .mark_sensitive(pb::MarkSensitiveRequest {
