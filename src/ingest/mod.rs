@@ -476,6 +476,12 @@ impl Ingest {
                 return Err(Error::from_state(customer.state));
             }
             let lease = self.lease(upload_id, existing.customer_ref).await?;
+            if !self.has_journal(&existing).await? && self.store_holds(&existing.object_id).await? {
+                return Err(Error::Precondition(format!(
+                    "upload {upload_id} was stored by a Put that did not finish; retry that Put (same upload id, \
+                     same content), or stream with a new upload id"
+                )));
+            }
             return self.resume(lease, existing).await.map(|s| Opening::Session(Box::new(s)));
         }
         let stored = self.create_upload(actor, upload_id, &spec).await?;
@@ -1180,6 +1186,7 @@ impl Ingest {
             }
             same_upload(existing, &spec)?;
         }
+        let earlier = existing.is_some();
         let stored = match existing {
             Some(upload) => upload,
             None => self.create_upload(actor, upload_id, &spec).await?,
@@ -1188,6 +1195,15 @@ impl Ingest {
             return self.committed_object(&stored).await;
         }
         let _lease = self.lease(upload_id, stored.customer_ref).await?;
+        // An unfinished upload found here was made by an earlier attempt,
+        // and its key and nonce prefix are fixed: sealing other bytes under
+        // them would reuse AES-GCM nonces. A stream's journal holds such
+        // bytes, so a Put may not take over a streamed upload.
+        if earlier && self.has_journal(&stored).await? {
+            return Err(Error::Precondition(format!(
+                "upload {upload_id} was opened by a streaming Ingest; finish it there, or Put with a new upload id"
+            )));
+        }
         // Use the stored upload (a concurrent or crashed Put may have made it).
         let dek = self.upload_dek(&stored).await?;
         let fields = header_fields(&stored);
@@ -1196,9 +1212,37 @@ impl Ingest {
             Vec::with_capacity(format::ciphertext_len(data.len() as u64, format::DEFAULT_SEGMENT_SIZE) as usize);
         enc.update(&data, &mut ciphertext)?;
         enc.finish(&mut ciphertext)?;
-        let mut writer = self.store.writer(stored.object_id);
-        writer.write(&ciphertext).await?;
-        self.commit_object(writer, data.len() as u64).await?;
+        // A Put that stored its object and stopped before the catalog
+        // commit: the same content seals to the same bytes, so a retry
+        // commits what is there; other content is refused before anything
+        // is written (a second ciphertext under the same nonces).
+        // (A Put that raced this one to create the upload shows only at
+        // the write-once commit; its object is compared then.)
+        let other_content = || {
+            Error::Precondition(format!(
+                "upload id {upload_id} was used by an earlier Put with different content; Put with a new upload id"
+            ))
+        };
+        let there = if earlier { self.stored_bytes(&stored.object_id).await? } else { None };
+        match there {
+            Some(there) if there[..] == ciphertext[..] => {}
+            Some(_) => return Err(other_content()),
+            None => {
+                let mut writer = self.store.writer(stored.object_id);
+                writer.write(&ciphertext).await?;
+                match writer.commit().await {
+                    Ok(()) => {}
+                    Err(StoreError::AlreadyExists) => {
+                        if self.stored_bytes(&stored.object_id).await?.as_deref() != Some(&ciphertext[..]) {
+                            return Err(other_content());
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        // The object stored, the catalog row not yet committed.
+        fail::fail_point!("put-after-store-write");
         let created_at_ms = self.clock.now_ms();
         let (derived_from, retention) = match derived {
             Some((source, retention)) => (Some(source), retention),
@@ -1271,6 +1315,38 @@ impl Ingest {
         let stored = self.catalog.create_upload(&record).await?;
         same_upload(&stored, spec)?;
         Ok(stored)
+    }
+
+    /// Whether a stream has opened this upload: its local segments file
+    /// exists (made when a journal is opened), or the catalog holds
+    /// journal chunks of it.
+    async fn has_journal(&self, upload: &UploadRecord) -> Result<bool, Error> {
+        if let JournalPlace::Catalog(catalog) = &self.journals {
+            return Ok(!catalog.journal_chunks(&upload.upload_id, 0, 1).await?.is_empty());
+        }
+        let path = spool::segments_path(&self.cfg.spool_dir, &upload.object_id);
+        tokio::task::spawn_blocking(move || path.try_exists()).await.map_err(Error::internal)?.map_err(Error::internal)
+    }
+
+    /// Whether the store holds the object (written, even if never
+    /// committed in the catalog).
+    async fn store_holds(&self, id: &ObjectId) -> Result<bool, Error> {
+        match self.store.size(id).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::NotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The whole stored object, if the store holds it (a Put's object is
+    /// at most `ingest.put_cap` plus its framing).
+    async fn stored_bytes(&self, id: &ObjectId) -> Result<Option<Bytes>, Error> {
+        let len = match self.store.size(id).await {
+            Ok(len) => len,
+            Err(StoreError::NotFound) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(self.store.read_range(id, 0..len).await?))
     }
 
     /// Makes a written object visible, write-once. A retry finding the

@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use recvault::api::pb;
+use tonic::Code;
 
 use crate::common::*;
 
@@ -303,4 +304,98 @@ async fn kill9_under_load(name: &str, envs: &[(&str, &str)]) {
     }
     let listed = c.list(pb::ListRequest { customer_id: "a1-load".into(), ..Default::default() }).await.unwrap();
     assert_eq!(listed.into_inner().objects.len(), CALLS, "one object per call (seed {seed})");
+}
+
+/// Review finding of 2026-12-07: an upload's data key and nonce prefix are
+/// fixed when it is first recorded, so every attempt on one upload id must
+/// seal the same bytes, or AES-GCM nonces are reused. A Put killed after
+/// its object was stored and before the catalog commit leaves such an
+/// upload: a retry with the same content commits what is there; other
+/// content, and a stream opened on that id, are refused before anything
+/// is written; the object then reads back as what was committed.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a1_a_put_retried_after_a_crash_must_carry_the_same_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("server.log");
+    let mut server =
+        ChildServer::spawn_with(&data, CHILD_CONFIG, &[("FAILPOINTS", "put-after-store-write=panic")], Some(&log));
+    let mut c = server.client().await;
+    const CHAT: pb::ContentKind = pb::ContentKind::ChatTranscript;
+    let upload_id = new_id();
+    let first = b"agent: hello\ncustomer: my order 1234".to_vec();
+    let other = b"agent: hello\ncustomer: my order 9876".to_vec();
+    assert_eq!(first.len(), other.len(), "same length: only the content differs");
+    let put_as = |data: &[u8]| pb::PutRequest {
+        upload_id: upload_id.clone(),
+        spec: Some(spec("a1-put", CHAT, "text/plain")),
+        data: data.to_vec().into(),
+        expected_sha256: Default::default(),
+    };
+    c.put(put_as(&first)).await.expect_err("the server dies at the failpoint");
+    assert!(!server.child.wait().expect("reap").success());
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("failpoint put-after-store-write panic"), "died elsewhere:\n{log_text}");
+    let objects = data.join("objects");
+    assert_eq!(files_under(&objects).len(), 1, "the object was stored before the crash");
+    let stored = std::fs::read(&files_under(&objects)[0]).unwrap();
+
+    let server = ChildServer::spawn_with(&data, CHILD_CONFIG, &[], None);
+    let mut c = server.client().await;
+    let refused = c.put(put_as(&other)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("different content"), "{}", refused.message());
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let refused = s.open(&upload_id, spec("a1-put", CHAT, "text/plain")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("Put that did not finish"), "{}", refused.message());
+    let files = files_under(&objects);
+    assert_eq!(files.len(), 1, "nothing else was written");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), stored, "the stored object is untouched");
+
+    let info = c.put(put_as(&first)).await.unwrap().into_inner().object.unwrap();
+    assert_eq!(info.sha256, sha256(&first));
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), first);
+}
+
+/// The same rule the other way round: a Put may not take over an upload id
+/// a stream has written (its journal holds bytes sealed under that upload's
+/// nonces); the stream can still resume and finish it.
+#[tokio::test]
+async fn a_put_is_refused_on_an_upload_a_stream_has_written() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let audio = wav(40_000);
+    let upload_id = new_id();
+    let mut s = Stream::start(&mut c).await.unwrap();
+    s.open(&upload_id, spec("a1-mix", REC, "audio/wav")).await.unwrap();
+    s.data(0, &audio[..20_000]).await;
+    loop {
+        match s.next().await.unwrap() {
+            Some(pb::ingest_response::Msg::Ack(a)) if a.durable_offset == 20_000 => break,
+            Some(_) => continue,
+            None => panic!("the stream ended before its ack"),
+        }
+    }
+    drop(s);
+    let refused = c
+        .put(pb::PutRequest {
+            upload_id: upload_id.clone(),
+            spec: Some(spec("a1-mix", REC, "audio/wav")),
+            data: audio.clone().into(),
+            expected_sha256: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("opened by a streaming Ingest"), "{}", refused.message());
+
+    let mut s = Stream::start(&mut c).await.unwrap();
+    let (_, durable, _) = s.open(&upload_id, spec("a1-mix", REC, "audio/wav")).await.unwrap();
+    assert_eq!(durable, 20_000);
+    s.data(durable, &audio[durable as usize..]).await;
+    s.finish(None, audio.len() as u64).await;
+    let info = s.committed().await.unwrap();
+    assert_eq!(get(&mut c, &info.object_id, None).await.unwrap(), audio);
 }
