@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::keys::KeyService;
 use crate::model::{ObjectId, ObjectRecord, Purpose};
 use crate::revocation::Revocations;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Ciphertext fetched per store request while streaming a range.
 pub const READ_BATCH: u64 = 1 << 20;
@@ -523,10 +523,17 @@ impl Retrieve {
             .keys
             .data_key(&stored.customer_ref, &record.spec.customer_id, id, stored.key_version, &stored.wrapped_dek)
             .await?;
+        // A committed object that is gone or shorter than its header is
+        // lost data like a failed tag: the same opaque DATA_LOSS, not an
+        // internal error from reading past its end.
+        let stored_len = match self.store.size(id).await {
+            Ok(len) if len >= HEADER_LEN as u64 => len,
+            Ok(_) | Err(StoreError::NotFound) => return Err(Error::Integrity),
+            Err(e) => return Err(e.into()),
+        };
         let header = self.store.read_range(id, 0..HEADER_LEN as u64).await?;
         let opener = SegmentOpener::new(&dek, &header)?;
         let f = opener.fields().clone();
-        let stored_len = self.store.size(id).await?;
         let matches = f.object_id == *id.as_bytes()
             && f.customer_ref == *stored.customer_ref.as_bytes()
             && f.key_version == stored.key_version

@@ -442,8 +442,14 @@ async fn f1_f3_tampered_or_truncated_objects_fail_opaquely() {
         assert_eq!(err.code(), Code::DataLoss, "flip at {at}");
         messages.push(err.message().to_owned());
     }
-    // F3/F4: truncated, extended.
-    for t in [original[..original.len() - 1].to_vec(), [original.clone(), vec![0; 16]].concat()] {
+    // F3/F4: truncated (by a byte, to less than its header, to nothing),
+    // extended.
+    for t in [
+        original[..original.len() - 1].to_vec(),
+        original[..10].to_vec(),
+        Vec::new(),
+        [original.clone(), vec![0; 16]].concat(),
+    ] {
         std::fs::write(&pa, &t).unwrap();
         let err = get(&mut c, &a.object_id, Some((0, Some(10)))).await.unwrap_err();
         assert_eq!(err.code(), Code::DataLoss);
@@ -451,6 +457,11 @@ async fn f1_f3_tampered_or_truncated_objects_fail_opaquely() {
     }
     // F6: another object's ciphertext in its place.
     std::fs::write(&pa, std::fs::read(path(&b.object_id)).unwrap()).unwrap();
+    let err = get(&mut c, &a.object_id, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss);
+    messages.push(err.message().to_owned());
+    // Gone from the store while the catalog still names it.
+    std::fs::remove_file(&pa).unwrap();
     let err = get(&mut c, &a.object_id, None).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss);
     messages.push(err.message().to_owned());
