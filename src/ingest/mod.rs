@@ -476,7 +476,7 @@ impl Ingest {
                 return Err(Error::from_state(customer.state));
             }
             let lease = self.lease(upload_id, existing.customer_ref).await?;
-            if !self.has_journal(&existing).await? && self.store_holds(&existing.object_id).await? {
+            if !self.has_journal(&existing).await? && self.stored_len(&existing.object_id).await?.is_some() {
                 return Err(Error::Precondition(format!(
                     "upload {upload_id} was stored by a Put that did not finish; retry that Put (same upload id, \
                      same content), or stream with a new upload id"
@@ -1328,12 +1328,12 @@ impl Ingest {
         tokio::task::spawn_blocking(move || path.try_exists()).await.map_err(Error::internal)?.map_err(Error::internal)
     }
 
-    /// Whether the store holds the object (written, even if never
+    /// The object's length if the store holds it (written, even if never
     /// committed in the catalog).
-    async fn store_holds(&self, id: &ObjectId) -> Result<bool, Error> {
+    async fn stored_len(&self, id: &ObjectId) -> Result<Option<u64>, Error> {
         match self.store.size(id).await {
-            Ok(_) => Ok(true),
-            Err(StoreError::NotFound) => Ok(false),
+            Ok(len) => Ok(Some(len)),
+            Err(StoreError::NotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -1341,11 +1341,7 @@ impl Ingest {
     /// The whole stored object, if the store holds it (a Put's object is
     /// at most `ingest.put_cap` plus its framing).
     async fn stored_bytes(&self, id: &ObjectId) -> Result<Option<Bytes>, Error> {
-        let len = match self.store.size(id).await {
-            Ok(len) => len,
-            Err(StoreError::NotFound) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(len) = self.stored_len(id).await? else { return Ok(None) };
         Ok(Some(self.store.read_range(id, 0..len).await?))
     }
 

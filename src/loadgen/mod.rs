@@ -201,22 +201,15 @@ pub struct BulkArgs {
 pub async fn run(cmd: LoadgenCmd) -> anyhow::Result<()> {
     match cmd {
         LoadgenCmd::Calls(a) => {
-            let peer = match a.against {
-                Against::Server => None,
-                Against::Sink | Against::Both => {
-                    let r = calls_against_sink(&a).await?;
-                    print!("{r}");
-                    Some(r)
-                }
-            };
-            let server = match a.against {
-                Against::Sink => None,
-                Against::Server | Against::Both => {
-                    let r = calls(&a).await?;
-                    print!("{r}");
-                    Some(r)
-                }
-            };
+            // Each report is printed as soon as its run ends.
+            let peer = if a.against == Against::Server { None } else { Some(calls_against_sink(&a).await?) };
+            if let Some(r) = &peer {
+                print!("{r}");
+            }
+            let server = if a.against == Against::Sink { None } else { Some(calls(&a).await?) };
+            if let Some(r) = &server {
+                print!("{r}");
+            }
             if let (Some(peer), Some(server)) = (&peer, &server) {
                 print!("{}", PeerComparison { peer, server });
             }
@@ -350,10 +343,7 @@ impl Target {
 
     /// The transport sink (`src/loadgen/sink.rs`), started from this binary.
     async fn sink(a: &TargetArgs) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this binary to start the sink")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["loadgen", "sink", "--listen", "127.0.0.1:0"]);
-        let (started, url) = Started::spawn(cmd, None, "recvault sink on ").await?;
+        let (started, url) = start_sink().await?;
         let pid = started.pid();
         Ok(Self {
             url,
@@ -375,6 +365,15 @@ impl Target {
     fn data_dir(&self) -> Option<&std::path::Path> {
         self.started.as_ref().and_then(|s| s.dir.as_deref())
     }
+}
+
+/// Starts the transport sink (`src/loadgen/sink.rs`) from this binary, on a
+/// free loopback port; returns it with its `http://ADDR`.
+async fn start_sink() -> anyhow::Result<(Started, String)> {
+    let exe = std::env::current_exe().context("cannot find this binary to start the sink")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["loadgen", "sink", "--listen", "127.0.0.1:0"]);
+    Started::spawn(cmd, None, "recvault sink on ").await
 }
 
 /// One HTTP/2 connection. Streams multiplex on it; the server advertises
@@ -1195,11 +1194,10 @@ async fn calls_on(a: &CallsArgs, target: Target, sink: bool) -> anyhow::Result<C
     let peak_threads = sampler.as_ref().map(|s| s.threads.load(Ordering::Relaxed));
     drop(sampler);
 
-    // Every committed object, as the server now describes it.
-    let mut expected = std::mem::take(&mut *sh.committed.lock().unwrap_or_else(|p| p.into_inner()));
-    if sink {
-        expected.clear();
-    }
+    // Every committed object, as the server now describes it (the sink
+    // kept none to describe).
+    let expected = std::mem::take(&mut *sh.committed.lock().unwrap_or_else(|p| p.into_inner()));
+    let expected = if sink { Vec::new() } else { expected };
     let checks = futures::stream::iter(expected.into_iter().enumerate().map(|(i, e)| {
         let mut c = clients[i % clients.len()].clone();
         async move {
@@ -1524,10 +1522,7 @@ async fn bulk(a: &BulkArgs) -> anyhow::Result<()> {
     let mut client = target.clients().await?.remove(0);
     let chunk = a.chunk.clamp(1, 1 << 20);
     let peer_dir = target.data_dir().map_or_else(|| a.target.work_dir.clone(), |d| d.to_owned());
-    let exe = std::env::current_exe().context("cannot find this binary to start the sink")?;
-    let mut sink_cmd = Command::new(exe);
-    sink_cmd.args(["loadgen", "sink", "--listen", "127.0.0.1:0"]);
-    let (sink, sink_url) = Started::spawn(sink_cmd, None, "recvault sink on ").await?;
+    let (sink, sink_url) = start_sink().await?;
     let mut sink_client = connect(&sink_url, "none").await?;
     let (mut peer, mut sunk, mut acked, mut committed) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let sha = bulk_sha256(a.target.seed, a.size, chunk);

@@ -159,15 +159,14 @@ async fn drain(
     let ack = |offset| ServerMsg::Ack(pb::ingest_response::Ack { durable_offset: offset });
     let (mut received, mut acked) = (0u64, 0u64);
     let mut upload: Option<String> = None;
-    // One timer for the stream, armed by the first byte not yet acked.
+    // One timer for the stream, set by the first byte not yet acked and
+    // waited on while any is.
     let timer = tokio::time::sleep(ACK_WITHIN);
     tokio::pin!(timer);
-    let mut armed = false;
     let result = loop {
         let msg = tokio::select! {
             msg = inbound.next() => msg,
-            _ = &mut timer, if armed => {
-                armed = false;
+            _ = &mut timer, if received > acked => {
                 acked = received;
                 send(ack(received)).await?;
                 continue;
@@ -197,13 +196,12 @@ async fn drain(
                         d.offset
                     )));
                 }
+                let all_acked = received == acked;
                 received += d.data.len() as u64;
                 if received - acked >= ACK_EVERY {
                     acked = received;
-                    armed = false;
                     send(ack(received)).await?;
-                } else if !armed && received > acked {
-                    armed = true;
+                } else if all_acked && received > acked {
                     timer.as_mut().reset(tokio::time::Instant::now() + ACK_WITHIN);
                 }
             }
