@@ -192,6 +192,12 @@ impl Retrieve {
         readable(self.catalog.as_ref(), id).await
     }
 
+    /// The customer `id` belongs to, if the catalog knows it (committed,
+    /// expired or shredded alike): for the audit records of refusals.
+    pub async fn owner(&self, id: &ObjectId) -> Option<crate::model::CustomerId> {
+        self.catalog.object(id).await.ok().flatten().map(|s| s.record.spec.customer_id)
+    }
+
     /// Metadata of a committed object. With `training_only` (a coach), an
     /// opted-out customer's objects are refused like their content.
     pub async fn stat(&self, id: &ObjectId, training_only: bool) -> Result<ObjectRecord, Error> {
@@ -370,8 +376,25 @@ impl Retrieve {
         range: ByteRange,
         redacted: bool,
     ) -> Result<(ObjectRecord, ReadStream), Error> {
+        self.read_for(actor, purpose, id, range, redacted, None).await
+    }
+
+    /// [`Retrieve::read`] of `id`, served for a request of `requested` (a
+    /// transcript whose rendition `id` is), which its audit record names.
+    async fn read_for(
+        &self,
+        actor: &Actor,
+        purpose: Purpose,
+        id: &ObjectId,
+        range: ByteRange,
+        redacted: bool,
+        requested: Option<&ObjectId>,
+    ) -> Result<(ObjectRecord, ReadStream), Error> {
         let epoch = self.revocations.epoch();
         let mut event = Event::new("object.read").target(id).purpose(purpose.name());
+        if let Some(requested) = requested {
+            event = event.detail("requested", requested.to_string());
+        }
         let found = self.catalog.object(id).await?;
         if let Some(f) = &found {
             event = event.customer(&f.record.spec.customer_id);
@@ -393,10 +416,22 @@ impl Retrieve {
             && stored.record.spec.kind == crate::model::ContentKind::ChatTranscript
             && stored.record.derived_from.is_none()
         {
-            let rendition = self.redacted_rendition(&stored).await?;
-            return Box::pin(self.read(actor, purpose, &rendition, range, false)).await;
+            let rendition = match self.redacted_rendition(&stored).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                    return Err(e);
+                }
+            };
+            return Box::pin(self.read_for(actor, purpose, &rendition, range, false, Some(id))).await;
         }
-        let end_incl = checked_range(&stored.record, range)?;
+        let end_incl = match checked_range(&stored.record, range) {
+            Ok(end) => end,
+            Err(e) => {
+                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                return Err(e);
+            }
+        };
         let spans: Vec<silence::Span> = match stored.record.spec.kind {
             crate::model::ContentKind::CallRecording if redacted => stored
                 .record
@@ -463,21 +498,33 @@ impl Retrieve {
         id: &ObjectId,
         spans: &[crate::model::TimeSpan],
     ) -> Result<ObjectRecord, Error> {
-        let stored = self.readable(id).await?;
-        let kind = stored.record.spec.kind;
-        if kind != crate::model::ContentKind::CallRecording {
-            return Err(Error::Invalid(format!(
-                "object {id} is a {kind}: only call recordings have a time line to mark sensitive"
-            )));
-        }
-        if spans.is_empty() {
-            return Err(Error::Invalid("spans: give at least one span to mark sensitive".into()));
-        }
-        crate::model::TimeSpan::validate(spans)?;
-        let event = Event::new("object.mark_sensitive")
-            .customer(&stored.record.spec.customer_id)
-            .target(id)
-            .detail("spans", spans.len());
+        let event = Event::new("object.mark_sensitive").target(id).detail("spans", spans.len());
+        let checked = async {
+            let stored = self.readable(id).await?;
+            let kind = stored.record.spec.kind;
+            if kind != crate::model::ContentKind::CallRecording {
+                return Err(Error::Invalid(format!(
+                    "object {id} is a {kind}: only call recordings have a time line to mark sensitive"
+                )));
+            }
+            if spans.is_empty() {
+                return Err(Error::Invalid("spans: give at least one span to mark sensitive".into()));
+            }
+            crate::model::TimeSpan::validate(spans)?;
+            Ok(stored)
+        };
+        let stored = match checked.await {
+            Ok(stored) => stored,
+            Err(e) => {
+                let event = match self.owner(id).await {
+                    Some(customer) => event.customer(&customer),
+                    None => event,
+                };
+                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                return Err(e);
+            }
+        };
+        let event = event.customer(&stored.record.spec.customer_id);
         self.audit.append(actor, event.clone()).await?;
         let merged = match self.catalog.add_sensitive_spans(id, spans).await {
             Ok(m) => m,

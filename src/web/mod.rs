@@ -189,7 +189,6 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let service = hyper_util::service::TowerToHyperService::new(router);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -204,7 +203,11 @@ pub async fn serve(
             () = &mut shutdown => return,
         };
         let _ = tcp.set_nodelay(true);
-        let (service, tls) = (service.clone(), tls.clone());
+        // Each request learns the peer's address, for the audit records of
+        // refused callers (`unauthenticated@<ip>`, as on the gRPC port).
+        let service =
+            hyper_util::service::TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(Some(peer)))));
+        let tls = tls.clone();
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let served = match tls {
@@ -284,14 +287,29 @@ fn bad_request(message: String) -> Response {
     error_response(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
 }
 
-/// A gRPC request carrying the page's credentials.
-fn grpc_request<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
+/// The address of the peer a request came from, set per connection by
+/// [`serve`] (absent for a router driven some other way).
+#[derive(Debug, Clone, Copy)]
+struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Peer>().copied().unwrap_or(Peer(None)))
+    }
+}
+
+/// A gRPC request carrying the page's credentials and the peer's address
+/// (which the gRPC handlers audit refused callers under).
+fn grpc_request<T>(headers: &HeaderMap, peer: Peer, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     for name in ["authorization", "x-request-id"] {
         if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
             request.metadata_mut().insert(name, v);
         }
     }
+    request.extensions_mut().insert(tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: peer.0 });
     request
 }
 
@@ -411,8 +429,8 @@ fn info_json(o: &pb::ObjectInfo) -> Value {
     })
 }
 
-async fn whoami(State(web): State<Web>, headers: HeaderMap) -> Response {
-    match web.service.who_am_i(grpc_request(&headers, pb::WhoAmIRequest {})).await {
+async fn whoami(State(web): State<Web>, peer: Peer, headers: HeaderMap) -> Response {
+    match web.service.who_am_i(grpc_request(&headers, peer, pb::WhoAmIRequest {})).await {
         Ok(r) => {
             let r = r.into_inner();
             let roles: Vec<String> = r
@@ -441,13 +459,13 @@ struct SearchJson {
     page_token: String,
 }
 
-async fn search(State(web): State<Web>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn search(State(web): State<Web>, peer: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let (req, filter) = match parse_json::<SearchJson>(&body).and_then(|r| Ok((r.filter.to_pb()?, r))) {
         Ok((filter, req)) => (req, filter),
         Err(m) => return bad_request(m),
     };
     let message = pb::SearchRequest { filter: Some(filter), page_size: req.page_size, page_token: req.page_token };
-    match web.service.search(grpc_request(&headers, message)).await {
+    match web.service.search(grpc_request(&headers, peer, message)).await {
         Ok(r) => {
             let r = r.into_inner();
             axum::Json(json!({
@@ -471,7 +489,7 @@ struct SampleJson {
     seed: u64,
 }
 
-async fn sample(State(web): State<Web>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn sample(State(web): State<Web>, peer: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let (req, filter) = match parse_json::<SampleJson>(&body).and_then(|r| Ok((r.filter.to_pb()?, r))) {
         Ok((filter, req)) => (req, filter),
         Err(m) => return bad_request(m),
@@ -484,7 +502,7 @@ async fn sample(State(web): State<Web>, headers: HeaderMap, body: axum::body::By
     };
     let message =
         pb::SampleRequest { filter: Some(filter), count, stratify: stratify as i32, per_stratum, seed: req.seed };
-    match web.service.sample(grpc_request(&headers, message)).await {
+    match web.service.sample(grpc_request(&headers, peer, message)).await {
         Ok(r) => {
             let r = r.into_inner();
             let groups: Vec<Value> = r
@@ -512,7 +530,7 @@ struct LinkJson {
     ttl_seconds: u32,
 }
 
-async fn create_link(State(web): State<Web>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn create_link(State(web): State<Web>, peer: Peer, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let req: LinkJson = match parse_json(&body) {
         Ok(r) => r,
         Err(m) => return bad_request(m),
@@ -530,7 +548,7 @@ async fn create_link(State(web): State<Web>, headers: HeaderMap, body: axum::bod
         purpose: crate::api::purpose_code(purpose),
         ttl_seconds: req.ttl_seconds,
     };
-    match web.service.create_playback_link(grpc_request(&headers, message)).await {
+    match web.service.create_playback_link(grpc_request(&headers, peer, message)).await {
         Ok(r) => {
             let r = r.into_inner();
             axum::Json(json!({
@@ -599,53 +617,57 @@ fn wanted(range: Option<&HeaderValue>, size: u64) -> Want {
 /// Serves one object through a playback link. Every request re-checks the
 /// link's credential, role and purpose, and reads through
 /// [`Retrieve::read`] (customer state, consent, audit record, redaction).
-async fn play(State(web): State<Web>, Path(link): Path<String>, headers: HeaderMap) -> Response {
-    let grant = match web.links.verify(&link) {
-        Ok(g) => g,
-        Err(e) => return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string()),
-    };
-    let (Some(id), Some(purpose)) = (grant.object_id(), grant.purpose()) else {
-        return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", LinkError::Invalid.to_string());
-    };
+async fn play(State(web): State<Web>, peer: Peer, Path(link): Path<String>, headers: HeaderMap) -> Response {
     let request_id = request_id(&headers);
+    let grant = match web.links.verify(&link).and_then(|g| match (g.object_id(), g.purpose()) {
+        (Some(id), Some(purpose)) => Ok((id, purpose, g)),
+        _ => Err(LinkError::Invalid),
+    }) {
+        Ok(g) => g,
+        Err(e) => {
+            // A forged, altered or expired link names no one it can be
+            // trusted about: recorded like a gRPC call without credentials.
+            let actor = Actor::unauthenticated(peer.0, request_id);
+            let event = Event::new("auth.denied").target("/play").result(format!("refused: {e}"));
+            if let Err(e) = web.audit.append(&actor, event).await {
+                tracing::warn!(error = %e, "could not audit a refused link");
+            }
+            return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
+        }
+    };
+    let (id, purpose, grant) = grant;
     let principal = match web.auth.recheck(&grant.credential).await {
         Ok(p) => p,
         Err(e) => {
             let actor = Actor::new(&grant.principal, request_id);
-            let event = Event::new("object.read")
-                .target(id)
-                .purpose(purpose.name())
-                .detail("via", "link")
-                .result(format!("refused: {e}"));
-            let _ = web.audit.append(&actor, event).await;
+            refused(&web, &actor, id, purpose, &e).await;
             return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
         }
     };
     let actor = Actor::new(&principal.name, request_id);
     if let Err(e) = principal.authorize(Rpc::Get).and_then(|()| authz::check_purpose(&principal, purpose)) {
-        let event = Event::new("object.read")
-            .target(id)
-            .purpose(purpose.name())
-            .detail("via", "link")
-            .result(format!("refused: {e}"));
-        let _ = web.audit.append(&actor, event).await;
+        refused(&web, &actor, id, purpose, &e).await;
         return from_error(e);
     }
     let redacted = !principal.unredacted;
+    // Refusals before `read` (which audits its own) are audited here, as the
+    // gRPC `Get` audits them: a link to a shredded, expired or opted-out
+    // customer's object is still an attempt to read it.
     let record = match web.retrieve.view(&id, purpose, redacted).await {
         Ok(r) => r,
-        Err(e) => return from_error(e),
+        Err(e) => {
+            refused(&web, &actor, id, purpose, &e).await;
+            return from_error(e);
+        }
     };
     let size = record.size;
     let (status, range) = match wanted(headers.get(header::RANGE), size) {
         Want::Whole => (StatusCode::OK, ByteRange { start: 0, end: None }),
         Want::Part(a, b) => (StatusCode::PARTIAL_CONTENT, ByteRange { start: a, end: Some(b) }),
         Want::Unsatisfiable => {
-            let mut r = error_response(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "OUT_OF_RANGE",
-                format!("the object has {size} bytes; ask for a range within them"),
-            );
+            let why = format!("the object has {size} bytes; ask for a range within them");
+            refused(&web, &actor, id, purpose, &why).await;
+            let mut r = error_response(StatusCode::RANGE_NOT_SATISFIABLE, "OUT_OF_RANGE", why);
             r.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
             return r;
         }
@@ -679,6 +701,19 @@ async fn play(State(web): State<Web>, Path(link): Path<String>, headers: HeaderM
         h.insert(header::CONTENT_RANGE, header_value(&format!("bytes {}-{end}/{size}", range.start)));
     }
     response
+}
+
+/// Records a link read refused before [`Retrieve::read`] could audit it,
+/// in the same `object.read` event a granted read writes, marked `via: link`.
+async fn refused(web: &Web, actor: &Actor, id: ObjectId, purpose: Purpose, why: &(dyn std::fmt::Display + Sync)) {
+    let event = Event::new("object.read")
+        .target(id)
+        .purpose(purpose.name())
+        .detail("via", "link")
+        .result(format!("refused: {why}"));
+    if let Err(e) = web.audit.append(actor, event).await {
+        tracing::warn!(error = %e, "could not audit a refused link read");
+    }
 }
 
 fn header_value(text: &str) -> HeaderValue {

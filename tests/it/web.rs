@@ -146,6 +146,9 @@ async fn playback_links_serve_ranges_until_expired_tampered_or_revoked() {
     let beyond = http_get(http, &l.path, &[("range", &format!("bytes={size}-"))]).await;
     assert_eq!(beyond.status, 416);
     assert_eq!(beyond.header("content-range"), format!("bytes */{size}"));
+    // The refused range is in the audit trail, as a refused `Get` is.
+    let refusals = link_refusals(&server).await;
+    assert!(refusals.iter().any(|r| r.contains(&format!("{size} bytes"))), "{refusals:?}");
 
     // Tampered: any changed character; pointed at another object with the
     // MAC kept; a made-up link.
@@ -162,6 +165,18 @@ async fn playback_links_serve_ranges_until_expired_tampered_or_revoked() {
         assert_eq!(r.status, 403, "{bad}: {}", r.text());
         assert!(r.text().contains("not valid"), "{}", r.text());
     }
+    // Each is recorded like a gRPC call without credentials, under the
+    // caller's address.
+    let mut auditor = server.client_as("auditor-1", &[Role::Auditor], false).await;
+    let denied = auditor
+        .list_audit_records(pb::ListAuditRecordsRequest { action: "auth.denied".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let forged: Vec<_> = denied.iter().filter(|r| r.target == "/play").collect();
+    assert_eq!(forged.len(), 4, "{denied:?}");
+    assert!(forged.iter().all(|r| r.principal == "unauthenticated@127.0.0.1" && r.result.contains("not valid")));
 
     // A caller may ask for a shorter life, not a longer one.
     let long = pb::CreatePlaybackLinkRequest {
@@ -202,6 +217,25 @@ async fn playback_links_serve_ranges_until_expired_tampered_or_revoked() {
     let reads = server_audit(&server, "object.read").await;
     assert!(reads.iter().any(|(who, why)| who == "coach-1" && why == "coaching"), "link reads are audited: {reads:?}");
     assert!(server_audit(&server, "link.create").await.iter().any(|(who, _)| who == "coach-1"));
+}
+
+/// The results of `object.read` records refused on a playback link.
+async fn link_refusals(server: &TestServer) -> Vec<String> {
+    let mut auditor = server.client_as("auditor-1", &[Role::Auditor], false).await;
+    let r = auditor
+        .list_audit_records(pb::ListAuditRecordsRequest {
+            action: "object.read".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.records
+        .into_iter()
+        .filter(|r| r.detail_json.contains(r#""via":"link""#) && r.result.starts_with("refused"))
+        .map(|r| r.result)
+        .collect()
 }
 
 /// (principal, purpose) of the audit records of `action`.
@@ -262,6 +296,7 @@ async fn coaches_get_redacted_and_silenced_views_and_lose_them_on_opt_out_or_shr
     let refused = http_get(http, &l.path, &[("range", "bytes=0-9")]).await;
     assert_eq!(refused.status, 403, "{}", refused.text());
     assert!(refused.text().contains("opted out"), "{}", refused.text());
+    assert!(link_refusals(&server).await.iter().any(|r| r.contains("opted out")), "an opted-out link read is audited");
     assert_eq!(
         link(&mut coach, &rec.object_id, pb::Purpose::Coaching).await.unwrap_err().code(),
         Code::PermissionDenied
@@ -280,6 +315,7 @@ async fn coaches_get_redacted_and_silenced_views_and_lose_them_on_opt_out_or_shr
     let gone = http_get(http, &l.path, &[("range", "bytes=0-9")]).await;
     assert_eq!(gone.status, 409, "{}", gone.text());
     assert!(gone.text().contains("shredded"), "{}", gone.text());
+    assert!(link_refusals(&server).await.iter().any(|r| r.contains("shredded")), "a shredded link read is audited");
 }
 
 #[tokio::test]
