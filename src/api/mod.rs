@@ -90,6 +90,40 @@ impl Service {
         Ok((actor, principal))
     }
 
+    /// Records a refused request (best effort, after the fact), naming the
+    /// customer of `object` when the catalog knows it, and answers it.
+    async fn refused(&self, actor: &Actor, event: Event, object: Option<&ObjectId>, e: Error) -> Status {
+        let event = match object {
+            Some(id) => match self.retrieve.owner(id).await {
+                Some(customer) => event.customer(&customer),
+                None => event,
+            },
+            None => event,
+        };
+        let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+        to_status(e)
+    }
+
+    /// Answers a metadata read (`Stat`, `List`, `Search`, `Sample`) with
+    /// its audit record: written before the answer leaves (no record, no
+    /// answer, as for a `Get`), or after a refusal (best effort). `facts`
+    /// adds what was found: counts, never tags or hashes.
+    async fn looked_up<T>(
+        &self,
+        actor: &Actor,
+        event: Event,
+        found: Result<T, Error>,
+        facts: impl FnOnce(&T, Event) -> Event,
+    ) -> Result<T, Status> {
+        match found {
+            Ok(found) => {
+                self.audit.append(actor, facts(&found, event)).await.map_err(to_status)?;
+                Ok(found)
+            }
+            Err(e) => Err(self.refused(actor, event, None, e).await),
+        }
+    }
+
     async fn denied(&self, actor: &Actor, rpc: Rpc, e: &Error) {
         tracing::info!(principal = %actor.principal, rpc = rpc.name(), "call refused");
         let event = Event::new("auth.denied").target(rpc.name()).result(format!("refused: {e}"));
@@ -231,6 +265,32 @@ fn parse_spec(spec: Option<pb::ObjectSpec>) -> Result<ObjectSpec, Error> {
         duration_ms: (i.duration_ms > 0).then_some(i.duration_ms),
     };
     Ok(ObjectSpec { customer_id, kind, content_type: spec.content_type, interaction, sensitive_spans })
+}
+
+/// The audit event of a metadata lookup: the customer it was limited to,
+/// if any, and the names (not the values) of the other filters it used.
+fn lookup_event(action: &'static str, filter: &ListFilter) -> Event {
+    let event = Event::new(action);
+    let event = match &filter.customer_id {
+        Some(c) => event.customer(c),
+        None => event,
+    };
+    let used: Vec<&str> = [
+        ("interaction_id", filter.interaction_id.is_some()),
+        ("kind", filter.kind.is_some()),
+        ("created", filter.created_after_ms.is_some() || filter.created_before_ms.is_some()),
+        ("agent_id", filter.agent_id.is_some()),
+        ("queue", filter.queue.is_some()),
+        ("channel", filter.channel.is_some()),
+        ("direction", filter.direction.is_some()),
+        ("started", filter.started_after_ms.is_some() || filter.started_before_ms.is_some()),
+        ("duration", filter.min_duration_ms.is_some() || filter.max_duration_ms.is_some()),
+        ("tags", !filter.tags.is_empty()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if used.is_empty() { event } else { event.detail("filters", used) }
 }
 
 fn parse_search_filter(f: Option<pb::SearchFilter>) -> Result<ListFilter, Error> {
@@ -502,12 +562,16 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn stat(&self, request: Request<pb::StatRequest>) -> Result<Response<pb::ObjectInfo>, Status> {
-        let (_, principal) = self.authorize(&request, Rpc::Stat).await?;
-        let run = async {
-            let id = parse_object_id(&request.get_ref().object_id)?;
-            self.retrieve.stat(&id, training_only(&principal)).await
-        };
-        Ok(Response::new(object_info(&run.await.map_err(to_status)?)))
+        let (caller, principal) = self.authorize(&request, Rpc::Stat).await?;
+        let id = parse_object_id(&request.get_ref().object_id).map_err(to_status)?;
+        let event = Event::new("object.stat").target(id);
+        match self.retrieve.stat(&id, training_only(&principal)).await {
+            Ok(record) => {
+                self.audit.append(&caller, event.customer(&record.spec.customer_id)).await.map_err(to_status)?;
+                Ok(Response::new(object_info(&record)))
+            }
+            Err(e) => Err(self.refused(&caller, event, Some(&id), e).await),
+        }
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
@@ -516,9 +580,8 @@ impl pb::recvault_server::Recvault for Service {
         let id = parse_object_id(&req.object_id).map_err(to_status)?;
         let purpose = parse_purpose(req.purpose).map_err(to_status)?;
         if let Err(e) = authz::check_purpose(&principal, purpose) {
-            let event = Event::new("object.read").target(id).purpose(purpose.name()).result(format!("refused: {e}"));
-            let _ = self.audit.append(&caller, event).await;
-            return Err(to_status(e));
+            let event = Event::new("object.read").target(id).purpose(purpose.name());
+            return Err(self.refused(&caller, event, Some(&id), e).await);
         }
         let range = req.range.map(|r| ByteRange { start: r.start, end: r.end }).unwrap_or_default();
         let (record, chunks) =
@@ -530,10 +593,10 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
-        let (_, principal) = self.authorize(&request, Rpc::List).await?;
+        let (caller, principal) = self.authorize(&request, Rpc::List).await?;
         let req = request.into_inner();
-        let run = async {
-            let filter = ListFilter {
+        let parse = || {
+            Ok::<_, Error>(ListFilter {
                 customer_id: (!req.customer_id.is_empty())
                     .then(|| CustomerId::parse(&req.customer_id).map_err(|e| field("customer_id", e)))
                     .transpose()?,
@@ -542,10 +605,16 @@ impl pb::recvault_server::Recvault for Service {
                 created_after_ms: req.created_after.as_ref().map(ts_to_ms),
                 created_before_ms: req.created_before.as_ref().map(ts_to_ms),
                 ..Default::default()
-            };
-            self.retrieve.list(&filter, &req.page_token, req.page_size as usize, training_only(&principal)).await
+            })
         };
-        let page = run.await.map_err(to_status)?;
+        let filter = parse().map_err(to_status)?;
+        let found =
+            self.retrieve.list(&filter, &req.page_token, req.page_size as usize, training_only(&principal)).await;
+        let page = self
+            .looked_up(&caller, lookup_event("object.list", &filter), found, |page, event| {
+                event.detail("returned", page.objects.len())
+            })
+            .await?;
         Ok(Response::new(pb::ListResponse {
             objects: page.objects.iter().map(object_info).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
@@ -582,13 +651,17 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn search(&self, request: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
-        let (_, principal) = self.authorize(&request, Rpc::Search).await?;
+        let (caller, principal) = self.authorize(&request, Rpc::Search).await?;
         let req = request.into_inner();
-        let run = async {
-            let filter = parse_search_filter(req.filter)?;
-            self.retrieve.search(filter, &req.page_token, req.page_size as usize, training_only(&principal)).await
-        };
-        let (page, total) = run.await.map_err(to_status)?;
+        let filter = parse_search_filter(req.filter).map_err(to_status)?;
+        let event = lookup_event("object.search", &filter);
+        let found =
+            self.retrieve.search(filter, &req.page_token, req.page_size as usize, training_only(&principal)).await;
+        let (page, total) = self
+            .looked_up(&caller, event, found, |(page, total), event| {
+                event.detail("returned", page.objects.len()).detail("total", total)
+            })
+            .await?;
         Ok(Response::new(pb::SearchResponse {
             objects: page.objects.iter().map(object_info).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
@@ -597,9 +670,9 @@ impl pb::recvault_server::Recvault for Service {
     }
 
     async fn sample(&self, request: Request<pb::SampleRequest>) -> Result<Response<pb::SampleResponse>, Status> {
-        let (_, principal) = self.authorize(&request, Rpc::Sample).await?;
+        let (caller, principal) = self.authorize(&request, Rpc::Sample).await?;
         let req = request.into_inner();
-        let run = async {
+        let parse = || {
             let strata = match pb::Stratify::try_from(req.stratify) {
                 Ok(pb::Stratify::None) => Strata::None,
                 Ok(pb::Stratify::PerAgent) => Strata::Agent,
@@ -617,9 +690,17 @@ impl pb::recvault_server::Recvault for Service {
             }
             let draw =
                 SampleDraw { strata, count: req.count as usize, per_stratum: req.per_stratum as usize, seed: req.seed };
-            self.retrieve.sample(parse_search_filter(req.filter)?, draw, training_only(&principal)).await
+            Ok((parse_search_filter(req.filter.clone())?, draw))
         };
-        let (groups, population) = run.await.map_err(to_status)?;
+        let (filter, draw) = parse().map_err(to_status)?;
+        let event = lookup_event("object.sample", &filter);
+        let found = self.retrieve.sample(filter, draw, training_only(&principal)).await;
+        let (groups, population) = self
+            .looked_up(&caller, event, found, |(groups, population), event| {
+                let objects: usize = groups.iter().map(|g| g.objects.len()).sum();
+                event.detail("groups", groups.len()).detail("returned", objects).detail("population", population)
+            })
+            .await?;
         Ok(Response::new(pb::SampleResponse {
             groups: groups
                 .iter()
@@ -897,10 +978,7 @@ impl pb::recvault_server::Recvault for Service {
                 expires_at: Some(ms_to_ts(link.expires_at_ms)),
                 info: Some(object_info(&record)),
             })),
-            Err(e) => {
-                let _ = self.audit.append(&caller, event.result(format!("refused: {e}"))).await;
-                Err(to_status(e))
-            }
+            Err(e) => Err(self.refused(&caller, event, Some(&id), e).await),
         }
     }
 

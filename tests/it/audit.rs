@@ -123,6 +123,97 @@ async fn i1_every_event_is_recorded_once_without_secrets() {
     }
 }
 
+/// I1 for metadata reads and refusals: `Stat`, `List`, `Search` and
+/// `Sample` each leave one record (customer, filter names and counts; never
+/// tag values), refused ones too; a coach's read of a transcript names the
+/// transcript it asked for; a refused `MarkSensitive` is recorded.
+#[tokio::test]
+async fn i1_metadata_reads_and_refusals_are_recorded() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let call = put(&mut c, spec("aud-m", REC, "audio/wav"), &wav(8_000)).await.unwrap();
+    let chat = put(&mut c, spec("aud-m", CHAT, "text/plain"), b"agent: hello\ncustomer: card 4111 1111 1111 1111\n")
+        .await
+        .unwrap();
+    let mut coach = server.client_as("coach-m", &[recvault::model::Role::Coach], false).await;
+
+    coach.stat(pb::StatRequest { object_id: call.object_id.clone() }).await.unwrap();
+    coach.list(pb::ListRequest { customer_id: "aud-m".into(), ..Default::default() }).await.unwrap();
+    let secret_tag = "tag-value-never-audited";
+    let filter = pb::SearchFilter {
+        customer_id: "aud-m".into(),
+        agent_id: "agent-7".into(),
+        tags: [("site".to_owned(), secret_tag.to_owned())].into(),
+        ..Default::default()
+    };
+    coach.search(pb::SearchRequest { filter: Some(filter), ..Default::default() }).await.unwrap();
+    let only = pb::SearchFilter { customer_id: "aud-m".into(), ..Default::default() };
+    let drawn = pb::SampleRequest { filter: Some(only), count: 5, seed: 1, ..Default::default() };
+    coach.sample(drawn).await.unwrap();
+    let read = tonic::Request::new(pb::GetRequest {
+        object_id: chat.object_id.clone(),
+        range: None,
+        purpose: pb::Purpose::Coaching as i32,
+    });
+    let mut stream = coach.get(read).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    let wrong_kind = pb::MarkSensitiveRequest {
+        object_id: chat.object_id.clone(),
+        spans: vec![pb::TimeSpan { start_ms: 0, end_ms: 10 }],
+    };
+    assert_eq!(c.mark_sensitive(wrong_kind).await.unwrap_err().code(), Code::InvalidArgument);
+    // Opted out: a coach's `Stat` is refused, and the refusal recorded.
+    c.set_consent(pb::SetConsentRequest {
+        customer_id: "aud-m".into(),
+        training_use: pb::TrainingUse::Deny as i32,
+        updated_by: "dpo".into(),
+    })
+    .await
+    .unwrap();
+    let refused = coach.stat(pb::StatRequest { object_id: call.object_id.clone() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    let all = records(&mut c, pb::ListAuditRecordsRequest { principal: "coach-m".into(), ..Default::default() }).await;
+    let seen: Vec<(&str, &str)> = all.records.iter().rev().map(|r| (r.action.as_str(), r.result.as_str())).collect();
+    assert_eq!(
+        seen.iter().map(|(a, r)| (*a, r.split(':').next().unwrap())).collect::<Vec<_>>(),
+        [
+            ("object.stat", "ok"),
+            ("object.list", "ok"),
+            ("object.search", "ok"),
+            ("object.sample", "ok"),
+            ("object.read", "ok"),
+            ("object.stat", "refused"),
+        ],
+        "{seen:?}"
+    );
+    let by_action = |action: &str| all.records.iter().find(|r| r.action == action).unwrap().clone();
+    for r in &all.records {
+        assert_eq!(r.customer_id, "aud-m", "every record names the customer: {r:?}");
+        assert!(!r.detail_json.contains(secret_tag) && !r.detail_json.contains("lisbon"), "no tag values: {r:?}");
+    }
+    assert_eq!(by_action("object.stat").target, call.object_id);
+    let listed: serde_json::Value = serde_json::from_str(&by_action("object.list").detail_json).unwrap();
+    assert_eq!(listed["returned"], 2, "{listed}");
+    let searched: serde_json::Value = serde_json::from_str(&by_action("object.search").detail_json).unwrap();
+    assert_eq!(searched["filters"], serde_json::json!(["agent_id", "tags"]), "{searched}");
+    assert_eq!((searched["returned"].as_u64(), searched["total"].as_u64()), (Some(0), Some(0)), "{searched}");
+    let sampled: serde_json::Value = serde_json::from_str(&by_action("object.sample").detail_json).unwrap();
+    assert!(sampled["population"].as_u64().unwrap() >= 1, "{sampled}");
+    let read = by_action("object.read");
+    let detail: serde_json::Value = serde_json::from_str(&read.detail_json).unwrap();
+    assert_ne!(read.target, chat.object_id, "a coach reads the redacted rendition");
+    assert_eq!(detail["requested"], chat.object_id.as_str(), "{detail}");
+    assert!(all.records.iter().any(|r| r.result.contains("opted out")));
+
+    let marks =
+        records(&mut c, pb::ListAuditRecordsRequest { action: "object.mark_sensitive".into(), ..Default::default() })
+            .await;
+    assert_eq!(marks.records.len(), 1, "{:?}", marks.records);
+    assert!(marks.records[0].result.starts_with("refused:"), "{:?}", marks.records[0]);
+    assert_eq!((marks.records[0].customer_id.as_str(), marks.records[0].target.as_str()), ("aud-m", &*chat.object_id));
+}
+
 /// I3: with the audit store locked by another writer, reads and shreds
 /// fail closed with UNAVAILABLE and change nothing; ingest keeps acking but
 /// only commits once its record can be written; all recover after.
