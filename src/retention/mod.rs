@@ -690,6 +690,13 @@ impl Retention {
             }
         }
         for upload in abandoned {
+            // What was received of it is about to be destroyed: recorded
+            // first, like an expiry (no record, no discard).
+            let event = Event::new("upload.discard")
+                .customer(&upload.spec.customer_id)
+                .target(upload.object_id)
+                .detail("upload_id", upload.upload_id.to_string());
+            self.audit.append(actor, event).await?;
             self.catalog.discard_upload(&upload.upload_id).await?;
             report.leftovers += self.delete_ciphertext(vec![upload.object_id]).await;
             let (dir, id, place) = (self.spool_dir.clone(), upload.object_id, self.ingest.journal_place().clone());

@@ -676,6 +676,16 @@ async fn a5_abandoned_uploads_and_orphan_journals_are_swept() {
     let r = sweep(&mut c, false).await;
     assert_eq!((r.uploads_abandoned, r.orphan_journals_removed), (1, 0));
     assert_eq!(spooled_uploads(&spool).len(), 1, "only the live upload's journal remains");
+    // The discard destroyed received audio: it is in the audit trail.
+    let discards = c
+        .list_audit_records(pb::ListAuditRecordsRequest { action: "upload.discard".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(discards.len(), 1, "{discards:?}");
+    assert_eq!(discards[0].customer_id, "gc-1");
+    assert!(discards[0].detail_json.contains(&abandoned), "{:?}", discards[0]);
     let mut again = Stream::start(&mut c).await.unwrap();
     let (_, durable, _) = again.open(&abandoned, spec("gc-1", REC, "audio/wav")).await.unwrap();
     assert_eq!(durable, 0, "a discarded upload starts over");
