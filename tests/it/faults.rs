@@ -332,9 +332,11 @@ async fn c6_disk_full_is_resource_exhausted_before_acking_and_resumes() {
     assert!(status.message().contains("storage is full"), "{status}");
     assert!(acked < audio.len() as u64);
     assert!(object_files(&root).is_empty(), "no object, torn or whole");
-    assert!(listed(&mut c, "c6-full").await.is_empty());
 
     fs.resize(64);
+    // Listed once there is room again: a List is audited, and with the
+    // disk full the audit trail refuses it (fails closed).
+    assert!(listed(&mut c, "c6-full").await.is_empty(), "nothing half-written is visible");
     let mut s = Stream::start(&mut c).await.unwrap();
     let (again, durable, _) = s.open(&upload_id, spec("c6-full", REC, "audio/wav")).await.unwrap();
     assert_eq!(again, object_id);
