@@ -58,6 +58,18 @@ impl Error {
         Self::Internal(e.to_string())
     }
 
+    /// The `result` of the audit record of a request this error ended:
+    /// `refused: …` when the request was refused, `failed: …` when the
+    /// service failed it. An internal error's text stays in the log, as it
+    /// stays out of the caller's answer.
+    pub fn audit_result(&self) -> String {
+        match self {
+            Self::Internal(_) => "failed: internal error".to_owned(),
+            Self::Unavailable(_) | Self::StorageFull | Self::Integrity => format!("failed: {self}"),
+            _ => format!("refused: {self}"),
+        }
+    }
+
     pub fn from_state(state: CustomerState) -> Self {
         match state {
             CustomerState::Shredded => Self::CustomerShredded,

@@ -78,7 +78,9 @@ impl Service {
             Ok(p) => p,
             Err(e) => {
                 let actor = Actor::unauthenticated(request.remote_addr(), request_id);
-                self.denied(&actor, rpc, &e).await;
+                tracing::info!(principal = %actor.principal, rpc = rpc.name(), "call refused");
+                let event = Event::new("auth.denied").target(rpc.name()).result(format!("refused: {e}"));
+                self.audit.append_anonymous(&actor, event).await;
                 return Err(to_status(e));
             }
         };
@@ -100,7 +102,7 @@ impl Service {
             },
             None => event,
         };
-        let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+        let _ = self.audit.append(actor, event.result(e.audit_result())).await;
         to_status(e)
     }
 

@@ -290,6 +290,51 @@ pub struct AuditLog {
     published: Arc<Mutex<Head>>,
     signer: Arc<SigningKey>,
     clock: Arc<dyn Clock>,
+    /// Gates the records anyone can cause (see [`AuditLog::append_anonymous`]).
+    anonymous: Arc<Throttle>,
+}
+
+/// Anonymous refusals let through per second, and in a burst.
+const ANONYMOUS_PER_SEC: f64 = 50.0;
+const ANONYMOUS_BURST: f64 = 200.0;
+
+/// A token bucket over the records of refused anonymous requests, which
+/// need no credential to cause. Past it, refusals are counted, and the
+/// count is written with the next record let through.
+#[derive(Debug)]
+struct Throttle {
+    per_sec: f64,
+    burst: f64,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug)]
+struct ThrottleState {
+    tokens: f64,
+    at: std::time::Instant,
+    suppressed: u64,
+}
+
+impl Throttle {
+    fn new(per_sec: f64, burst: f64, now: std::time::Instant) -> Self {
+        Self { per_sec, burst, state: Mutex::new(ThrottleState { tokens: burst, at: now, suppressed: 0 }) }
+    }
+
+    /// `Some(n)` if a record may be written now, `n` being the records
+    /// suppressed since the last one let through; `None` if this one is
+    /// suppressed (and counted).
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(st.at).as_secs_f64();
+        st.tokens = (st.tokens + elapsed * self.per_sec).min(self.burst);
+        st.at = now;
+        if st.tokens < 1.0 {
+            st.suppressed += 1;
+            return None;
+        }
+        st.tokens -= 1.0;
+        Some(std::mem::take(&mut st.suppressed))
+    }
 }
 
 const RECORD_COLUMNS: &str =
@@ -348,7 +393,25 @@ impl AuditLog {
         sign_checkpoint(&conn, &mut chain, &signer, clock.as_ref())?;
         let db =
             Group::start("audit", conn, chain, Some((path.to_path_buf(), CONNECTION_SETUP))).map_err(unavailable)?;
-        Ok(Self { db: Arc::new(db), published: Arc::new(Mutex::new(head)), signer, clock })
+        let anonymous = Arc::new(Throttle::new(ANONYMOUS_PER_SEC, ANONYMOUS_BURST, std::time::Instant::now()));
+        Ok(Self { db: Arc::new(db), published: Arc::new(Mutex::new(head)), signer, clock, anonymous })
+    }
+
+    /// Appends the record of a request refused before anyone could be
+    /// identified (no or bad credentials, a forged link), best effort.
+    /// Anyone can cause these, so they are rate-limited: a flood must not
+    /// fill the trail, nor starve its one writer, on which every read and
+    /// commit waits. Past 50 a second (bursts of 200), refusals are only
+    /// counted; the next record let through carries the count
+    /// (`detail.suppressed_before`), so the trail still shows the flood.
+    pub async fn append_anonymous(&self, actor: &Actor, event: Event) {
+        let Some(suppressed) = self.anonymous.admit(std::time::Instant::now()) else {
+            return;
+        };
+        let event = if suppressed > 0 { event.detail("suppressed_before", suppressed) } else { event };
+        if let Err(e) = self.append(actor, event).await {
+            tracing::warn!(error = %e, "could not audit a refused anonymous request");
+        }
     }
 
     /// Appends one record; its head once written. Fails with `UNAVAILABLE`
@@ -651,6 +714,21 @@ fn verify_conn(conn: &Connection, public_key: &[u8]) -> Result<Verified, Broken>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn anonymous_refusals_are_rate_limited_and_counted() {
+        let t0 = std::time::Instant::now();
+        let gate = Throttle::new(10.0, 3.0, t0);
+        assert_eq!((gate.admit(t0), gate.admit(t0), gate.admit(t0)), (Some(0), Some(0), Some(0)), "the burst");
+        assert_eq!((gate.admit(t0), gate.admit(t0)), (None, None), "then counted, not written");
+        // 100 ms later one token is back: the next record carries the count.
+        let t1 = t0 + std::time::Duration::from_millis(100);
+        assert_eq!(gate.admit(t1), Some(2));
+        assert_eq!(gate.admit(t1), None);
+        // Refilled to the burst, never beyond it.
+        let t2 = t1 + std::time::Duration::from_secs(60);
+        assert_eq!((gate.admit(t2), gate.admit(t2), gate.admit(t2), gate.admit(t2)), (Some(1), Some(0), Some(0), None));
+    }
+
     use super::*;
     use crate::clock::ManualClock;
 

@@ -376,11 +376,22 @@ impl Retrieve {
         range: ByteRange,
         redacted: bool,
     ) -> Result<(ObjectRecord, ReadStream), Error> {
-        self.read_for(actor, purpose, id, range, redacted, None).await
+        self.read_for(actor, purpose, id, range, redacted, ReadFor::default()).await
     }
 
-    /// [`Retrieve::read`] of `id`, served for a request of `requested` (a
-    /// transcript whose rendition `id` is), which its audit record names.
+    /// [`Retrieve::read`] for a request made with a playback link: its
+    /// audit records, granted or refused, carry `via: link`.
+    pub async fn read_link(
+        &self,
+        actor: &Actor,
+        purpose: Purpose,
+        id: &ObjectId,
+        range: ByteRange,
+        redacted: bool,
+    ) -> Result<(ObjectRecord, ReadStream), Error> {
+        self.read_for(actor, purpose, id, range, redacted, ReadFor { via: Some("link"), requested: None }).await
+    }
+
     async fn read_for(
         &self,
         actor: &Actor,
@@ -388,11 +399,14 @@ impl Retrieve {
         id: &ObjectId,
         range: ByteRange,
         redacted: bool,
-        requested: Option<&ObjectId>,
+        context: ReadFor<'_>,
     ) -> Result<(ObjectRecord, ReadStream), Error> {
         let epoch = self.revocations.epoch();
         let mut event = Event::new("object.read").target(id).purpose(purpose.name());
-        if let Some(requested) = requested {
+        if let Some(via) = context.via {
+            event = event.detail("via", via);
+        }
+        if let Some(requested) = context.requested {
             event = event.detail("requested", requested.to_string());
         }
         let found = self.catalog.object(id).await?;
@@ -408,7 +422,7 @@ impl Retrieve {
         let stored = match checked {
             Ok(stored) => stored,
             Err(e) => {
-                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                let _ = self.audit.append(actor, event.result(e.audit_result())).await;
                 return Err(e);
             }
         };
@@ -419,16 +433,17 @@ impl Retrieve {
             let rendition = match self.redacted_rendition(&stored).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                    let _ = self.audit.append(actor, event.result(e.audit_result())).await;
                     return Err(e);
                 }
             };
-            return Box::pin(self.read_for(actor, purpose, &rendition, range, false, Some(id))).await;
+            let context = ReadFor { requested: Some(id), ..context };
+            return Box::pin(self.read_for(actor, purpose, &rendition, range, false, context)).await;
         }
         let end_incl = match checked_range(&stored.record, range) {
             Ok(end) => end,
             Err(e) => {
-                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                let _ = self.audit.append(actor, event.result(e.audit_result())).await;
                 return Err(e);
             }
         };
@@ -456,7 +471,7 @@ impl Retrieve {
             Ok(layout) => layout,
             Err(silence::Unsupported(why)) => {
                 let e = Error::Precondition(why);
-                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                let _ = self.audit.append(actor, event.result(e.audit_result())).await;
                 return Err(e);
             }
         };
@@ -520,7 +535,7 @@ impl Retrieve {
                     Some(customer) => event.customer(&customer),
                     None => event,
                 };
-                let _ = self.audit.append(actor, event.result(format!("refused: {e}"))).await;
+                let _ = self.audit.append(actor, event.result(e.audit_result())).await;
                 return Err(e);
             }
         };
@@ -687,6 +702,15 @@ impl Retrieve {
             }
         }
     }
+}
+
+/// What a read's audit record says about how it was asked for.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadFor<'a> {
+    /// `link` for a playback link's request.
+    via: Option<&'static str>,
+    /// The transcript asked for, when the read serves its rendition.
+    requested: Option<&'a ObjectId>,
 }
 
 /// The inclusive end of `range` within the object, or why it is refused.

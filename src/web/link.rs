@@ -142,6 +142,15 @@ impl LinkKey {
 
     /// The grant of a link this key signed, if it has not expired at `now_ms`.
     pub fn verify(&self, link: &str, now_ms: i64) -> Result<Grant, LinkError> {
+        let grant = self.open(link)?;
+        unexpired(&grant, now_ms)?;
+        Ok(grant)
+    }
+
+    /// The grant of a link this key signed, expired or not: an expired
+    /// link still names, reliably, who it was issued to (for the audit
+    /// record of its refusal).
+    pub fn open(&self, link: &str) -> Result<Grant, LinkError> {
         if link.len() > MAX_LINK_LEN {
             return Err(LinkError::Invalid);
         }
@@ -154,11 +163,16 @@ impl LinkKey {
         if grant.v != 1 || grant.object_id().is_none() || grant.purpose().is_none() {
             return Err(LinkError::Invalid);
         }
-        if now_ms >= grant.expires_at_ms {
-            return Err(LinkError::Expired(crate::model::format_ms(grant.expires_at_ms)));
-        }
         Ok(grant)
     }
+}
+
+/// Refuses a grant that has expired at `now_ms`.
+pub fn unexpired(grant: &Grant, now_ms: i64) -> Result<(), LinkError> {
+    if now_ms >= grant.expires_at_ms {
+        return Err(LinkError::Expired(crate::model::format_ms(grant.expires_at_ms)));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

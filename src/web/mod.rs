@@ -96,8 +96,14 @@ impl Links {
         Ok(Issued { url: format!("{}{path}", self.base_url), path, expires_at_ms })
     }
 
-    fn verify(&self, link: &str) -> Result<Grant, LinkError> {
-        self.key.verify(link, self.clock.now_ms())
+    /// The grant of a link this server signed, expired or not.
+    fn open(&self, link: &str) -> Result<Grant, LinkError> {
+        self.key.open(link)
+    }
+
+    /// Refuses a grant past its expiry, by this server's clock.
+    fn unexpired(&self, grant: &Grant) -> Result<(), LinkError> {
+        link::unexpired(grant, self.clock.now_ms())
     }
 }
 
@@ -205,8 +211,13 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         // Each request learns the peer's address, for the audit records of
         // refused callers (`unauthenticated@<ip>`, as on the gRPC port).
-        let service =
-            hyper_util::service::TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(Some(peer)))));
+        let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut r: axum::http::Request<_>| {
+                r.extensions_mut().insert(Peer(Some(peer)));
+                r
+            },
+        ));
         let tls = tls.clone();
         tokio::spawn(async move {
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -619,28 +630,31 @@ fn wanted(range: Option<&HeaderValue>, size: u64) -> Want {
 /// [`Retrieve::read`] (customer state, consent, audit record, redaction).
 async fn play(State(web): State<Web>, peer: Peer, Path(link): Path<String>, headers: HeaderMap) -> Response {
     let request_id = request_id(&headers);
-    let grant = match web.links.verify(&link).and_then(|g| match (g.object_id(), g.purpose()) {
+    let opened = web.links.open(&link).and_then(|g| match (g.object_id(), g.purpose()) {
         (Some(id), Some(purpose)) => Ok((id, purpose, g)),
         _ => Err(LinkError::Invalid),
-    }) {
+    });
+    let (id, purpose, grant) = match opened {
         Ok(g) => g,
         Err(e) => {
-            // A forged, altered or expired link names no one it can be
-            // trusted about: recorded like a gRPC call without credentials.
+            // A forged or altered link names no one it can be trusted
+            // about: recorded like a gRPC call without credentials.
             let actor = Actor::unauthenticated(peer.0, request_id);
             let event = Event::new("auth.denied").target("/play").result(format!("refused: {e}"));
-            if let Err(e) = web.audit.append(&actor, event).await {
-                tracing::warn!(error = %e, "could not audit a refused link");
-            }
+            web.audit.append_anonymous(&actor, event).await;
             return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
         }
     };
-    let (id, purpose, grant) = grant;
+    // An expired link was signed by this server: it names its holder.
+    let holder = Actor::new(&grant.principal, request_id);
+    if let Err(e) = web.links.unexpired(&grant) {
+        refused(&web, &holder, id, purpose, &Error::PermissionDenied(e.to_string())).await;
+        return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
+    }
     let principal = match web.auth.recheck(&grant.credential).await {
         Ok(p) => p,
         Err(e) => {
-            let actor = Actor::new(&grant.principal, request_id);
-            refused(&web, &actor, id, purpose, &e).await;
+            refused(&web, &holder, id, purpose, &e).await;
             return error_response(StatusCode::FORBIDDEN, "PERMISSION_DENIED", e.to_string());
         }
     };
@@ -665,14 +679,18 @@ async fn play(State(web): State<Web>, peer: Peer, Path(link): Path<String>, head
         Want::Whole => (StatusCode::OK, ByteRange { start: 0, end: None }),
         Want::Part(a, b) => (StatusCode::PARTIAL_CONTENT, ByteRange { start: a, end: Some(b) }),
         Want::Unsatisfiable => {
+            // Recorded on the object served (a transcript's rendition, with
+            // the transcript asked for), as the gRPC `Get` records it.
             let why = format!("the object has {size} bytes; ask for a range within them");
-            refused(&web, &actor, id, purpose, &why).await;
+            let e = Error::OutOfRange(why.clone());
+            let requested = (record.object_id != id).then_some(id);
+            refused_on(&web, &actor, record.object_id, requested, purpose, &e).await;
             let mut r = error_response(StatusCode::RANGE_NOT_SATISFIABLE, "OUT_OF_RANGE", why);
             r.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
             return r;
         }
     };
-    let (record, chunks) = match web.retrieve.read(&actor, purpose, &id, range, redacted).await {
+    let (record, chunks) = match web.retrieve.read_link(&actor, purpose, &id, range, redacted).await {
         Ok(r) => r,
         Err(e) => return from_error(e),
     };
@@ -703,15 +721,32 @@ async fn play(State(web): State<Web>, peer: Peer, Path(link): Path<String>, head
     response
 }
 
-/// Records a link read refused before [`Retrieve::read`] could audit it,
-/// in the same `object.read` event a granted read writes, marked `via: link`.
-async fn refused(web: &Web, actor: &Actor, id: ObjectId, purpose: Purpose, why: &(dyn std::fmt::Display + Sync)) {
-    let event = Event::new("object.read")
-        .target(id)
-        .purpose(purpose.name())
-        .detail("via", "link")
-        .result(format!("refused: {why}"));
-    if let Err(e) = web.audit.append(actor, event).await {
+/// Records a link read refused before [`Retrieve::read_link`] could audit
+/// it, in the `object.read` event a `Get` writes, marked `via: link`, with
+/// the object's customer.
+async fn refused(web: &Web, actor: &Actor, id: ObjectId, purpose: Purpose, e: &Error) {
+    refused_on(web, actor, id, None, purpose, e).await;
+}
+
+/// [`refused`], on `target`, served for a request of `requested`.
+async fn refused_on(
+    web: &Web,
+    actor: &Actor,
+    target: ObjectId,
+    requested: Option<ObjectId>,
+    purpose: Purpose,
+    e: &Error,
+) {
+    let event = Event::new("object.read").target(target).purpose(purpose.name()).detail("via", "link");
+    let event = match requested {
+        Some(id) => event.detail("requested", id.to_string()),
+        None => event,
+    };
+    let event = match web.retrieve.owner(&target).await {
+        Some(customer) => event.customer(&customer),
+        None => event,
+    };
+    if let Err(e) = web.audit.append(actor, event.result(e.audit_result())).await {
         tracing::warn!(error = %e, "could not audit a refused link read");
     }
 }

@@ -230,6 +230,11 @@ async fn i3_unwritable_audit_trail_fails_reads_shreds_and_commits_closed() {
     let err = get(&mut c, &o.object_id, None).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("audit trail"), "{}", err.message());
+    // Metadata reads too: no record, no answer.
+    let err = c.stat(pb::StatRequest { object_id: o.object_id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = c.list(pb::ListRequest { customer_id: "aud-3".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let err = c
         .shred_customer(pb::ShredCustomerRequest {
             customer_id: "aud-3".into(),
@@ -256,6 +261,7 @@ async fn i3_unwritable_audit_trail_fails_reads_shreds_and_commits_closed() {
     lock.execute_batch("COMMIT").unwrap();
     drop(lock);
     assert_eq!(get(&mut c, &o.object_id, None).await.unwrap(), audio);
+    assert_eq!(c.stat(pb::StatRequest { object_id: o.object_id.clone() }).await.unwrap().into_inner().size, o.size);
     // The same upload finishes now, from its durable journal.
     let mut s = Stream::start(&mut c).await.unwrap();
     let (_, durable, _) = s.open(&upload, spec("aud-3", REC, "audio/wav")).await.unwrap();
