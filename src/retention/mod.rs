@@ -408,6 +408,15 @@ impl Retention {
             .customer(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("customer {id} not found (nothing was ever stored for it)")))?;
+        // The ticket was read before the customer: a shred that completed
+        // in between (state and certificate are set by one commit) reads
+        // as shredded without its certificate. Read it again then.
+        let ticket = match ticket {
+            Some(t) if customer.state == CustomerState::Shredded && t.certificate.is_none() => {
+                self.catalog.shred_ticket(id).await?
+            }
+            other => other,
+        };
         let blocking_holds = if customer.state == CustomerState::Shredded {
             Vec::new()
         } else {
