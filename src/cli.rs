@@ -865,14 +865,31 @@ async fn keys(c: KeysCmd) -> anyhow::Result<()> {
             let cfg = local.load()?;
             let mut ring = crate::server::open_root_keys(&cfg).await?;
             let catalog = crate::server::open_catalog(&cfg).await?;
-            let report = rotate::rotate_root(&mut ring, catalog.as_ref(), batch_size, |r| {
+            // Re-wrapping every customer key is audited like the server's
+            // own key events: first (no record, no rotation), then its outcome.
+            let (audit, actor) = local_audit(&cfg)?;
+            let event = crate::audit::Event::new("key.rotate_root").detail("batch_size", batch_size);
+            audit.append(&actor, event.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let rotated = rotate::rotate_root(&mut ring, catalog.as_ref(), batch_size, |r| {
                 // One line per batch, flushed: operators (and the crash
                 // test) see how far an interrupted run got.
                 println!("batch done: {} re-wrapped, {} skipped so far", r.rewrapped, r.skipped);
                 std::io::stdout().flush().ok();
             })
-            .await
-            .map_err(err)?;
+            .await;
+            let outcome = match &rotated {
+                Ok(r) => event
+                    .detail("active_key_id", &r.active_key_id)
+                    .detail("rewrapped", r.rewrapped)
+                    .detail("skipped", r.skipped)
+                    .detail("retired", r.retired.iter().map(|(v, _)| *v).collect::<Vec<_>>()),
+                Err(e) => event.result(format!("failed: {e}")),
+            };
+            // Best effort: the keys are re-wrapped whether or not this lands.
+            if let Err(e) = audit.append(&actor, outcome).await {
+                eprintln!("warning: the rotation's outcome could not be added to the audit trail: {e}");
+            }
+            let report = rotated.map_err(err)?;
             let how = if report.created { "new version" } else { "finished an interrupted rotation" };
             println!(
                 "rotated to root key {} ({how}): {} customer key(s) re-wrapped, {} skipped (shredded or re-wrapped \
@@ -891,6 +908,21 @@ async fn keys(c: KeysCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The audit trail of the data directory, for the offline `keys` commands,
+/// and who runs them: `local:<user>`, an operator at the host.
+fn local_audit(cfg: &Config) -> anyhow::Result<(crate::audit::AuditLog, crate::audit::Actor)> {
+    use crate::retention::certificate::SigningKey;
+    let data = &cfg.data_dir;
+    let signer = std::sync::Arc::new(
+        SigningKey::open_or_create(&SigningKey::default_path(data)).map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let clock: std::sync::Arc<dyn crate::clock::Clock> = std::sync::Arc::new(crate::clock::SystemClock);
+    let audit = crate::audit::AuditLog::open(&data.join("audit.sqlite"), signer, clock)
+        .map_err(|e| anyhow::anyhow!("cannot open the audit trail: {e}"))?;
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "unknown".into());
+    Ok((audit, crate::audit::Actor::new(&format!("local:{user}"), None)))
 }
 
 async fn whoami(server: ServerArg) -> anyhow::Result<()> {

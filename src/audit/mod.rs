@@ -501,6 +501,21 @@ fn append_record(
     actor: &Actor,
     event: Event,
 ) -> Result<Head, AuditFail> {
+    // Another process (the offline `keys` commands) may have appended
+    // since this writer last did: continue from the stored head, read
+    // under this batch's write lock (`BEGIN IMMEDIATE`), so two writers
+    // never fork the chain.
+    let stored = conn
+        .query_row("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok(Head { seq: r.get::<_, i64>(0)? as u64, hash: hash_col(r, 1)? })
+        })
+        .optional()
+        .map_err(|e| AuditFail(unavailable(e)))?;
+    if let Some(stored) = stored
+        && stored.seq != chain.head.seq
+    {
+        chain.head = stored;
+    }
     let mut record = Record {
         seq: chain.head.seq + 1,
         at_ms: clock.now_ms(),
@@ -956,6 +971,24 @@ mod tests {
         log.append_blocking(&Actor::system("test"), Event::new("hold.place")).unwrap();
         let v = verify(&f.path, &f.public).unwrap();
         assert_eq!((v.records, v.checkpoints, v.unsigned_tail), (11, 1, 1));
+    }
+
+    /// A second writer on the same file (an offline `keys` command while
+    /// a server runs, against the advice) continues the chain rather than
+    /// forking it: each append reads the stored head under its write lock.
+    #[test]
+    fn two_writers_on_one_file_keep_one_chain() {
+        let f = fixture(5);
+        let dir = f.path.parent().unwrap();
+        let signer = Arc::new(SigningKey::open_or_create(&dir.join("signing.key")).unwrap());
+        let other = AuditLog::open(&f.path, signer, ManualClock::new()).unwrap();
+        let actor = Actor::system("test");
+        for i in 0..20 {
+            let log = if i % 3 == 0 { &other } else { &f.log };
+            log.append_blocking(&actor, Event::new("hold.place")).unwrap();
+        }
+        let v = verify(&f.path, &f.public).unwrap();
+        assert_eq!(v.records, 25, "{v:?}");
     }
 
     #[test]

@@ -120,6 +120,19 @@ async fn a4_file_root_key_rotation_survives_kill_and_resumes() {
 
     let out = ok(keys_cli(&["rotate-root", "--batch-size", "2"], dir, &[]));
     assert!(out.contains("finished an interrupted rotation"), "{out}");
+    // Both runs are in the audit trail: the killed one as begun only, the
+    // second with its outcome; the chain still verifies offline.
+    let db = rusqlite::Connection::open(dir.join("audit.sqlite")).unwrap();
+    let mut q =
+        db.prepare("SELECT principal, detail FROM records WHERE action = 'key.rotate_root' ORDER BY seq").unwrap();
+    let rows: Vec<(String, String)> =
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap();
+    assert_eq!(rows.len(), 3, "begun (killed), begun, finished: {rows:?}");
+    assert!(rows.iter().all(|(who, _)| who.starts_with("local:")), "{rows:?}");
+    assert!(rows[2].1.contains(r#""rewrapped":1"#), "{rows:?}");
+    let public = std::fs::read_to_string(dir.join("signing.pub")).unwrap();
+    let public = recvault::retention::certificate::parse_public_key(&public).unwrap();
+    recvault::audit::verify(&dir.join("audit.sqlite"), &public).unwrap();
     assert!(out.contains("1 customer key(s) re-wrapped"), "{out}");
     assert!(out.contains("retired v1 file:"), "{out}");
     assert_eq!(root_key_files(dir), vec!["root.v2.key"]);
