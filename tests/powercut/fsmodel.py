@@ -289,7 +289,9 @@ def parse_trace(path, unfinished=None):
                     raise ModelError(f"cannot parse: {text[:200]}")
                 dur = float(mc.group(4)) if mc.group(4) else ts - t0
                 seq += 1
-                events.append(Event("call", Call(seq, tid, name, mc.group(2), mc.group(3), t0, max(ts, t0 + dur), raw)))
+                call = Call(seq, tid, name, mc.group(2), mc.group(3), t0, max(ts, t0 + dur), raw)
+                _note_killed_write(unfinished, call)
+                events.append(Event("call", call))
                 continue
             mc = _CALL.match(rest)
             if not mc:
@@ -301,6 +303,7 @@ def parse_trace(path, unfinished=None):
             dur = float(mc.group(4)) if mc.group(4) else 0.0
             seq += 1
             call = Call(seq, tid, name, mc.group(2), mc.group(3), ts, ts + dur, raw)
+            _note_killed_write(unfinished, call)
             if name in SYNC_CALLS or name in GLOBAL_SYNC_CALLS:
                 fd = _first_fd(mc.group(2)) if name != "sync" else None
                 events.append(Event("sync-begin", tid=tid, fd=fd, t=ts, name=name))
@@ -313,6 +316,15 @@ def parse_trace(path, unfinished=None):
 
 
 _DATA_WRITES = ("write", "writev", "pwrite64", "pwritev", "pwritev2")
+
+
+def _note_killed_write(unfinished, call):
+    """A data write the kill ended shows as `write(...) = ?` (or resumed
+    with `= ?`) when strace saw its entry and the process died before it
+    returned: like an unfinished one, the kernel may have done all, part or
+    none of it."""
+    if unfinished is not None and call.err == "killed" and call.name in _DATA_WRITES:
+        _unfinished_write(unfinished, call.name, call.args)
 
 
 def _unfinished_write(out, name, args):
