@@ -95,14 +95,7 @@ impl Service {
     /// Records a refused request (best effort, after the fact), naming the
     /// customer of `object` when the catalog knows it, and answers it.
     async fn refused(&self, actor: &Actor, event: Event, object: Option<&ObjectId>, e: Error) -> Status {
-        let event = match object {
-            Some(id) => match self.retrieve.owner(id).await {
-                Some(customer) => event.customer(&customer),
-                None => event,
-            },
-            None => event,
-        };
-        let _ = self.audit.append(actor, event.result(e.audit_result())).await;
+        self.retrieve.refused(actor, event, object, &e).await;
         to_status(e)
     }
 

@@ -192,10 +192,22 @@ impl Retrieve {
         readable(self.catalog.as_ref(), id).await
     }
 
-    /// The customer `id` belongs to, if the catalog knows it (committed,
-    /// expired or shredded alike): for the audit records of refusals.
-    pub async fn owner(&self, id: &ObjectId) -> Option<crate::model::CustomerId> {
-        self.catalog.object(id).await.ok().flatten().map(|s| s.record.spec.customer_id)
+    /// Records a request refused with `e` (best effort, after the fact),
+    /// naming the customer of `object` when the catalog knows it
+    /// (committed, expired or shredded alike). Shared by the gRPC
+    /// handlers, the playback links and the refusals below.
+    pub async fn refused(&self, actor: &Actor, event: Event, object: Option<&ObjectId>, e: &Error) {
+        let owner = match object {
+            Some(id) => self.catalog.object(id).await.ok().flatten().map(|s| s.record.spec.customer_id),
+            None => None,
+        };
+        let event = match owner {
+            Some(customer) => event.customer(&customer),
+            None => event,
+        };
+        if let Err(failed) = self.audit.append(actor, event.result(e.audit_result())).await {
+            tracing::warn!(error = %failed, "could not audit a refused request");
+        }
     }
 
     /// Metadata of a committed object. With `training_only` (a coach), an
@@ -531,11 +543,7 @@ impl Retrieve {
         let stored = match checked.await {
             Ok(stored) => stored,
             Err(e) => {
-                let event = match self.owner(id).await {
-                    Some(customer) => event.customer(&customer),
-                    None => event,
-                };
-                let _ = self.audit.append(actor, event.result(e.audit_result())).await;
+                self.refused(actor, event, Some(id), &e).await;
                 return Err(e);
             }
         };

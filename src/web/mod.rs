@@ -742,13 +742,7 @@ async fn refused_on(
         Some(id) => event.detail("requested", id.to_string()),
         None => event,
     };
-    let event = match web.retrieve.owner(&target).await {
-        Some(customer) => event.customer(&customer),
-        None => event,
-    };
-    if let Err(e) = web.audit.append(actor, event.result(e.audit_result())).await {
-        tracing::warn!(error = %e, "could not audit a refused link read");
-    }
+    web.retrieve.refused(actor, event, Some(&target), e).await;
 }
 
 fn header_value(text: &str) -> HeaderValue {

@@ -527,3 +527,11 @@ pub async fn shred(c: &mut Client, customer: &str, by: &str) -> Result<pb::Shred
     .await
     .map(|r| r.into_inner())
 }
+
+/// The audit records of `action` (or a prefix ending in a dot), newest
+/// first, as a caller with the auditor role (or any role opening
+/// `ListAuditRecords`) sees them.
+pub async fn audit_of(c: &mut Client, action: &str) -> Vec<pb::AuditRecord> {
+    let req = pb::ListAuditRecordsRequest { action: action.into(), page_size: 1000, ..Default::default() };
+    c.list_audit_records(req).await.expect("audit records").into_inner().records
+}

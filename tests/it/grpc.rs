@@ -37,16 +37,8 @@ async fn streamed_wav_round_trips_and_ranges_match_slices() {
     let err = get(&mut c, &info.object_id, Some((n, None))).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     // The refused range is audited like any refused read.
-    let reads = c
-        .list_audit_records(pb::ListAuditRecordsRequest { action: "object.read".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        reads.records.iter().any(|r| r.target == info.object_id && r.result.starts_with("refused")),
-        "{:?}",
-        reads.records
-    );
+    let reads = audit_of(&mut c, "object.read").await;
+    assert!(reads.iter().any(|r| r.target == info.object_id && r.result.starts_with("refused")), "{reads:?}");
     let stat = c.stat(pb::StatRequest { object_id: info.object_id.clone() }).await.unwrap().into_inner();
     assert_eq!(stat, info);
     assert_eq!(stat.interaction.unwrap().tags.get("site").map(String::as_str), Some("lisbon"));

@@ -677,12 +677,7 @@ async fn a5_abandoned_uploads_and_orphan_journals_are_swept() {
     assert_eq!((r.uploads_abandoned, r.orphan_journals_removed), (1, 0));
     assert_eq!(spooled_uploads(&spool).len(), 1, "only the live upload's journal remains");
     // The discard destroyed received audio: it is in the audit trail.
-    let discards = c
-        .list_audit_records(pb::ListAuditRecordsRequest { action: "upload.discard".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let discards = audit_of(&mut c, "upload.discard").await;
     assert_eq!(discards.len(), 1, "{discards:?}");
     assert_eq!(discards[0].customer_id, "gc-1");
     assert!(discards[0].detail_json.contains(&abandoned), "{:?}", discards[0]);

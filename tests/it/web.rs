@@ -168,12 +168,7 @@ async fn playback_links_serve_ranges_until_expired_tampered_or_revoked() {
     // Each is recorded like a gRPC call without credentials, under the
     // caller's address.
     let mut auditor = server.client_as("auditor-1", &[Role::Auditor], false).await;
-    let denied = auditor
-        .list_audit_records(pb::ListAuditRecordsRequest { action: "auth.denied".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let denied = audit_of(&mut auditor, "auth.denied").await;
     let forged: Vec<_> = denied.iter().filter(|r| r.target == "/play").collect();
     assert_eq!(forged.len(), 4, "{denied:?}");
     assert!(forged.iter().all(|r| r.principal.starts_with("unauthenticated@") && r.result.contains("not valid")));
@@ -226,16 +221,8 @@ async fn playback_links_serve_ranges_until_expired_tampered_or_revoked() {
 /// link; each must name the object's customer.
 async fn link_refusals(server: &TestServer) -> Vec<(String, String)> {
     let mut auditor = server.client_as("auditor-1", &[Role::Auditor], false).await;
-    let r = auditor
-        .list_audit_records(pb::ListAuditRecordsRequest {
-            action: "object.read".into(),
-            page_size: 1000,
-            ..Default::default()
-        })
+    audit_of(&mut auditor, "object.read")
         .await
-        .unwrap()
-        .into_inner();
-    r.records
         .into_iter()
         .filter(|r| r.detail_json.contains(r#""via":"link""#) && r.result.starts_with("refused"))
         .inspect(|r| assert!(!r.customer_id.is_empty(), "a refusal names the customer: {r:?}"))
@@ -246,16 +233,7 @@ async fn link_refusals(server: &TestServer) -> Vec<(String, String)> {
 /// (principal, purpose) of the audit records of `action`.
 async fn server_audit(server: &TestServer, action: &str) -> Vec<(String, String)> {
     let mut auditor = server.client_as("auditor-1", &[Role::Auditor], false).await;
-    let r = auditor
-        .list_audit_records(pb::ListAuditRecordsRequest {
-            action: action.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    r.records.into_iter().map(|r| (r.principal, r.purpose)).collect()
+    audit_of(&mut auditor, action).await.into_iter().map(|r| (r.principal, r.purpose)).collect()
 }
 
 #[tokio::test]
